@@ -1,0 +1,111 @@
+"""The prompt artifact: a folder stock PEFT loads, plus ``fedprompt.json`` with provenance and privacy spend.
+
+    adapter_config.json         PEFT PromptTuningConfig (written by PEFT itself)
+    adapter_model.safetensors   {"prompt_embeddings": (n, d) float32}
+    fedprompt.json              task, template, label words, base model id + weights hash,
+                                origin id, prompt hash, privacy spend (or "non-private")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PromptTuningConfig, TaskType
+from safetensors.torch import load_file, save_file
+
+from fedprompt import __version__
+from fedprompt.cache import atomic_dir
+from fedprompt.errors import ArtifactError
+from fedprompt.prompt import prompt_sha256
+from fedprompt.zoo import LoadedModel
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "fedprompt.json"
+
+
+@dataclass
+class ArtifactMeta:
+    """Everything a receiver needs to use a prompt correctly and to know what it cost in privacy."""
+
+    task: str
+    template: str
+    label_names: list[str]
+    label_words: list[list[str]]
+    base_model_id: str
+    base_model_sha256: str
+    origin_id: str
+    init: dict[str, Any]
+    # None for a non-private prompt; otherwise epsilon, delta, accountant, mechanism and its settings.
+    privacy: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    prompt_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+    fedprompt_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if len(self.label_words) != len(self.label_names):
+            raise ArtifactError("label_words and label_names differ in length")
+        if self.privacy is not None:
+            for key in ("epsilon", "delta", "accountant"):
+                if key not in self.privacy:
+                    raise ArtifactError(f"privacy spend must record {key!r}; got {sorted(self.privacy)}")
+
+
+def save(folder: str | Path, weight: torch.Tensor, meta: ArtifactMeta) -> Path:
+    """Write the artifact atomically: an interrupted save leaves the previous folder (or none)."""
+    folder = Path(folder)
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    meta.prompt_sha256 = prompt_sha256(w)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=w.shape[0],
+        token_dim=w.shape[1],
+        num_transformer_submodules=1,
+        base_model_name_or_path=meta.base_model_id,
+    )
+    with atomic_dir(folder) as scratch:
+        config.save_pretrained(str(scratch))
+        save_file({"prompt_embeddings": w}, str(scratch / WEIGHTS_FILE))
+        (scratch / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load(folder: str | Path) -> tuple[torch.Tensor, ArtifactMeta]:
+    folder = Path(folder)
+    for name in (WEIGHTS_FILE, META_FILE, "adapter_config.json"):
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder} is not a prompt artifact: {name} is missing")
+    try:
+        raw = json.loads((folder / META_FILE).read_text())
+        meta = ArtifactMeta(**raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{folder / META_FILE}: malformed ({exc})") from exc
+    if meta.format_version > FORMAT_VERSION:
+        raise ArtifactError(f"{folder}: format version {meta.format_version} is newer than this fedprompt")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ArtifactError(f"{folder / WEIGHTS_FILE}: expected one tensor 'prompt_embeddings', got {sorted(tensors)}")
+    weight = tensors["prompt_embeddings"]
+    if weight.dim() != 2 or not torch.isfinite(weight).all():
+        raise ArtifactError(f"{folder}: the prompt must be a finite 2-D tensor, got shape {tuple(weight.shape)}")
+    if prompt_sha256(weight) != meta.prompt_sha256:
+        raise ArtifactError(f"{folder}: prompt weights do not match the hash recorded in {META_FILE}")
+    return weight, meta
+
+
+def check_base_model(meta: ArtifactMeta, weight: torch.Tensor, loaded: LoadedModel) -> None:
+    """Refuse to put a prompt on a model other than the one it was tuned for."""
+    if meta.base_model_sha256 != loaded.weights_sha256:
+        raise ArtifactError(
+            f"this prompt was tuned on {meta.base_model_id} (weights {meta.base_model_sha256[:12]}), "
+            f"not on {loaded.model_id} (weights {loaded.weights_sha256[:12]}); "
+            "transfer it (fedprompt post transfer) instead of loading it"
+        )
+    if weight.shape[1] != loaded.hidden_size:
+        raise ArtifactError(f"prompt width {weight.shape[1]} != model hidden size {loaded.hidden_size}")

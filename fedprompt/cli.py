@@ -1,0 +1,192 @@
+"""The ``fedprompt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedprompt.errors import FedPromptError
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FedPromptError(f"{out} exists and is not empty; choose another --out or pass --force")
+
+
+# ------------------------------------------------------------------ models / datasets
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedprompt import zoo
+
+    if args.action == "pull":
+        folder = zoo.pull(args.name)
+        print(f"{args.name}: {folder}")
+        return 0
+    for name, entry in zoo.ZOO.items():
+        folder = zoo.model_folder(name)
+        state = "cached" if (folder / zoo.MANIFEST).exists() else "not pulled"
+        print(f"{name:16} {state:11} {entry.description}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fedprompt import datasets
+
+    for name, spec in datasets.BUNDLED.items():
+        s = datasets.summary(datasets.load(name))
+        print(f"{name:16} train {s['train']:6} validation {s['validation']:4} test {s['test']:4}  "
+              f"labels {', '.join(s['labels'])}")
+        print(f"{'':16} {spec.description}")
+    return 0
+
+
+# ------------------------------------------------------------------ tune / eval
+
+
+def _session(args: argparse.Namespace, model: str, dataset: str, **kw):
+    from fedprompt.runtime import Runtime
+    from fedprompt.training import Session
+
+    runtime = Runtime.create(args.device, args.precision)
+    print(f"runtime: {runtime.describe()}", file=sys.stderr)
+    return Session(model, dataset, runtime=runtime, max_length=args.max_length, **kw)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fedprompt import artifact
+    from fedprompt.training import TuneConfig, tune
+
+    out = Path(args.out)
+    _check_out(out, args.force)
+    cfg = TuneConfig(
+        prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        init=args.init, init_text=args.init_text, max_length=args.max_length, eval_every=args.eval_every,
+        seed=args.seed,
+    )
+    session = _session(args, args.model, args.dataset)
+    init_weight, init_info = session.initial_prompt(cfg)
+    private = None
+    if getattr(args, "dp", False):
+        from fedprompt.dp.cli import run_private_tuning
+
+        result, private = run_private_tuning(session, cfg, args)
+    else:
+        result = tune(session, cfg)
+    test = session.dataset.split(args.eval_split)
+    accs = {
+        "zero_shot": session.evaluate(session.prompted(None), test, desc="zero-shot"),
+        "initial_prompt": session.evaluate(session.prompted(init_weight), test, desc="initial prompt"),
+        "tuned_prompt": session.evaluate(session.prompted(result.weight), test, desc="tuned prompt"),
+    }
+    meta = artifact.ArtifactMeta(
+        task=session.dataset.name, template=session.template, label_names=session.dataset.label_names,
+        label_words=session.label_words, base_model_id=session.loaded.model_id,
+        base_model_sha256=session.loaded.weights_sha256, origin_id=result.origin_id, init=init_info,
+        privacy=private,
+        training={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                  "precision": session.runtime.precision, f"{args.eval_split}_accuracy": accs},
+    )
+    artifact.save(out, result.weight, meta)
+    print(f"\n{args.eval_split} accuracy on {session.dataset.name} ({len(test)} examples, "
+          f"model {session.loaded.model_id}):")
+    for k, v in accs.items():
+        print(f"  {k:15} {100 * v:6.2f} %")
+    if private:
+        print(f"privacy spent: epsilon = {private['epsilon']:.3f}, delta = {private['delta']:.3g} "
+              f"({private['accountant']} accountant)")
+    print(f"prompt artifact: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedprompt import artifact
+
+    weight, meta = artifact.load(args.prompt)
+    session = _session(args, args.model or meta.base_model_id, args.dataset or meta.task,
+                       template=meta.template, label_words=meta.label_words)
+    artifact.check_base_model(meta, weight, session.loaded)
+    examples = session.dataset.split(args.split)
+    acc = session.evaluate(session.prompted(weight), examples)
+    zero = session.evaluate(session.prompted(None), examples, desc="zero-shot") if args.zero_shot else None
+    report = {"dataset": session.dataset.name, "split": args.split, "examples": len(examples),
+              "accuracy": acc, "zero_shot_accuracy": zero, "privacy": meta.privacy}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list or pull zoo models")
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("datasets", help="list the bundled datasets with sizes and labels")
+    p.add_argument("action", choices=["list"])
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("tune", help="tune a soft prompt (add --dp for differential privacy)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="rotten-tomatoes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--prompt-length", type=int, default=20)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="batch size; under --dp the expected batch size of Poisson sampling")
+    p.add_argument("--init", default="text", choices=["text", "vocab", "labels"])
+    p.add_argument("--init-text", default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-split", default="test", choices=["validation", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_runtime(p)
+    try:
+        from fedprompt.dp.cli import add_dp_arguments
+    except ImportError:  # pragma: no cover - dp is part of the distribution
+        pass
+    else:
+        add_dp_arguments(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("eval", help="evaluate a prompt artifact")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--dataset", default=None, help="default: the artifact's task")
+    p.add_argument("--model", default=None, help="default: the artifact's base model")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--zero-shot", action="store_true", help="also report the zero-shot model")
+    p.add_argument("--max-length", type=int, default=128)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models" and args.action == "pull" and not args.name:
+        print("error: models pull needs a NAME", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (FedPromptError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

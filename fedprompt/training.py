@@ -1,0 +1,199 @@
+"""Prompt tuning on one machine: a session (model + data + encoders) and the non-private training loop."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fedprompt import datasets as ds_mod
+from fedprompt import zoo
+from fedprompt.datasets import Dataset, Example
+from fedprompt.prompt import INIT_METHODS, SoftPrompt, init_from_token_ids, init_from_vocab, origin_id
+from fedprompt.prompted import PromptedLM
+from fedprompt.runtime import Runtime
+from fedprompt.task import TemplateEncoder, Verbalizer, collate
+from fedprompt.zoo import LoadedModel
+
+DEFAULT_INIT_TEXT = "Read the text and answer with one word: {labels}."
+
+
+@dataclass
+class TuneConfig:
+    """Settings of one prompt-tuning run (private or not)."""
+
+    prompt_length: int = 20
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 32
+    init: str = "text"
+    init_text: str | None = None
+    max_length: int = 128
+    eval_every: int = 50
+    eval_examples: int = 200
+    eval_batch_size: int = 32
+    seed: int = 0
+    base_dropout: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("prompt_length", "steps", "batch_size", "max_length", "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
+        if self.eval_every < 0 or self.eval_examples < 0:
+            raise ValueError(f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}")
+
+
+@dataclass
+class TuneResult:
+    weight: torch.Tensor
+    initial: torch.Tensor
+    origin_id: str
+    history: list[dict] = field(default_factory=list)
+
+
+class Session:
+    """A loaded frozen model, a dataset, and the encoder/verbalizer that join them."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel,
+        dataset: str | Dataset,
+        *,
+        runtime: Runtime | None = None,
+        max_length: int = 128,
+        template: str | None = None,
+        label_words: list[list[str]] | None = None,
+    ) -> None:
+        self.runtime = runtime or Runtime.create()
+        self.loaded = model if isinstance(model, LoadedModel) else zoo.load(model, device=self.runtime.device)
+        self.loaded.model.to(self.runtime.device)
+        self.dataset = dataset if isinstance(dataset, Dataset) else ds_mod.load(dataset)
+        self.template = template or self.dataset.template
+        self.label_words = label_words or self.dataset.label_words
+        self.encoder = TemplateEncoder(self.loaded.tokenizer, self.template, max_length)
+        self.verbalizer = Verbalizer.build(self.loaded.tokenizer, self.label_words)
+
+    # -------------------------------------------------------------- prompts
+
+    def initial_prompt(self, cfg: TuneConfig) -> tuple[torch.Tensor, dict]:
+        emb = self.loaded.model.get_input_embeddings().weight
+        if cfg.init == "vocab":
+            return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {"method": "vocab", "seed": cfg.seed}
+        if cfg.init == "labels":
+            ids = [t for group in self.verbalizer.token_ids for t in group]
+            return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
+        text = cfg.init_text or DEFAULT_INIT_TEXT.format(labels=", ".join(self.dataset.label_names))
+        ids = self.loaded.tokenizer(text, add_special_tokens=False).input_ids
+        return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "text", "text": text}
+
+    def prompted(self, weight: torch.Tensor | None, *, base_dropout: bool = False) -> PromptedLM:
+        prompt = SoftPrompt(weight).to(self.runtime.device) if weight is not None else None
+        return PromptedLM(self.loaded.model, prompt, base_dropout=base_dropout)
+
+    # -------------------------------------------------------------- data
+
+    def encode_split(self, split: str) -> list[tuple[list[int], int]]:
+        return [(self.encoder.encode(e.text), e.label) for e in self.dataset.split(split)]
+
+    def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        return collate([x for x, _ in items], [y for _, y in items], self.encoder.pad_id, self.runtime.device)
+
+    # -------------------------------------------------------------- evaluation
+
+    @torch.inference_mode()
+    def evaluate(
+        self, prompted: PromptedLM, examples: list[Example], *, batch_size: int = 32, desc: str = "eval"
+    ) -> float:
+        """Accuracy of ``prompted`` on ``examples`` (batched by length, so little padding is computed)."""
+        if not examples:
+            raise ValueError("no examples to evaluate")
+        prompted.eval()
+        encoded = sorted(((self.encoder.encode(e.text), e.label) for e in examples), key=lambda p: len(p[0]))
+        correct = 0
+        for i in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, unit="batch"):
+            batch = self.collate(encoded[i : i + batch_size])
+            with self.runtime.autocast():
+                scores = prompted.class_scores(batch, self.verbalizer)
+            correct += int((scores.argmax(-1) == batch["labels"]).sum())
+        return correct / len(encoded)
+
+    def validation_subset(self, n: int) -> list[Example]:
+        val = self.dataset.split("validation")
+        return val[:n] if n else []
+
+
+def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def run_steps(
+    session: Session,
+    prompted: PromptedLM,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TuneConfig,
+    *,
+    desc: str = "tune",
+    on_empty_batch: Callable[[], None] | None = None,
+    after_step: Callable[[int], dict] | None = None,
+) -> list[dict]:
+    """The training loop shared by private and non-private tuning; returns one record per eval point."""
+    history = []
+    val = session.validation_subset(cfg.eval_examples)
+    bar = tqdm(range(1, cfg.steps + 1), desc=desc, unit="step")
+    for step in bar:
+        prompted.train()
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        if batch["labels"].numel():
+            with session.runtime.autocast():
+                loss = prompted.classification_loss(batch, session.verbalizer)
+            loss.backward()
+            loss_value = float(loss)
+        else:  # possible under Poisson sampling; the step (and its noise) still happens
+            if on_empty_batch is None:
+                raise RuntimeError("empty batch")
+            on_empty_batch()
+            loss_value = float("nan")
+        optimizer.step()
+        postfix = {"loss": f"{loss_value:.3f}", "batch": int(batch["labels"].numel())}
+        if after_step is not None:
+            postfix.update(after_step(step))
+        if val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            acc = session.evaluate(prompted, val, batch_size=cfg.eval_batch_size, desc="validation")
+            postfix["val_acc"] = f"{acc:.3f}"
+            history.append({"step": step, "loss": loss_value, "val_acc": acc, **postfix})
+            tqdm.write(f"step {step}: " + " ".join(f"{k}={v}" for k, v in postfix.items()))
+        bar.set_postfix(postfix)
+    bar.close()
+    prompted.eval()
+    return history
+
+
+def tune(session: Session, cfg: TuneConfig) -> TuneResult:
+    """Non-private prompt tuning with Adam on shuffled mini-batches."""
+    initial, _ = session.initial_prompt(cfg)
+    torch.manual_seed(cfg.seed)
+    prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
+    optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+    train = session.encode_split("train")
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training examples")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=gen, collate_fn=session.collate)
+    random.seed(cfg.seed)
+    history = run_steps(session, prompted, optimizer, _cycle(loader), cfg)
+    return TuneResult(prompted.prompt.weight.detach().cpu().clone(), initial, origin_id(initial), history)

