@@ -164,6 +164,12 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _attention_for(device: torch.device) -> str:
+    # On the CPU, eager attention ran a smollm2-135m prompt-tuning step (batch 32, ~70 tokens) in 3.9 s
+    # against 5.1 s for SDPA, whose CPU flash-attention backward dominates at these short lengths.
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
 def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a zoo name, a local Hugging Face folder or (where a hub is reachable) a hub id, frozen.
 
@@ -184,7 +190,8 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedMode
         hf_logging.disable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=local, trust_remote_code=False
+            folder, dtype=torch.float32, local_files_only=local, trust_remote_code=False,
+            attn_implementation=_attention_for(torch.device(device)),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc

@@ -1,0 +1,54 @@
+"""Privacy accountants, chosen by name, and noise calibration (thin layer over Opacus's accountants).
+
+The default accountant is ``rdp`` (Renyi DP of the subsampled Gaussian, Mironov et al.), which
+composes cheaply across every release in a data holder's ledger; ``prv`` (Gopi et al., numerical
+composition of privacy loss random variables) gives tighter epsilons at some cost per evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("rdp", "prv")
+DEFAULT_ACCOUNTANT = "rdp"
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    return name
+
+
+def make_accountant(name: str, history: Iterable[tuple[float, float, int]] = ()) -> IAccountant:
+    """An Opacus accountant named ``name`` with ``history`` of (noise_multiplier, sample_rate, steps)."""
+    acc = create_accountant(check_accountant(name))
+    acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
+    return acc
+
+
+def epsilon(
+    accountant: str, history: Iterable[tuple[float, float, int]], *, delta: float
+) -> float:
+    """Epsilon of composing every (noise_multiplier, sample_rate, steps) in ``history`` at ``delta``."""
+    hist = [h for h in history if h[2] > 0]
+    if not hist:
+        return 0.0
+    if any(s <= 0 for s, _, _ in hist):
+        return math.inf
+    return float(make_accountant(accountant, hist).get_epsilon(delta))
+
+
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) whose spend stays within ``target_epsilon``."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+            accountant=check_accountant(accountant),
+        )
+    )

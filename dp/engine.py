@@ -1,0 +1,157 @@
+"""DP-SGD prompt tuning: Opacus's PrivacyEngine over fedprompt's SoftPrompt (exact per-example gradients)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers the SoftPrompt grad sampler)
+from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
+from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
+from fedprompt.prompt import origin_id
+from fedprompt.training import Session, TuneConfig, TuneResult, run_steps
+
+MECHANISM = "dp-sgd"
+
+
+@dataclass
+class DPConfig:
+    """Privacy settings of one DP-SGD run, with Opacus's names.
+
+    Give either ``target_epsilon`` (the noise multiplier is calibrated to reach it after the run's
+    steps) or ``noise_multiplier``. ``delta=None`` means 1/(2n) for the n training examples.
+    """
+
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = DEFAULT_ACCOUNTANT
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
+        ):
+            raise ValueError(f"noise_multiplier must be positive and finite, got {self.noise_multiplier!r}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm!r}")
+        check_accountant(self.accountant)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a run will spend, fixed before it touches the data."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+    accountant: str
+    max_grad_norm: float
+    num_examples: int
+
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+
+
+def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> PrivacyPlan:
+    if num_examples < 2:
+        raise ValueError(f"DP training needs at least 2 examples, got {num_examples}")
+    if batch_size > num_examples:
+        raise ValueError(f"expected batch size {batch_size} exceeds the {num_examples} training examples")
+    # Opacus derives Poisson's rate from the non-private loader as 1 / number of batches.
+    sample_rate = 1.0 / math.ceil(num_examples / batch_size)
+    delta = dp.delta if dp.delta is not None else 1.0 / (2 * num_examples)
+    if delta >= 1.0 / num_examples:
+        warnings.warn(f"delta={delta:g} is not below 1/n = {1 / num_examples:g}: a weak guarantee", stacklevel=2)
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        sigma = calibrate_noise(target_epsilon=dp.target_epsilon, delta=delta, sample_rate=sample_rate,
+                                steps=steps, accountant=dp.accountant)
+    eps = epsilon(dp.accountant, [(sigma, sample_rate, steps)], delta=delta)
+    return PrivacyPlan(sigma, sample_rate, steps, delta, eps, dp.accountant, dp.max_grad_norm, num_examples)
+
+
+def spend_record(p: PrivacyPlan, spent_epsilon: float, steps_done: int, secure_mode: bool) -> dict:
+    """The privacy spend carried by a released prompt (fedprompt.json) and the ledger."""
+    return {
+        "epsilon": spent_epsilon, "delta": p.delta, "accountant": p.accountant, "mechanism": MECHANISM,
+        "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate, "steps": steps_done,
+        "max_grad_norm": p.max_grad_norm, "num_examples": p.num_examples, "sampling": "poisson",
+        "unit": "example", "secure_mode": secure_mode,
+    }
+
+
+def _batches(loader: DataLoader, session: Session) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        for batch in loader:
+            # Opacus's DPDataLoader turns an empty Poisson batch into a list of empty tensors.
+            yield session.collate([]) if not isinstance(batch, dict) else batch
+
+
+def private_tune(
+    session: Session, cfg: TuneConfig, dp: DPConfig, *, privacy_plan: PrivacyPlan | None = None
+) -> tuple[TuneResult, dict]:
+    """Tune a prompt with DP-SGD; returns the result and the spend record of the released prompt.
+
+    The caller charges the ledger with ``plan(...)`` *before* calling this (see ``fedprompt.dp.cli``).
+    Only the final prompt is released: validation accuracy printed during training is for the
+    data holder's eyes and is not used to choose what is released.
+    """
+    train = session.encode_split("train")
+    p = privacy_plan or plan(dp, num_examples=len(train), batch_size=cfg.batch_size, steps=cfg.steps)
+    initial, _ = session.initial_prompt(cfg)
+    torch.manual_seed(cfg.seed)
+    prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
+    optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+    loader = DataLoader(train, batch_size=cfg.batch_size, collate_fn=session.collate)
+    engine = PrivacyEngine(accountant=p.accountant)
+    prompted.train()  # Opacus validates training mode; the frozen base stays in eval unless base_dropout
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=prompted, optimizer=optimizer, data_loader=loader, noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    if abs(dp_optimizer.expected_batch_size - p.sample_rate * len(train)) > 1:
+        raise RuntimeError("Opacus's sample rate differs from the planned one")
+    if dp.secure_mode:
+        dp_optimizer = SecureNoiseDPOptimizer(
+            optimizer, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
+            expected_batch_size=dp_optimizer.expected_batch_size, loss_reduction="mean",
+        )
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
+        dp_loader = DataLoader(train, batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, cfg.steps),
+                               collate_fn=session.collate)
+    weight = prompted.prompt.weight
+
+    def on_empty_batch() -> None:
+        # The noisy step must still happen on an empty batch: skipping it would reveal the emptiness.
+        weight.grad_sample = torch.zeros((0, *weight.shape), device=weight.device)
+
+    def after_step(step: int) -> dict:
+        return {"eps": f"{engine.get_epsilon(p.delta):.3f}"}
+
+    history = run_steps(session, prompted, dp_optimizer, _batches(dp_loader, session), cfg,
+                        desc=f"DP tune (sigma={p.noise_multiplier:.3f})",
+                        on_empty_batch=on_empty_batch, after_step=after_step)
+    spent = float(engine.get_epsilon(p.delta))
+    steps_done = sum(t for _, _, t in engine.accountant.history)
+    module.remove_hooks() if hasattr(module, "remove_hooks") else None
+    result = TuneResult(weight.detach().cpu().clone(), initial, origin_id(initial), history)
+    return result, spend_record(p, spent, steps_done, dp.secure_mode)
