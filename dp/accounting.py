@@ -30,9 +30,7 @@ def make_accountant(name: str, history: Iterable[tuple[float, float, int]] = ())
     return acc
 
 
-def epsilon(
-    accountant: str, history: Iterable[tuple[float, float, int]], *, delta: float
-) -> float:
+def epsilon(accountant: str, history: Iterable[tuple[float, float, int]], *, delta: float) -> float:
     """Epsilon of composing every (noise_multiplier, sample_rate, steps) in ``history`` at ``delta``."""
     hist = [h for h in history if h[2] > 0]
     if not hist:
@@ -48,7 +46,10 @@ def calibrate_noise(
     """The smallest noise multiplier (to Opacus's tolerance) whose spend stays within ``target_epsilon``."""
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
             accountant=check_accountant(accountant),
         )
     )

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader
-
 from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers the SoftPrompt grad sampler)
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
 from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
 from fedprompt.prompt import origin_id
 from fedprompt.training import Session, TuneConfig, TuneResult, run_steps
 
@@ -38,7 +38,9 @@ class DPConfig:
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon and noise_multiplier")
-        if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+        if self.target_epsilon is not None and not (
+            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
+        ):
             raise ValueError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
@@ -77,12 +79,19 @@ def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> Pri
     sample_rate = 1.0 / math.ceil(num_examples / batch_size)
     delta = dp.delta if dp.delta is not None else 1.0 / (2 * num_examples)
     if delta >= 1.0 / num_examples:
-        warnings.warn(f"delta={delta:g} is not below 1/n = {1 / num_examples:g}: a weak guarantee", stacklevel=2)
+        warnings.warn(
+            f"delta={delta:g} is not below 1/n = {1 / num_examples:g}: a weak guarantee", stacklevel=2
+        )
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
     else:
-        sigma = calibrate_noise(target_epsilon=dp.target_epsilon, delta=delta, sample_rate=sample_rate,
-                                steps=steps, accountant=dp.accountant)
+        sigma = calibrate_noise(
+            target_epsilon=dp.target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=dp.accountant,
+        )
     eps = epsilon(dp.accountant, [(sigma, sample_rate, steps)], delta=delta)
     return PrivacyPlan(sigma, sample_rate, steps, delta, eps, dp.accountant, dp.max_grad_norm, num_examples)
 
@@ -90,10 +99,18 @@ def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> Pri
 def spend_record(p: PrivacyPlan, spent_epsilon: float, steps_done: int, secure_mode: bool) -> dict:
     """The privacy spend carried by a released prompt (fedprompt.json) and the ledger."""
     return {
-        "epsilon": spent_epsilon, "delta": p.delta, "accountant": p.accountant, "mechanism": MECHANISM,
-        "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate, "steps": steps_done,
-        "max_grad_norm": p.max_grad_norm, "num_examples": p.num_examples, "sampling": "poisson",
-        "unit": "example", "secure_mode": secure_mode,
+        "epsilon": spent_epsilon,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "mechanism": MECHANISM,
+        "noise_multiplier": p.noise_multiplier,
+        "sample_rate": p.sample_rate,
+        "steps": steps_done,
+        "max_grad_norm": p.max_grad_norm,
+        "num_examples": p.num_examples,
+        "sampling": "poisson",
+        "unit": "example",
+        "secure_mode": secure_mode,
     }
 
 
@@ -125,19 +142,30 @@ def private_tune(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         module, dp_optimizer, dp_loader = engine.make_private(
-            module=prompted, optimizer=optimizer, data_loader=loader, noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            module=prompted,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
         )
     if abs(dp_optimizer.expected_batch_size - p.sample_rate * len(train)) > 1:
         raise RuntimeError("Opacus's sample rate differs from the planned one")
     if dp.secure_mode:
         dp_optimizer = SecureNoiseDPOptimizer(
-            optimizer, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
-            expected_batch_size=dp_optimizer.expected_batch_size, loss_reduction="mean",
+            optimizer,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            expected_batch_size=dp_optimizer.expected_batch_size,
+            loss_reduction="mean",
         )
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
-        dp_loader = DataLoader(train, batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, cfg.steps),
-                               collate_fn=session.collate)
+        dp_loader = DataLoader(
+            train,
+            batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, cfg.steps),
+            collate_fn=session.collate,
+        )
     weight = prompted.prompt.weight
 
     def on_empty_batch() -> None:
@@ -147,9 +175,16 @@ def private_tune(
     def after_step(step: int) -> dict:
         return {"eps": f"{engine.get_epsilon(p.delta):.3f}"}
 
-    history = run_steps(session, prompted, dp_optimizer, _batches(dp_loader, session), cfg,
-                        desc=f"DP tune (sigma={p.noise_multiplier:.3f})",
-                        on_empty_batch=on_empty_batch, after_step=after_step)
+    history = run_steps(
+        session,
+        prompted,
+        dp_optimizer,
+        _batches(dp_loader, session),
+        cfg,
+        desc=f"DP tune (sigma={p.noise_multiplier:.3f})",
+        on_empty_batch=on_empty_batch,
+        after_step=after_step,
+    )
     spent = float(engine.get_epsilon(p.delta))
     steps_done = sum(t for _, _, t in engine.accountant.history)
     module.remove_hooks() if hasattr(module, "remove_hooks") else None

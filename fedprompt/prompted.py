@@ -23,7 +23,9 @@ class PromptedLM(nn.Module):
     shifts where the text sits relative to the prompt.
     """
 
-    def __init__(self, model: PreTrainedModel, prompt: SoftPrompt | None, *, base_dropout: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, prompt: SoftPrompt | None, *, base_dropout: bool = False
+    ) -> None:
         super().__init__()
         model.requires_grad_(False)
         self.model = model
@@ -65,7 +67,11 @@ class PromptedLM(nn.Module):
         return F.cross_entropy(self.class_scores(batch, verbalizer), batch["labels"], reduction=reduction)
 
     def lm_loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """Next-token loss for generation tasks; ``labels`` is -100 where no loss is wanted.
 

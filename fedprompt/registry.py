@@ -51,8 +51,17 @@ def download(archive: RegistryArchive, *, quiet: bool = True) -> Path:
                 return existing
             existing.unlink()  # corrupt or tampered: fetch again
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", tmp, archive.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--dest",
+            tmp,
+            archive.requirement,
+        ]
         cmd += ["--no-binary", ":all:"] if archive.sdist else ["--only-binary", ":all:"]
         if quiet:
             cmd.append("--quiet")

@@ -45,9 +45,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def _llama(vocab: int) -> torch.nn.Module:
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=1,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return LlamaForCausalLM(cfg)
 
@@ -55,8 +63,17 @@ def _llama(vocab: int) -> torch.nn.Module:
 def _gpt2(vocab: int) -> torch.nn.Module:
     # GPT-2 keeps its dropout layers, so the DP path can be tested with dropout active.
     cfg = GPT2Config(
-        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.1, embd_pdrop=0.1,
-        attn_pdrop=0.1, pad_token_id=1, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(cfg)
 

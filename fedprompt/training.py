@@ -51,7 +51,9 @@ class TuneConfig:
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.eval_every < 0 or self.eval_examples < 0:
-            raise ValueError(f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}")
+            raise ValueError(
+                f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}"
+            )
 
 
 @dataclass
@@ -89,7 +91,10 @@ class Session:
     def initial_prompt(self, cfg: TuneConfig) -> tuple[torch.Tensor, dict]:
         emb = self.loaded.model.get_input_embeddings().weight
         if cfg.init == "vocab":
-            return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {"method": "vocab", "seed": cfg.seed}
+            return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {
+                "method": "vocab",
+                "seed": cfg.seed,
+            }
         if cfg.init == "labels":
             ids = [t for group in self.verbalizer.token_ids for t in group]
             return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
@@ -161,7 +166,7 @@ def run_steps(
             with session.runtime.autocast():
                 loss = prompted.classification_loss(batch, session.verbalizer)
             loss.backward()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         else:  # possible under Poisson sampling; the step (and its noise) still happens
             if on_empty_batch is None:
                 raise RuntimeError("empty batch")
@@ -192,8 +197,14 @@ def tune(session: Session, cfg: TuneConfig) -> TuneResult:
     if len(train) < cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training examples")
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=gen, collate_fn=session.collate)
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=gen,
+        collate_fn=session.collate,
+    )
     random.seed(cfg.seed)
     history = run_steps(session, prompted, optimizer, _cycle(loader), cfg)
     return TuneResult(prompted.prompt.weight.detach().cpu().clone(), initial, origin_id(initial), history)

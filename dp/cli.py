@@ -1,0 +1,138 @@
+"""Command-line pieces of the DP side: ``tune --dp`` and ``fedprompt budget``."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from fedprompt.dp.engine import MECHANISM, DPConfig, plan, private_tune
+from fedprompt.dp.ledger import Budget, PrivacyLedger, default_state_dir
+
+from fedprompt.training import Session, TuneConfig, TuneResult
+
+
+def add_dp_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
+    g.add_argument("--dp", action="store_true", help="tune with DP-SGD and charge the privacy ledger")
+    g.add_argument(
+        "--target-epsilon", type=float, default=None, help="calibrate the noise to reach this epsilon"
+    )
+    g.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise multiplier instead")
+    g.add_argument("--delta", type=float, default=None, help="default: 1/(2n) for n training examples")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
+    g.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, choices=ACCOUNTANTS)
+    g.add_argument(
+        "--secure-mode",
+        action="store_true",
+        help="draw Poisson sampling and noise from the OS CSPRNG (slower, for production)",
+    )
+    g.add_argument("--base-dropout", action="store_true", help="keep the frozen model's dropout active")
+    _add_state_arguments(g)
+
+
+def _add_state_arguments(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--state", default=None, help=f"state folder holding the privacy ledger ({default_state_dir()})"
+    )
+    g.add_argument(
+        "--budget-epsilon",
+        type=float,
+        default=None,
+        help="set the holder's total epsilon budget (first use of a ledger needs it)",
+    )
+    g.add_argument(
+        "--budget-delta",
+        type=float,
+        default=None,
+        help="the holder's total delta (default when setting a budget: this run's delta)",
+    )
+
+
+def open_ledger(args: argparse.Namespace, default_delta: float | None) -> PrivacyLedger:
+    ledger = PrivacyLedger(args.state or default_state_dir())
+    if args.budget_epsilon is not None:
+        current = ledger.budget()
+        delta = args.budget_delta or (current.delta if current else default_delta)
+        if delta is None:
+            raise ValueError("--budget-delta is needed to set a budget")
+        ledger.set_budget(Budget(args.budget_epsilon, delta))
+    return ledger
+
+
+def run_private_tuning(
+    session: Session, cfg: TuneConfig, args: argparse.Namespace
+) -> tuple[TuneResult, dict]:
+    cfg.base_dropout = args.base_dropout
+    dp = DPConfig(
+        target_epsilon=args.target_epsilon,
+        noise_multiplier=args.noise_multiplier,
+        delta=args.delta,
+        max_grad_norm=args.max_grad_norm,
+        accountant=args.accountant,
+        secure_mode=args.secure_mode,
+    )
+    n = len(session.dataset.split("train"))
+    p = plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
+    print(
+        f"privacy plan: noise_multiplier = {p.noise_multiplier:.4f}, sample_rate = {p.sample_rate:.5f}, "
+        f"{p.steps} steps, epsilon = {p.epsilon:.3f} at delta = {p.delta:.3g} ({p.accountant})"
+    )
+    ledger = open_ledger(args, p.delta)
+    release = ledger.reserve(
+        task=session.dataset.name,
+        run_id=uuid.uuid4().hex,
+        mechanism=MECHANISM,
+        delta=p.delta,
+        epsilon=p.epsilon,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        sample_rate=p.sample_rate,
+        steps=p.steps,
+    )
+    try:
+        result, spend = private_tune(session, cfg, dp, privacy_plan=p)
+    except BaseException:
+        ledger.cancel(release)  # nothing was released: the prompt never left this process
+        raise
+    ledger.commit(release, steps=spend["steps"], epsilon=spend["epsilon"])
+    total = ledger.spent()  # printed for the holder, never written into the released artifact
+    print(
+        f"ledger {ledger.path}: total spend epsilon = {total.epsilon:.3f} "
+        f"(delta = {total.delta:g}; {total.method})"
+    )
+    return result, spend
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args, None)
+    if args.action == "backup":
+        print(ledger.backup(args.path))
+        return 0
+    budget = ledger.budget()
+    if budget is None:
+        print(f"{ledger.path}: no budget set yet")
+        return 0
+    releases = ledger.releases()
+    total = ledger.spent()
+    print(f"ledger: {ledger.path}")
+    print(f"budget: epsilon = {budget.epsilon:g}, delta = {budget.delta:g}")
+    for task in sorted({r.task for r in releases}):
+        s = ledger.spent(task)
+        print(f"  task {task:24} epsilon = {s.epsilon:8.3f}  ({s.releases} release(s); {s.method})")
+    print(
+        f"total: epsilon = {total.epsilon:.3f}, left = {max(0.0, budget.epsilon - total.epsilon):.3f}  "
+        f"({total.method})"
+    )
+    pending = [r for r in releases if r.status == "reserved"]
+    if pending:
+        print(f"{len(pending)} reservation(s) not yet settled are counted as spent")
+    return 0
+
+
+def add_budget_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("budget", help="show or set a data holder's privacy budget; back up the ledger")
+    p.add_argument("action", choices=["show", "set", "backup"])
+    p.add_argument("path", nargs="?", help="backup: destination file")
+    _add_state_arguments(p)
+    p.set_defaults(func=cmd_budget)

@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated cache, tiny models, a small learnable dataset file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# One cache for the whole run (tiny models build in well under a second; registry downloads are reused
+# between runs of the suite on one machine), kept apart from the user's own cache.
+os.environ.setdefault("FEDPROMPT_CACHE", str(ROOT / ".test-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["great", "wonderful", "superb", "moving", "funny", "good", "fine", "happy"]
+NEGATIVE = ["awful", "terrible", "dull", "boring", "bad", "tedious", "sad", "angry"]
+
+
+def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(POSITIVE if label else NEGATIVE, 3)
+        rows.append(
+            {"text": f"The movie was {' and '.join(words)}.", "label": "positive" if label else "negative"}
+        )
+    return rows
+
+
+@pytest.fixture
+def sentiment_file(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(240)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from fedprompt import zoo
+
+    return zoo.load("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from fedprompt import zoo
+
+    return zoo.load("tiny-gpt2")
