@@ -40,9 +40,7 @@ def epsilon(accountant: str, history: Iterable[tuple[float, float, int]], *, del
     return float(make_accountant(accountant, hist).get_epsilon(delta))
 
 
-def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (to Opacus's tolerance) whose spend stays within ``target_epsilon``."""
     return float(
         get_noise_multiplier(

@@ -15,9 +15,7 @@ from fedprompt.training import Session, TuneConfig, TuneResult
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
     g.add_argument("--dp", action="store_true", help="tune with DP-SGD and charge the privacy ledger")
-    g.add_argument(
-        "--target-epsilon", type=float, default=None, help="calibrate the noise to reach this epsilon"
-    )
+    g.add_argument("--target-epsilon", type=float, default=None, help="calibrate the noise to reach this epsilon")
     g.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise multiplier instead")
     g.add_argument("--delta", type=float, default=None, help="default: 1/(2n) for n training examples")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
@@ -32,9 +30,7 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_state_arguments(g: argparse._ActionsContainer) -> None:
-    g.add_argument(
-        "--state", default=None, help=f"state folder holding the privacy ledger ({default_state_dir()})"
-    )
+    g.add_argument("--state", default=None, help=f"state folder holding the privacy ledger ({default_state_dir()})")
     g.add_argument(
         "--budget-epsilon",
         type=float,
@@ -60,9 +56,7 @@ def open_ledger(args: argparse.Namespace, default_delta: float | None) -> Privac
     return ledger
 
 
-def run_private_tuning(
-    session: Session, cfg: TuneConfig, args: argparse.Namespace
-) -> tuple[TuneResult, dict]:
+def run_private_tuning(session: Session, cfg: TuneConfig, args: argparse.Namespace) -> tuple[TuneResult, dict]:
     cfg.base_dropout = args.base_dropout
     dp = DPConfig(
         target_epsilon=args.target_epsilon,
@@ -97,10 +91,7 @@ def run_private_tuning(
         raise
     ledger.commit(release, steps=spend["steps"], epsilon=spend["epsilon"])
     total = ledger.spent()  # printed for the holder, never written into the released artifact
-    print(
-        f"ledger {ledger.path}: total spend epsilon = {total.epsilon:.3f} "
-        f"(delta = {total.delta:g}; {total.method})"
-    )
+    print(f"ledger {ledger.path}: total spend epsilon = {total.epsilon:.3f} (delta = {total.delta:g}; {total.method})")
     return result, spend
 
 
@@ -121,8 +112,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         s = ledger.spent(task)
         print(f"  task {task:24} epsilon = {s.epsilon:8.3f}  ({s.releases} release(s); {s.method})")
     print(
-        f"total: epsilon = {total.epsilon:.3f}, left = {max(0.0, budget.epsilon - total.epsilon):.3f}  "
-        f"({total.method})"
+        f"total: epsilon = {total.epsilon:.3f}, left = {max(0.0, budget.epsilon - total.epsilon):.3f}  ({total.method})"
     )
     pending = [r for r in releases if r.status == "reserved"]
     if pending:

@@ -38,9 +38,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon and noise_multiplier")
-        if self.target_epsilon is not None and not (
-            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
-        ):
+        if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
             raise ValueError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
@@ -79,9 +77,7 @@ def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> Pri
     sample_rate = 1.0 / math.ceil(num_examples / batch_size)
     delta = dp.delta if dp.delta is not None else 1.0 / (2 * num_examples)
     if delta >= 1.0 / num_examples:
-        warnings.warn(
-            f"delta={delta:g} is not below 1/n = {1 / num_examples:g}: a weak guarantee", stacklevel=2
-        )
+        warnings.warn(f"delta={delta:g} is not below 1/n = {1 / num_examples:g}: a weak guarantee", stacklevel=2)
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
     else:

@@ -128,9 +128,7 @@ class PrivacyLedger:
         self.path = self.state_dir / LEDGER_FILE
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO settings VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+            conn.execute("INSERT OR IGNORE INTO settings VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             version = int(conn.execute("SELECT value FROM settings WHERE key='schema_version'").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise FedPromptError(f"{self.path} was written by a newer fedprompt (schema {version})")
@@ -175,9 +173,7 @@ class PrivacyLedger:
                     f"already spent epsilon = {spent.epsilon:.3f} at delta = {budget.delta:g}, "
                     f"more than the new budget {budget.epsilon}"
                 )
-            conn.execute(
-                "INSERT OR REPLACE INTO settings VALUES ('budget_epsilon', ?)", (repr(budget.epsilon),)
-            )
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('budget_epsilon', ?)", (repr(budget.epsilon),))
             conn.execute("INSERT OR REPLACE INTO settings VALUES ('budget_delta', ?)", (repr(budget.delta),))
 
     # ------------------------------------------------------------------ releases

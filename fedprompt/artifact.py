@@ -90,14 +90,10 @@ def load(folder: str | Path) -> tuple[torch.Tensor, ArtifactMeta]:
         raise ArtifactError(f"{folder}: format version {meta.format_version} is newer than this fedprompt")
     tensors = load_file(str(folder / WEIGHTS_FILE))
     if set(tensors) != {"prompt_embeddings"}:
-        raise ArtifactError(
-            f"{folder / WEIGHTS_FILE}: expected one tensor 'prompt_embeddings', got {sorted(tensors)}"
-        )
+        raise ArtifactError(f"{folder / WEIGHTS_FILE}: expected one tensor 'prompt_embeddings', got {sorted(tensors)}")
     weight = tensors["prompt_embeddings"]
     if weight.dim() != 2 or not torch.isfinite(weight).all():
-        raise ArtifactError(
-            f"{folder}: the prompt must be a finite 2-D tensor, got shape {tuple(weight.shape)}"
-        )
+        raise ArtifactError(f"{folder}: the prompt must be a finite 2-D tensor, got shape {tuple(weight.shape)}")
     if prompt_sha256(weight) != meta.prompt_sha256:
         raise ArtifactError(f"{folder}: prompt weights do not match the hash recorded in {META_FILE}")
     return weight, meta

@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: budget backup takes a destination PATH (and only backup does)", file=sys.stderr)
         return 2
     if args.command == "budget" and args.action == "set" and args.budget_epsilon is None:
-        print(
-            "error: budget set needs --budget-epsilon (and --budget-delta on a new ledger)", file=sys.stderr
-        )
+        print("error: budget set needs --budget-epsilon (and --budget-delta on a new ledger)", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -264,9 +264,7 @@ def _read_rows(path: Path) -> list[dict]:
         return rows
     if path.suffix.lower() in (".csv", ".tsv"):
         try:
-            reader = csv.DictReader(
-                io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","
-            )
+            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             return list(reader)
         except csv.Error as exc:
             raise DatasetError(f"{path}: malformed CSV ({exc})") from exc
@@ -321,16 +319,12 @@ def load_file(
     else:
         held = max(1, int(len(rows) * held_out_fraction))
         if len(rows) < 3 * held:
-            raise DatasetError(
-                f"{path}: {len(rows)} examples are too few to split into train/validation/test"
-            )
+            raise DatasetError(f"{path}: {len(rows)} examples are too few to split into train/validation/test")
         idx = _split_indices(len(rows), held)
         for s, ids in idx.items():
             splits[s] = [Example(rows[i]["text"], index[labels[i]]) for i in ids]
     digest = sha256_bytes(path.read_bytes())
-    return Dataset(
-        path.stem, names, label_words or _default_words(names), template, splits, digest, str(path)
-    )
+    return Dataset(path.stem, names, label_words or _default_words(names), template, splits, digest, str(path))
 
 
 def load(name_or_path: str, **kwargs) -> Dataset:
@@ -340,9 +334,7 @@ def load(name_or_path: str, **kwargs) -> Dataset:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return load_file(path, **kwargs)
-    raise DatasetError(
-        f"{name_or_path!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing file"
-    )
+    raise DatasetError(f"{name_or_path!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing file")
 
 
 def summary(ds: Dataset) -> dict:

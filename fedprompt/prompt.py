@@ -22,9 +22,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(
-                f"a soft prompt is (num_virtual_tokens, hidden_size), got shape {tuple(weight.shape)}"
-            )
+            raise ValueError(f"a soft prompt is (num_virtual_tokens, hidden_size), got shape {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone().float())
 
     @property
@@ -46,9 +44,7 @@ def _tile(rows: torch.Tensor, n: int) -> torch.Tensor:
     return rows.repeat(reps, 1)[:n].clone()
 
 
-def init_from_vocab(
-    embeddings: torch.Tensor, n: int, *, seed: int = 0, max_token_id: int = 5000
-) -> torch.Tensor:
+def init_from_vocab(embeddings: torch.Tensor, n: int, *, seed: int = 0, max_token_id: int = 5000) -> torch.Tensor:
     """Rows of the vocabulary embeddings of random token ids below ``max_token_id`` (frequent tokens)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(max_token_id, embeddings.shape[0]), (n,), generator=gen)

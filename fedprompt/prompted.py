@@ -23,9 +23,7 @@ class PromptedLM(nn.Module):
     shifts where the text sits relative to the prompt.
     """
 
-    def __init__(
-        self, model: PreTrainedModel, prompt: SoftPrompt | None, *, base_dropout: bool = False
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, prompt: SoftPrompt | None, *, base_dropout: bool = False) -> None:
         super().__init__()
         model.requires_grad_(False)
         self.model = model

@@ -77,8 +77,7 @@ def download(archive: RegistryArchive, *, quiet: bool = True) -> Path:
             digest = sha256_file(got)
             if digest != archive.sha256:
                 raise FedPromptError(
-                    f"{got.name}: SHA-256 {digest} does not match the pinned {archive.sha256}; "
-                    "refusing to use it"
+                    f"{got.name}: SHA-256 {digest} does not match the pinned {archive.sha256}; refusing to use it"
                 )
         final = target_dir / got.name
         os.replace(got, final)

@@ -51,9 +51,7 @@ class TuneConfig:
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.eval_every < 0 or self.eval_examples < 0:
-            raise ValueError(
-                f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}"
-            )
+            raise ValueError(f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}")
 
 
 @dataclass

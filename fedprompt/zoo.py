@@ -120,9 +120,7 @@ def _convert_gguf(entry: ZooEntry, out: Path) -> None:
             raise ModelError(f"{entry.name}: GGUF SHA-256 {gguf_sha} != pinned {entry.gguf_sha256}")
         steps.update()
         steps.set_postfix_str("dequantise")
-        quantised = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file="model.gguf", dtype=torch.float32
-        )
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
         steps.update()
         # Rebuild from the config without its quantization_config, so the folder is an ordinary

@@ -25,9 +25,7 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         label = i % 2
         words = rng.sample(POSITIVE if label else NEGATIVE, 3)
-        rows.append(
-            {"text": f"The movie was {' and '.join(words)}.", "label": "positive" if label else "negative"}
-        )
+        rows.append({"text": f"The movie was {' and '.join(words)}.", "label": "positive" if label else "negative"})
     return rows
 
 
