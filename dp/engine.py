@@ -12,9 +12,11 @@ from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers t
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
 from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from fedprompt.prompt import origin_id
+from fedprompt.prompted import PromptedLM
 from fedprompt.training import Session, TuneConfig, TuneResult, run_steps
 
 MECHANISM = "dp-sgd"
@@ -117,6 +119,69 @@ def _batches(loader: DataLoader, session: Session) -> Iterator[dict[str, torch.T
             yield session.collate([]) if not isinstance(batch, dict) else batch
 
 
+@dataclass
+class PrivateTraining:
+    """The objects Opacus made private, plus what the training loop needs to drive them."""
+
+    engine: PrivacyEngine
+    module: torch.nn.Module
+    optimizer: DPOptimizer
+    batches: Iterator[dict[str, torch.Tensor]]
+    prompt_weight: torch.nn.Parameter
+
+    def on_empty_batch(self) -> None:
+        # A step must still happen (with its noise) on an empty Poisson batch: skipping it would reveal
+        # that the batch was empty. Opacus clips and sums an empty per-example gradient to zero.
+        w = self.prompt_weight
+        w.grad_sample = torch.zeros((0, *w.shape), device=w.device, dtype=w.dtype)
+
+
+def make_private(
+    session: Session,
+    prompted: PromptedLM,
+    optimizer: torch.optim.Optimizer,
+    train: list,
+    p: PrivacyPlan,
+    *,
+    batch_size: int,
+    steps: int,
+    secure_mode: bool = False,
+    loss_reduction: str = "mean",
+) -> PrivateTraining:
+    """Opacus's PrivacyEngine over ``prompted``: per-example clipping, Gaussian noise, Poisson sampling."""
+    loader = DataLoader(train, batch_size=batch_size, collate_fn=session.collate)
+    prompted.train()  # Opacus validates training mode; the frozen base stays in eval unless base_dropout
+    with warnings.catch_warnings():
+        # Opacus's secure mode needs torchcsprng; ours (secure_rng) replaces it when secure_mode is set.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=p.accountant)
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=prompted,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+            loss_reduction=loss_reduction,
+        )
+    if abs(dp_optimizer.expected_batch_size - p.sample_rate * len(train)) > 1:
+        raise RuntimeError("Opacus's sample rate differs from the planned one")
+    if secure_mode:
+        dp_optimizer = SecureNoiseDPOptimizer(
+            optimizer,
+            noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            expected_batch_size=dp_optimizer.expected_batch_size,
+            loss_reduction=loss_reduction,
+        )
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
+        dp_loader = DataLoader(
+            train, batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, steps), collate_fn=session.collate
+        )
+    return PrivateTraining(engine, module, dp_optimizer, _batches(dp_loader, session), prompted.prompt.weight)
+
+
 def private_tune(
     session: Session, cfg: TuneConfig, dp: DPConfig, *, privacy_plan: PrivacyPlan | None = None
 ) -> tuple[TuneResult, dict]:
@@ -132,57 +197,26 @@ def private_tune(
     torch.manual_seed(cfg.seed)
     prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
     optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
-    loader = DataLoader(train, batch_size=cfg.batch_size, collate_fn=session.collate)
-    engine = PrivacyEngine(accountant=p.accountant)
-    prompted.train()  # Opacus validates training mode; the frozen base stays in eval unless base_dropout
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        module, dp_optimizer, dp_loader = engine.make_private(
-            module=prompted,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-        )
-    if abs(dp_optimizer.expected_batch_size - p.sample_rate * len(train)) > 1:
-        raise RuntimeError("Opacus's sample rate differs from the planned one")
-    if dp.secure_mode:
-        dp_optimizer = SecureNoiseDPOptimizer(
-            optimizer,
-            noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm,
-            expected_batch_size=dp_optimizer.expected_batch_size,
-            loss_reduction="mean",
-        )
-        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
-        dp_loader = DataLoader(
-            train,
-            batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, cfg.steps),
-            collate_fn=session.collate,
-        )
+    private = make_private(
+        session, prompted, optimizer, train, p, batch_size=cfg.batch_size, steps=cfg.steps, secure_mode=dp.secure_mode
+    )
     weight = prompted.prompt.weight
 
-    def on_empty_batch() -> None:
-        # The noisy step must still happen on an empty batch: skipping it would reveal the emptiness.
-        weight.grad_sample = torch.zeros((0, *weight.shape), device=weight.device)
-
     def after_step(step: int) -> dict:
-        return {"eps": f"{engine.get_epsilon(p.delta):.3f}"}
+        return {"eps": f"{private.engine.get_epsilon(p.delta):.3f}"}
 
     history = run_steps(
         session,
         prompted,
-        dp_optimizer,
-        _batches(dp_loader, session),
+        private.optimizer,
+        private.batches,
         cfg,
         desc=f"DP tune (sigma={p.noise_multiplier:.3f})",
-        on_empty_batch=on_empty_batch,
+        on_empty_batch=private.on_empty_batch,
         after_step=after_step,
     )
-    spent = float(engine.get_epsilon(p.delta))
-    steps_done = sum(t for _, _, t in engine.accountant.history)
-    module.remove_hooks() if hasattr(module, "remove_hooks") else None
+    spent = float(private.engine.get_epsilon(p.delta))
+    steps_done = sum(t for _, _, t in private.engine.accountant.history)
+    private.module.remove_hooks()
     result = TuneResult(weight.detach().cpu().clone(), initial, origin_id(initial), history)
     return result, spend_record(p, spent, steps_done, dp.secure_mode)
