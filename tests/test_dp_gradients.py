@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from fedprompt.dp.engine import DPConfig, make_private, plan
+from fedprompt.dp.grad_sample import max_abs_difference, reference_per_example_grads
 from opacus import GradSampleModule
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 from fedprompt import zoo
 from fedprompt.datasets import Example
-from fedprompt.dp.engine import DPConfig, make_private, plan
-from fedprompt.dp.grad_sample import max_abs_difference, reference_per_example_grads
 from fedprompt.prompt import SoftPrompt, init_from_vocab
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
@@ -97,7 +97,7 @@ def _private_session(tiny, sentiment_file, **kw):
 
 
 def test_each_examples_contribution_is_clipped(tiny_llama, sentiment_file):
-    session, train, cfg, prompted = _private_session(tiny_llama, sentiment_file)
+    session, train, _cfg, prompted = _private_session(tiny_llama, sentiment_file)
     items = train[:8]
     batch = session.collate(items)
     reference = reference_per_example_grads(
@@ -124,7 +124,7 @@ def test_each_examples_contribution_is_clipped(tiny_llama, sentiment_file):
 
 @pytest.mark.parametrize("secure_mode", [False, True])
 def test_noise_has_standard_deviation_sigma_times_c(tiny_llama, sentiment_file, secure_mode):
-    session, train, cfg, prompted = _private_session(tiny_llama, sentiment_file)
+    session, train, _cfg, prompted = _private_session(tiny_llama, sentiment_file)
     sigma, clip = 2.0, 0.5
     p = plan(DPConfig(noise_multiplier=sigma, max_grad_norm=clip), num_examples=len(train), batch_size=8, steps=30)
     sgd = torch.optim.SGD(prompted.prompt.parameters(), lr=1.0)
