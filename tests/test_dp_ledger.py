@@ -181,3 +181,13 @@ def test_cli_refuses_before_training_and_writes_nothing(tmp_path, sentiment_file
     assert main(["budget", "show", "--state", str(state)]) == 0
     shown = capsys.readouterr().out
     assert "budget: epsilon = 2.2" in shown and "left" in shown
+
+
+def test_privacy_flags_without_dp_are_an_error_not_a_silent_non_private_run(tmp_path, sentiment_file, capsys):
+    out = tmp_path / "prompt"
+    code = main(
+        ["tune", "--model", "tiny-llama", "--dataset", str(sentiment_file), "--out", str(out), "--target-epsilon", "8"]
+    )
+    assert code == 2
+    assert "only make sense with --dp" in capsys.readouterr().err
+    assert not out.exists()
