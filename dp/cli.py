@@ -56,9 +56,18 @@ def open_ledger(args: argparse.Namespace, default_delta: float | None) -> Privac
     return ledger
 
 
-def run_private_tuning(session: Session, cfg: TuneConfig, args: argparse.Namespace) -> tuple[TuneResult, dict]:
-    cfg.base_dropout = args.base_dropout
-    dp = DPConfig(
+_DP_ONLY = ("target_epsilon", "noise_multiplier", "delta", "secure_mode", "budget_epsilon", "budget_delta")
+
+
+def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
+    """The run's DPConfig, or None without --dp. DP settings without --dp are an error, never ignored:
+    a forgotten flag must not silently produce a non-private prompt."""
+    if not args.dp:
+        given = [f"--{name.replace('_', '-')}" for name in _DP_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only make sense with --dp; add --dp (or drop them)")
+        return None
+    return DPConfig(
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
         delta=args.delta,
@@ -66,6 +75,12 @@ def run_private_tuning(session: Session, cfg: TuneConfig, args: argparse.Namespa
         accountant=args.accountant,
         secure_mode=args.secure_mode,
     )
+
+
+def run_private_tuning(
+    session: Session, cfg: TuneConfig, dp: DPConfig, args: argparse.Namespace
+) -> tuple[TuneResult, dict]:
+    cfg.base_dropout = args.base_dropout
     n = len(session.dataset.split("train"))
     p = plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
     print(

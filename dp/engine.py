@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,7 +149,15 @@ def make_private(
     secure_mode: bool = False,
     loss_reduction: str = "mean",
 ) -> PrivateTraining:
-    """Opacus's PrivacyEngine over ``prompted``: per-example clipping, Gaussian noise, Poisson sampling."""
+    """Opacus's PrivacyEngine over ``prompted``: per-example clipping, Gaussian noise, Poisson sampling.
+
+    The noise and the Poisson sampling never follow a public seed: torch's default generator starts from
+    a fixed seed, and anyone who can replay the noise can subtract it. Both draw from generators seeded
+    with OS entropy here (or, in ``secure_mode``, from the OS CSPRNG directly).
+    """
+    torch.seed()  # Opacus's Poisson sampler draws from the global generator: reseed it from OS entropy
+    noise_generator = torch.Generator(device=session.runtime.device)
+    noise_generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
     loader = DataLoader(train, batch_size=batch_size, collate_fn=session.collate)
     prompted.train()  # Opacus validates training mode; the frozen base stays in eval unless base_dropout
     with warnings.catch_warnings():
@@ -161,6 +170,7 @@ def make_private(
             data_loader=loader,
             noise_multiplier=p.noise_multiplier,
             max_grad_norm=p.max_grad_norm,
+            noise_generator=noise_generator,
             poisson_sampling=True,
             grad_sample_mode="hooks",
             loss_reduction=loss_reduction,
@@ -193,8 +203,7 @@ def private_tune(
     """
     train = session.encode_split("train")
     p = privacy_plan or plan(dp, num_examples=len(train), batch_size=cfg.batch_size, steps=cfg.steps)
-    initial, _ = session.initial_prompt(cfg)
-    torch.manual_seed(cfg.seed)
+    initial, _ = session.initial_prompt(cfg)  # data-independent: may follow the public seed
     prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
     optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
     private = make_private(

@@ -99,6 +99,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "initial_prompt": session.evaluate(session.prompted(init_weight), test, desc="initial prompt"),
         "tuned_prompt": session.evaluate(session.prompted(result.weight), test, desc="tuned prompt"),
     }
+    training = {
+        "steps": cfg.steps,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "prompt_length": cfg.prompt_length,
+        "precision": session.runtime.precision,
+    }
+    if private is None:
+        training[f"{args.eval_split}_accuracy"] = accs
+    # A private prompt carries no accuracy on the holder's own data: that number is not covered by the
+    # DP guarantee, so it is printed here for the holder and never shipped with the prompt.
     meta = artifact.ArtifactMeta(
         task=session.dataset.name,
         template=session.template,
@@ -109,14 +121,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         origin_id=result.origin_id,
         init=init_info,
         privacy=private,
-        training={
-            "steps": cfg.steps,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-            "seed": cfg.seed,
-            "precision": session.runtime.precision,
-            f"{args.eval_split}_accuracy": accs,
-        },
+        training=training,
     )
     artifact.save(out, result.weight, meta)
     print(

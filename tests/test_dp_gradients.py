@@ -177,3 +177,20 @@ def test_private_tuning_runs_with_dropout_in_bf16(tiny_gpt2, sentiment_file):
     result, spend = private_tune(session, cfg, DPConfig(target_epsilon=3.0, delta=1e-3))
     assert torch.isfinite(result.weight).all() and not torch.equal(result.weight, result.initial)
     assert 2.9 < spend["epsilon"] <= 3.0 and spend["steps"] == 5 and spend["accountant"] == "rdp"
+
+
+def test_noise_cannot_be_replayed_from_a_public_seed(tiny_llama, sentiment_file):
+    """torch's default generator starts from a fixed seed: noise that followed it could be subtracted."""
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)  # whatever public seed the caller set
+        session, train, _cfg, prompted = _private_session(tiny_llama, sentiment_file)
+        p = plan(DPConfig(noise_multiplier=1.0), num_examples=len(train), batch_size=8, steps=1)
+        private = make_private(
+            session, prompted, torch.optim.SGD(prompted.prompt.parameters(), lr=1.0), train, p, batch_size=8, steps=1
+        )
+        private.on_empty_batch()
+        private.optimizer.pre_step()
+        grads.append(prompted.prompt.weight.grad.clone())
+        private.module.remove_hooks()
+    assert not torch.allclose(grads[0], grads[1])
