@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from common import emit
-from fedprompt.dp import grad_sample as _registered  # noqa: F401
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fedprompt.dp import grad_sample as _registered  # noqa: F401
 from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
 

@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit
+
 from fedprompt.dp.audit import audit_dp_sgd
 from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan
-
 from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
 

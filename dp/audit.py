@@ -21,10 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fedprompt.dp.engine import PrivacyPlan, make_private
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
+from fedprompt.dp.engine import PrivacyPlan, make_private
 from fedprompt.training import Session, TuneConfig
 
 

@@ -8,7 +8,6 @@ import uuid
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from fedprompt.dp.engine import MECHANISM, DPConfig, plan, private_tune
 from fedprompt.dp.ledger import Budget, PrivacyLedger, default_state_dir
-
 from fedprompt.training import Session, TuneConfig, TuneResult
 
 

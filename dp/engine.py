@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers the SoftPrompt grad sampler)
-from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
-from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
+from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers the SoftPrompt grad sampler)
+from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
+from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
 from fedprompt.prompt import origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.training import Session, TuneConfig, TuneResult, run_steps

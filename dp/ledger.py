@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprompt.dp.accounting import check_accountant, epsilon
-
 from fedprompt.errors import BudgetExceededError, FedPromptError
 
 LEDGER_FILE = "privacy-ledger.sqlite3"

@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from fedprompt.dp.accounting import calibrate_noise, epsilon
-from fedprompt.dp.engine import DPConfig, plan
 from opacus.accountants.rdp import RDPAccountant
 from scipy.optimize import brentq
 from scipy.stats import norm
+
+from fedprompt.dp.accounting import calibrate_noise, epsilon
+from fedprompt.dp.engine import DPConfig, plan
 
 
 def test_rdp_matches_opacus_published_value():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from fedprompt.dp.audit import audit_dp_sgd, epsilon_lower_bound, p_value
-from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan
 from scipy.stats import binom
 
+from fedprompt.dp.audit import audit_dp_sgd, epsilon_lower_bound, p_value
+from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan
 from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
 

@@ -6,10 +6,10 @@ import multiprocessing as mp
 import sqlite3
 
 import pytest
-from fedprompt.dp.accounting import epsilon
-from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, compose
 
 from fedprompt.cli import main
+from fedprompt.dp.accounting import epsilon
+from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, compose
 from fedprompt.errors import BudgetExceededError, FedPromptError
 
 DELTA = 1e-5
