@@ -21,6 +21,14 @@ def machine() -> dict:
     }
 
 
+def fixed_batches(session, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """The same `count` training batches for every variant of a benchmark (seeded, no replacement)."""
+    train = session.encode_split("train")
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(train), generator=gen)[: batch_size * count].tolist()
+    return [session.collate([train[i] for i in idx[k * batch_size : (k + 1) * batch_size]]) for k in range(count)]
+
+
 def emit(result: dict) -> None:
     result["machine"] = machine()
     print(json.dumps(result, indent=2))

@@ -64,13 +64,7 @@ def main() -> None:
 
     runtime = Runtime.create(args.device, args.precision)
     session = Session(args.model, args.dataset, runtime=runtime)
-    train = session.encode_split("train")
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(train), generator=gen)[: args.batch_size * args.steps].tolist()
-    batches = [
-        session.collate([train[i] for i in idx[k * args.batch_size : (k + 1) * args.batch_size]])
-        for k in range(args.steps)
-    ]
+    batches = fixed_batches(session, args.batch_size, args.steps)
     initial, _ = session.initial_prompt(TuneConfig(prompt_length=args.prompt_length))
     verb = session.verbalizer
 

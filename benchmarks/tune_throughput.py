@@ -28,17 +28,10 @@ from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
 
 
-def _batches(session: Session, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-    train = session.encode_split("train")
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(train), generator=gen)[: batch_size * count].tolist()
-    return [session.collate([train[i] for i in idx[k * batch_size : (k + 1) * batch_size]]) for k in range(count)]
-
-
 def run_variant(args: argparse.Namespace) -> dict:
     runtime = Runtime.create(args.device, args.precision)
     session = Session(args.model, args.dataset, runtime=runtime)
-    batches = _batches(session, args.batch_size, args.steps + 1)
+    batches = fixed_batches(session, args.batch_size, args.steps + 1)
     if args.variant == "fedprompt":
         initial, _ = session.initial_prompt(TuneConfig(prompt_length=args.prompt_length))
         prompted = session.prompted(initial)

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from fedprompt.dp.accounting import check_accountant, epsilon
@@ -156,12 +156,16 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ budget
 
-    def budget(self) -> Budget | None:
-        with self._connect() as conn:
-            rows = dict(conn.execute("SELECT key, value FROM settings WHERE key LIKE 'budget_%'").fetchall())
+    @staticmethod
+    def _budget(conn: sqlite3.Connection) -> Budget | None:
+        rows = dict(conn.execute("SELECT key, value FROM settings WHERE key LIKE 'budget_%'").fetchall())
         if not rows:
             return None
         return Budget(float(rows["budget_epsilon"]), float(rows["budget_delta"]))
+
+    def budget(self) -> Budget | None:
+        with self._connect() as conn:
+            return self._budget(conn)
 
     def set_budget(self, budget: Budget) -> None:
         """Set the holder's total budget. Lowering it below what is already spent is refused."""
@@ -227,7 +231,7 @@ class PrivacyLedger:
             "reserved",
         )
         with self._write() as conn:
-            budget = self.budget()
+            budget = self._budget(conn)
             if budget is None:
                 raise FedPromptError(
                     f"{self.path}: no privacy budget set; set one with --budget-epsilon or fedprompt budget set"
@@ -242,23 +246,10 @@ class PrivacyLedger:
                     f"epsilon = {after.epsilon:.3f} (delta = {budget.delta:g}), above the budget of "
                     f"{budget.epsilon:g}; spent so far {before.epsilon:.3f}, left {left:.3f}"
                 )
+            columns = [f.name for f in fields(Release)][1:]  # every column but the id
             cur = conn.execute(
-                "INSERT INTO releases (created_at, task, run_id, round, mechanism, accountant, noise_multiplier,"
-                " sample_rate, steps, delta, epsilon, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    new.created_at,
-                    task,
-                    run_id,
-                    round,
-                    mechanism,
-                    accountant,
-                    noise_multiplier,
-                    sample_rate,
-                    steps,
-                    delta,
-                    epsilon,
-                    "reserved",
-                ),
+                f"INSERT INTO releases ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                astuple(new)[1:],
             )
             return int(cur.lastrowid)
 
