@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import emit
+from common import emit, fixed_batches
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn

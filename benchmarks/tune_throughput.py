@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import emit
+from common import emit, fixed_batches
 
 from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
