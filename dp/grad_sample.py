@@ -14,6 +14,7 @@ vmap (which fails with dropout active) and no cost beyond the ordinary backward 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,13 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from fedprompt.prompt import SoftPrompt
+
+
+# The prompt's input (the frozen embeddings) never requires grad, so torch notes that Opacus's full backward
+# hook on SoftPrompt sees gradients of the module's *output*: exactly what this grad sampler reads.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 
 
 @register_grad_sampler(SoftPrompt)
