@@ -23,7 +23,6 @@ from torch import nn
 
 from fedprompt.prompt import SoftPrompt
 
-
 # The prompt's input (the frozen embeddings) never requires grad, so torch notes that Opacus's full backward
 # hook on SoftPrompt sees gradients of the module's *output*: exactly what this grad sampler reads.
 warnings.filterwarnings(
