@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedprompt-installed
 TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 150
+DEMO_STEPS ?= 200
 
 .PHONY: install demo test lint bench clean
 
