@@ -21,6 +21,18 @@ def machine() -> dict:
     }
 
 
+def add_step_arguments(ap, *, steps: int) -> None:
+    """The settings every training-step benchmark shares (model, data, batch, prompt, precision)."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="rotten-tomatoes")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--prompt-length", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+
+
 def fixed_batches(session, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
     """The same `count` training batches for every variant of a benchmark (seeded, no replacement)."""
     train = session.encode_split("train")

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import emit, fixed_batches
+from common import add_step_arguments, emit, fixed_batches
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
@@ -52,14 +52,7 @@ def opacus_generic_error(prompted) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="rotten-tomatoes")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--prompt-length", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto")
+    add_step_arguments(ap, steps=5)
     args = ap.parse_args()
 
     runtime = Runtime.create(args.device, args.precision)

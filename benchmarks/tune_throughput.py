@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import emit, fixed_batches
+from common import add_step_arguments, emit, fixed_batches
 
 from fedprompt.runtime import Runtime
 from fedprompt.training import Session, TuneConfig
@@ -88,14 +88,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="rotten-tomatoes")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--prompt-length", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto")
+    add_step_arguments(ap, steps=8)
     ap.add_argument("--variant", choices=["fedprompt", "peft"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
