@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -210,6 +209,5 @@ def tune(session: Session, cfg: TuneConfig) -> TuneResult:
         generator=gen,
         collate_fn=session.collate,
     )
-    random.seed(cfg.seed)
     history = run_steps(session, prompted, optimizer, _cycle(loader), cfg)
     return TuneResult(prompted.prompt.weight.detach().cpu().clone(), initial, origin_id(initial), history)
