@@ -24,7 +24,6 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="draw Poisson sampling and noise from the OS CSPRNG (slower, for production)",
     )
-    g.add_argument("--base-dropout", action="store_true", help="keep the frozen model's dropout active")
     _add_state_arguments(g)
 
 
@@ -79,7 +78,6 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
 def run_private_tuning(
     session: Session, cfg: TuneConfig, dp: DPConfig, args: argparse.Namespace
 ) -> tuple[TuneResult, dict]:
-    cfg.base_dropout = args.base_dropout
     n = len(session.dataset.split("train"))
     p = plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
     print(

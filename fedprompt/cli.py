@@ -22,6 +22,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FedPromptError(f"{out} is a file; --out must name a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FedPromptError(f"{out} exists and is not empty; choose another --out or pass --force")
 
@@ -84,6 +86,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         eval_every=args.eval_every,
         seed=args.seed,
+        base_dropout=args.base_dropout,
     )
     dp = dp_config_from_args(args)  # before loading anything: bad privacy settings fail fast
     session = _session(args, args.model, args.dataset)
@@ -201,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-split", default="test", choices=["validation", "test"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes data-independent choices only (never DP noise)")
+    p.add_argument("--base-dropout", action="store_true", help="keep the frozen model's dropout active")
     _add_runtime(p)
     add_dp_arguments(p)
     p.set_defaults(func=cmd_tune)

@@ -115,6 +115,9 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["eval", "--prompt", str(tmp_path)]) == 2
     assert "not a prompt artifact" in capsys.readouterr().err
+    assert main(["tune", "--model", "tiny-llama", "--dataset", str(bad), "--out", str(bad)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert bad.read_text() == "body,label\nx,1\n"
 
 
 def test_cli_models_list(capsys):
