@@ -36,15 +36,16 @@ def test_lower_bounds():
 
 def test_audit_separates_a_private_from_a_broken_mechanism(tiny_llama, sentiment_file):
     session = Session(tiny_llama, str(sentiment_file), runtime=Runtime.create("cpu", "fp32"))
-    cfg = TuneConfig(prompt_length=16, steps=30, batch_size=16, eval_every=0, init="vocab", lr=0.01)
+    cfg = TuneConfig(prompt_length=16, steps=40, batch_size=32, eval_every=0, init="vocab", lr=0.01)
     n = len(session.dataset.split("train"))
     # the audit needs m * delta << 1 (its bound carries a 2 m delta term), hence the explicit small delta
-    dp_plan = plan(DPConfig(target_epsilon=2.0, delta=1e-6), num_examples=n, batch_size=16, steps=30)
+    dp_plan = plan(DPConfig(target_epsilon=2.0, delta=1e-6), num_examples=n, batch_size=32, steps=40)
     private = audit_dp_sgd(session, cfg, dp_plan, canaries=400, guesses_per_side=40)
-    broken = PrivacyPlan(0.0, dp_plan.sample_rate, 30, dp_plan.delta, math.inf, "rdp", 1e6, n)
+    broken = PrivacyPlan(0.0, dp_plan.sample_rate, 40, dp_plan.delta, math.inf, "rdp", 1e6, n)
     leaky = audit_dp_sgd(session, cfg, broken, canaries=400, guesses_per_side=40, canary_norm=100.0)
     assert private.epsilon_lower_bound <= dp_plan.epsilon
-    # without clipping and noise every sampled canary stands out; only one never drawn in 30 steps
-    # (probability (11/12)^30 = 7 % each) can be missed
-    assert leaky.correct >= leaky.guesses - 2
+    # Without clipping and noise every sampled canary stands out. A miss needs an included canary that
+    # Poisson sampling (q = 1/6) never drew in 40 steps ((5/6)^40 = 0.07 % each, ~0.14 of ~200) and that
+    # then ranks among the 40 lowest: about 0.03 misses expected per run, so at most one is allowed.
+    assert leaky.correct >= leaky.guesses - 1
     assert leaky.epsilon_lower_bound > 2.5 > private.epsilon_lower_bound
