@@ -192,22 +192,21 @@ def make_private(
     return PrivateTraining(engine, module, dp_optimizer, _batches(dp_loader, session), prompted.prompt.weight)
 
 
-def private_tune(
-    session: Session, cfg: TuneConfig, dp: DPConfig, *, privacy_plan: PrivacyPlan | None = None
-) -> tuple[TuneResult, dict]:
-    """Tune a prompt with DP-SGD; returns the result and the spend record of the released prompt.
+def private_steps(
+    session: Session, start: torch.Tensor, cfg: TuneConfig, p: PrivacyPlan, *, secure_mode: bool = False, desc: str = ""
+) -> tuple[torch.Tensor, float, int, list[dict]]:
+    """``cfg.steps`` DP-SGD steps from the prompt ``start`` (Adam, fresh state) under the plan ``p``.
 
-    The caller charges the ledger with ``plan(...)`` *before* calling this (see ``fedprompt.dp.cli``).
-    Only the final prompt is released: validation accuracy printed during training is for the
-    data holder's eyes and is not used to choose what is released.
+    Returns the new prompt, the epsilon of these steps alone, the steps taken and the loop's history.
+    The caller charges the ledger with ``p`` *before* calling this.
     """
     train = session.encode_split("train")
-    p = privacy_plan or plan(dp, num_examples=len(train), batch_size=cfg.batch_size, steps=cfg.steps)
-    initial, _ = session.initial_prompt(cfg)  # data-independent: may follow the public seed
-    prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
+    if len(train) != p.num_examples:
+        raise RuntimeError(f"the plan was made for {p.num_examples} examples, the data has {len(train)}")
+    prompted = session.prompted(start, base_dropout=cfg.base_dropout)
     optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
     private = make_private(
-        session, prompted, optimizer, train, p, batch_size=cfg.batch_size, steps=cfg.steps, secure_mode=dp.secure_mode
+        session, prompted, optimizer, train, p, batch_size=cfg.batch_size, steps=cfg.steps, secure_mode=secure_mode
     )
     weight = prompted.prompt.weight
 
@@ -220,12 +219,28 @@ def private_tune(
         private.optimizer,
         private.batches,
         cfg,
-        desc=f"DP tune (sigma={p.noise_multiplier:.3f})",
+        desc=desc or f"DP tune (sigma={p.noise_multiplier:.3f})",
         on_empty_batch=private.on_empty_batch,
         after_step=after_step,
     )
     spent = float(private.engine.get_epsilon(p.delta))
     steps_done = sum(t for _, _, t in private.engine.accountant.history)
     private.module.remove_hooks()
-    result = TuneResult(weight.detach().cpu().clone(), initial, origin_id(initial), history)
+    return weight.detach().cpu().clone(), spent, steps_done, history
+
+
+def private_tune(
+    session: Session, cfg: TuneConfig, dp: DPConfig, *, privacy_plan: PrivacyPlan | None = None
+) -> tuple[TuneResult, dict]:
+    """Tune a prompt with DP-SGD; returns the result and the spend record of the released prompt.
+
+    The caller charges the ledger with ``plan(...)`` *before* calling this (see ``fedprompt.dp.cli``).
+    Only the final prompt is released: validation accuracy printed during training is for the
+    data holder's eyes and is not used to choose what is released.
+    """
+    n = len(session.dataset.split("train"))
+    p = privacy_plan or plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
+    initial, _ = session.initial_prompt(cfg)  # data-independent: may follow the public seed
+    weight, spent, steps_done, history = private_steps(session, initial, cfg, p, secure_mode=dp.secure_mode)
+    result = TuneResult(weight, initial, origin_id(initial), history)
     return result, spend_record(p, spent, steps_done, dp.secure_mode)

@@ -64,6 +64,20 @@ class TuneResult:
     history: list[dict] = field(default_factory=list)
 
 
+def initial_prompt(
+    loaded: LoadedModel, verbalizer: Verbalizer, cfg: TuneConfig, text: str
+) -> tuple[torch.Tensor, dict]:
+    """The data-independent starting prompt of ``cfg.init`` (``text`` is used by the "text" init only)."""
+    emb = loaded.model.get_input_embeddings().weight
+    if cfg.init == "vocab":
+        return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {"method": "vocab", "seed": cfg.seed}
+    if cfg.init == "labels":
+        ids = [t for group in verbalizer.token_ids for t in group]
+        return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "text", "text": text}
+
+
 class Session:
     """A loaded frozen model, a dataset, and the encoder/verbalizer that join them."""
 
@@ -89,22 +103,12 @@ class Session:
     # -------------------------------------------------------------- prompts
 
     def initial_prompt(self, cfg: TuneConfig) -> tuple[torch.Tensor, dict]:
-        emb = self.loaded.model.get_input_embeddings().weight
-        if cfg.init == "vocab":
-            return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {
-                "method": "vocab",
-                "seed": cfg.seed,
-            }
-        if cfg.init == "labels":
-            ids = [t for group in self.verbalizer.token_ids for t in group]
-            return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
         text = (
             cfg.init_text
             or self.dataset.init_text
             or DEFAULT_INIT_TEXT.format(labels=", ".join(self.dataset.label_names))
         )
-        ids = self.loaded.tokenizer(text, add_special_tokens=False).input_ids
-        return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "text", "text": text}
+        return initial_prompt(self.loaded, self.verbalizer, cfg, text)
 
     def prompted(self, weight: torch.Tensor | None, *, base_dropout: bool = False) -> PromptedLM:
         prompt = SoftPrompt(weight).to(self.runtime.device) if weight is not None else None

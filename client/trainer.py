@@ -1,0 +1,188 @@
+"""A data holder's side of a federation round, without Flower: charge the ledger, tune locally, evaluate.
+
+The ClientApp (``fedprompt.client.app``) is a thin wrapper around :class:`Holder`, so everything that
+touches private data or the privacy budget lives here and is tested without a SuperLink.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedprompt import datasets as ds_mod
+from fedprompt.dp.accounting import epsilon
+from fedprompt.dp.engine import MECHANISM, DPConfig, PrivacyPlan, plan, private_steps
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.errors import DatasetError, FedPromptError, ModelError
+from fedprompt.rounds import LocalSettings, TaskSpec
+from fedprompt.runtime import Runtime
+from fedprompt.training import Session, TuneConfig, run_steps
+from fedprompt.zoo import LoadedModel
+
+# Under DP the number of examples a holder reports is this constant: the true count is a function of the
+# private data (adding one person changes it), and FedAvg weights must not depend on it.
+DP_NUM_EXAMPLES = 1
+
+
+@dataclass
+class RoundOutcome:
+    weight: torch.Tensor
+    delta: torch.Tensor
+    num_examples: int
+    metrics: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=16)
+def _run_plan(
+    target_epsilon: float, delta: float, accountant: str, max_grad_norm: float, n: int, batch_size: int, steps: int
+) -> PrivacyPlan:
+    # noise calibration is a root search over the accountant: once per run, not once per round
+    dp = DPConfig(target_epsilon=target_epsilon, delta=delta, accountant=accountant, max_grad_norm=max_grad_norm)
+    return plan(dp, num_examples=n, batch_size=batch_size, steps=steps)
+
+
+class Holder:
+    """One data holder: its data, its privacy ledger, and the frozen model the federation tunes a prompt for."""
+
+    def __init__(
+        self,
+        *,
+        data: str,
+        state_dir: str | Path,
+        name: str = "",
+        model: LoadedModel | str,
+        task: TaskSpec,
+        runtime: Runtime | None = None,
+        max_length: int = 128,
+    ) -> None:
+        self.name = name or Path(str(data)).stem
+        self.task = task
+        self.ledger = PrivacyLedger(state_dir)
+        if self.ledger.budget() is None:
+            raise FedPromptError(f"{self.ledger.path}: no privacy budget set; start the client with --budget-epsilon")
+        dataset = ds_mod.load(data, label_names=list(task.label_names))
+        if list(dataset.label_names) != list(task.label_names):
+            raise DatasetError(f"{data}: labels {dataset.label_names} differ from the task's {list(task.label_names)}")
+        self.session = Session(
+            model,
+            dataset,
+            runtime=runtime,
+            max_length=max_length,
+            template=task.template,
+            label_words=[list(w) for w in task.label_words],
+        )
+        if self.session.loaded.weights_sha256 != task.model_sha256:
+            raise ModelError(
+                f"the coordinator's task is for {task.model} with weights {task.model_sha256[:12]}; this holder "
+                f"has {self.session.loaded.model_id} with weights {self.session.loaded.weights_sha256[:12]}"
+            )
+        self.num_train = len(dataset.split("train"))
+
+    # ------------------------------------------------------------------ privacy
+
+    def privacy_plan(self, s: LocalSettings) -> PrivacyPlan:
+        """This round's share of the run: the noise is calibrated so that all ``num_rounds`` rounds together
+        reach ``target_epsilon`` on this holder's data; the plan covers this round's steps only."""
+        n = self.num_train
+        if s.batch_size > n:
+            raise DatasetError(f"batch size {s.batch_size} exceeds this holder's {n} training examples")
+        delta = s.delta or 1.0 / (2 * n)
+        full = _run_plan(
+            s.target_epsilon, delta, s.accountant, s.max_grad_norm, n, s.batch_size, s.num_rounds * s.local_steps
+        )
+        sigma, q = full.noise_multiplier, full.sample_rate
+        eps_round = epsilon(s.accountant, [(sigma, q, s.local_steps)], delta=delta)
+        return PrivacyPlan(sigma, q, s.local_steps, delta, eps_round, s.accountant, s.max_grad_norm, n)
+
+    # ------------------------------------------------------------------ a round
+
+    def train_round(self, global_weight: torch.Tensor, s: LocalSettings) -> RoundOutcome:
+        """Tune from the global prompt for ``s.local_steps`` steps; under DP, charge the ledger first.
+
+        Raises :class:`~fedprompt.errors.BudgetExceededError` before touching the data when the round would
+        pass the holder's budget.
+        """
+        self._check_prompt(global_weight)
+        cfg = TuneConfig(
+            prompt_length=global_weight.shape[0],
+            steps=s.local_steps,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            max_length=s.max_length,
+            eval_every=0,
+        )
+        start = global_weight.detach().to(torch.float32).clone()
+        desc = f"{self.name} round {s.server_round}/{s.num_rounds}"
+        if not s.dp:
+            weight = self._plain_steps(start, cfg, desc)
+            metrics: dict = {"dp": 0}
+            num_examples = self.num_train
+        else:
+            p = self.privacy_plan(s)
+            release = self.ledger.reserve(
+                task=self.task.name,
+                run_id=s.run_id,
+                round=s.server_round,
+                mechanism=MECHANISM,
+                delta=p.delta,
+                epsilon=p.epsilon,
+                accountant=p.accountant,
+                noise_multiplier=p.noise_multiplier,
+                sample_rate=p.sample_rate,
+                steps=p.steps,
+            )
+            try:
+                weight, spent, steps_done, _ = private_steps(
+                    self.session, start, cfg, p, secure_mode=s.secure_mode, desc=desc
+                )
+            except BaseException:
+                self.ledger.cancel(release)  # nothing left this process
+                raise
+            self.ledger.commit(release, steps=steps_done, epsilon=spent)
+            total = self.ledger.spent(self.task.name)
+            metrics = {
+                "dp": 1,
+                "round_epsilon": spent,
+                "epsilon": total.epsilon,  # this holder's spend on the task so far, all rounds composed
+                "delta": p.delta,
+                "noise_multiplier": p.noise_multiplier,
+                "sample_rate": p.sample_rate,
+            }
+            num_examples = DP_NUM_EXAMPLES
+        if not torch.isfinite(weight).all():
+            raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
+        metrics["steps"] = s.local_steps
+        return RoundOutcome(weight, weight - start, num_examples, metrics)
+
+    def _plain_steps(self, start: torch.Tensor, cfg: TuneConfig, desc: str) -> torch.Tensor:
+        prompted = self.session.prompted(start)
+        optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+        train = self.session.encode_split("train")
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=self.session.collate)
+
+        def batches():
+            while True:
+                yield from loader
+
+        run_steps(self.session, prompted, optimizer, batches(), cfg, desc=desc)
+        return prompted.prompt.weight.detach().cpu().clone()
+
+    def evaluate(self, weight: torch.Tensor, split: str = "test") -> tuple[float, int]:
+        """Accuracy of the global prompt on this holder's ``split`` and the number of examples."""
+        self._check_prompt(weight)
+        examples = self.session.dataset.split(split)
+        if not examples:
+            raise DatasetError(f"{self.name} has no {split} examples to evaluate on")
+        acc = self.session.evaluate(self.session.prompted(weight.to(torch.float32)), examples, desc=f"{self.name} eval")
+        return acc, len(examples)
+
+    def _check_prompt(self, weight: torch.Tensor) -> None:
+        hidden = self.session.loaded.hidden_size
+        if weight.dim() != 2 or weight.shape[1] != hidden or weight.shape[0] < 1:
+            raise FedPromptError(f"the global prompt has shape {tuple(weight.shape)}; expected (n, {hidden})")
+        if not torch.isfinite(weight).all():
+            raise FedPromptError("the global prompt holds NaN or infinite values")

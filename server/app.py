@@ -1,0 +1,292 @@
+"""The Flower ServerApp: sample holders, send the global prompt, merge the deltas, evaluate, checkpoint.
+
+A round goes on with the replies that arrived before its timeout as long as ``min_train_nodes`` of them
+are usable; a holder that dropped, crashed, refused (privacy budget) or sent something malformed is
+recorded and left out, never fatal. After every round the global prompt is written as a prompt artifact
+and the run can be restarted from there (``checkpoint.latest``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt import zoo
+from fedprompt.artifact import ArtifactMeta
+from fedprompt.flower_io import from_record, to_record
+from fedprompt.prompt import origin_id
+from fedprompt.rounds import TaskSpec
+from fedprompt.server import checkpoint
+from fedprompt.server.aggregate import ClientLevelDP, make_strategy, weighted_mean
+from fedprompt.server.config import FederationConfig
+from fedprompt.task import Verbalizer
+from fedprompt.training import TuneConfig, initial_prompt
+
+INFO = 20
+WARNING = 30
+
+app = ServerApp()
+
+
+@dataclass
+class Reply:
+    node_id: int
+    holder: str
+    delta: torch.Tensor | None = None
+    num_examples: int = 0
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def parse_train_reply(msg: Message, shape: torch.Size) -> Reply:
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return Reply(node, str(node), error=f"error {msg.error.code}: {msg.error.reason}")
+    content = msg.content
+    holder = str(content["info"]["holder"]) if "info" in content else str(node)
+    try:
+        delta = from_record(content["update"], "delta")
+        if delta.shape != shape:
+            raise ValueError(f"update has shape {tuple(delta.shape)}, the prompt {tuple(shape)}")
+        if not torch.isfinite(delta).all():
+            raise ValueError("update holds NaN or infinite values")
+        metrics = dict(content["metrics"])
+        n = int(metrics.get("num_examples", 0))
+        if n < 1:
+            raise ValueError(f"num_examples must be positive, got {n}")
+    except (KeyError, ValueError, TypeError) as exc:
+        return Reply(node, holder, error=f"malformed reply: {exc}")
+    return Reply(node, holder, delta, n, metrics)
+
+
+class Federation:
+    """One federation run's state on the coordinator."""
+
+    def __init__(self, grid: Grid, cfg: FederationConfig, run_id: str) -> None:
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+        self.rng = random.SystemRandom()
+        loaded = zoo.load(cfg.model)
+        self.task: TaskSpec = cfg.task_spec(loaded.weights_sha256)
+        verbalizer = Verbalizer.build(loaded.tokenizer, [list(w) for w in self.task.label_words])
+        tune_cfg = TuneConfig(prompt_length=cfg.prompt_length, init="text")
+        self.initial, self.init_info = initial_prompt(loaded, verbalizer, tune_cfg, self.task.init_text)
+        self.strategy = make_strategy(cfg.strategy, cfg.server_lr or None)
+        self.client_dp = (
+            ClientLevelDP(
+                cfg.client_clip_norm,
+                cfg.client_noise_multiplier,
+                cfg.fraction_train,
+                expected_clients=cfg.fraction_train * cfg.min_available_nodes,
+                delta=cfg.client_delta,
+            )
+            if cfg.client_dp
+            else None
+        )
+        self.fingerprint = {
+            "task": self.task.name,
+            "template": self.task.template,
+            "model_sha256": self.task.model_sha256,
+            "prompt_shape": list(self.initial.shape),
+            "origin_id": origin_id(self.initial),
+            "strategy": cfg.strategy,
+            "dp": cfg.dp,
+            "client_dp": cfg.client_dp,
+        }
+
+    # ------------------------------------------------------------------ nodes
+
+    def wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.wait_for_nodes_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_available_nodes:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of the {self.cfg.min_available_nodes} holders needed connected "
+                    f"within {self.cfg.wait_for_nodes_s:.0f} s"
+                )
+            time.sleep(1.0)
+
+    def sample(self, nodes: list[int]) -> list[int]:
+        if self.client_dp is not None:  # Poisson sampling, which the client-level accountant assumes
+            return [n for n in nodes if self.rng.random() < self.cfg.fraction_train]
+        k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes)))
+        return sorted(self.rng.sample(nodes, min(k, len(nodes))))
+
+    # ------------------------------------------------------------------ messages
+
+    def _messages(self, nodes: list[int], weight: torch.Tensor, kind: str, rnd: int) -> list[Message]:
+        config = {**self.task.to_config(), **self.cfg.local_settings(run_id=self.run_id, server_round=rnd).to_config()}
+        content = RecordDict({"prompt": to_record(weight=weight), "config": ConfigRecord(config)})
+        return [Message(content, dst_node_id=n, message_type=kind, group_id=str(rnd)) for n in nodes]
+
+    def train_round(self, rnd: int, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        nodes = self.sample(self.wait_for_nodes())
+        record: dict = {"round": rnd, "sampled": len(nodes), "holders": {}, "failed": {}}
+        if not nodes:
+            log(WARNING, "round %d: no holder sampled; the prompt is unchanged", rnd)
+            return weight, record
+        started = time.monotonic()
+        replies = list(
+            self.grid.send_and_receive(
+                self._messages(nodes, weight, MessageType.TRAIN, rnd), timeout=self.cfg.round_timeout_s
+            )
+        )
+        record["train_seconds"] = time.monotonic() - started
+        parsed = [parse_train_reply(m, weight.shape) for m in replies]
+        ok = [r for r in parsed if not r.error]
+        answered = {r.node_id for r in parsed}
+        for r in parsed:
+            if r.error:
+                record["failed"][r.holder] = r.error
+                log(WARNING, "round %d: holder %s left out: %s", rnd, r.holder, r.error)
+        for n in nodes:
+            if n not in answered:
+                record["failed"][str(n)] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
+                log(WARNING, "round %d: node %s did not reply in time", rnd, n)
+        for r in ok:
+            record["holders"][r.holder] = {k: v for k, v in r.metrics.items() if isinstance(v, int | float)}
+        record["replied"] = len(ok)
+        if self.client_dp is not None:
+            if not ok:
+                log(WARNING, "round %d: no usable update; the prompt is unchanged", rnd)
+                return weight, record
+            mean, stats = self.client_dp.merge([r.delta for r in ok])
+            record.update(stats)
+        else:
+            if len(ok) < self.cfg.min_train_nodes:
+                log(
+                    WARNING,
+                    "round %d: %d usable update(s), fewer than min_train_nodes=%d; the prompt is unchanged",
+                    rnd,
+                    len(ok),
+                    self.cfg.min_train_nodes,
+                )
+                return weight, record
+            mean = weighted_mean([r.delta for r in ok], [r.num_examples for r in ok])
+        record["merged"] = True
+        return self.strategy.apply(weight, mean), record
+
+    def evaluate(self, rnd: int, weight: torch.Tensor) -> dict:
+        nodes = self.wait_for_nodes()
+        replies = self.grid.send_and_receive(
+            self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
+        )
+        correct = total = 0.0
+        per_holder = {}
+        for m in replies:
+            if m.has_error():
+                log(WARNING, "round %d: evaluation failed on node %s: %s", rnd, m.metadata.src_node_id, m.error.reason)
+                continue
+            metrics = m.content["metrics"]
+            holder = str(m.content["info"]["holder"]) if "info" in m.content else str(m.metadata.src_node_id)
+            acc, n = float(metrics["accuracy"]), int(metrics["num_examples"])
+            if not (0 <= acc <= 1 and n > 0):
+                continue
+            per_holder[holder] = acc
+            correct += acc * n
+            total += n
+        return {"accuracy": correct / total if total else None, "eval_examples": int(total), "eval_holders": per_holder}
+
+    # ------------------------------------------------------------------ the run
+
+    def artifact_meta(self, rnd: int, history: list[dict]) -> ArtifactMeta:
+        spend: dict[str, dict] = {}
+        for rec in history:
+            for holder, m in rec.get("holders", {}).items():
+                if "epsilon" in m:
+                    spend[holder] = {"epsilon": m["epsilon"], "delta": m.get("delta")}
+        privacy = None
+        if self.cfg.dp:
+            privacy = {
+                # every holder's per-example guarantee holds for the merged prompt (post-processing);
+                # the artifact carries the largest of them and each one
+                "epsilon": max((s["epsilon"] for s in spend.values()), default=0.0),
+                "delta": max((s["delta"] or 0.0 for s in spend.values()), default=0.0),
+                "accountant": self.cfg.accountant,
+                "mechanism": "dp-sgd, federated",
+                "unit": "example",
+                "per_holder": spend,
+            }
+            if self.client_dp is not None:
+                privacy["client_level"] = {
+                    "epsilon": self.client_dp.epsilon(rnd),
+                    "delta": self.client_dp.delta,
+                    "unit": "holder",
+                    "noise_multiplier": self.client_dp.noise_multiplier,
+                    "clip_norm": self.client_dp.clip_norm,
+                }
+        return ArtifactMeta(
+            task=self.task.name,
+            template=self.task.template,
+            label_names=list(self.task.label_names),
+            label_words=[list(w) for w in self.task.label_words],
+            base_model_id=self.task.model,
+            base_model_sha256=self.task.model_sha256,
+            origin_id=origin_id(self.initial),
+            init=self.init_info,
+            privacy=privacy,
+            training={"federated": True, "round": rnd, "run_config": self.cfg.to_run_config()},
+        )
+
+    def run(self) -> None:
+        cfg = self.cfg
+        ckpt = checkpoint.latest(cfg.checkpoint_dir, self.fingerprint)
+        if ckpt is not None:
+            weight, history, start = ckpt.weight, ckpt.history, ckpt.round + 1
+            self.strategy.load_state_dict(ckpt.strategy_state)
+            log(INFO, "resuming from round %d in %s", ckpt.round, cfg.checkpoint_dir)
+        else:
+            weight, history, start = self.initial.clone(), [], 1
+            record = {"round": 0, "holders": {}}
+            if cfg.evaluate:
+                record.update(self.evaluate(0, weight))
+                log(INFO, "round 0 (initial prompt): accuracy %s", _pct(record.get("accuracy")))
+            history.append(record)
+        for rnd in range(start, cfg.num_rounds + 1):
+            weight, record = self.train_round(rnd, weight)
+            if cfg.evaluate:
+                record.update(self.evaluate(rnd, weight))
+            if self.client_dp is not None:
+                record["client_level_epsilon"] = self.client_dp.epsilon(rnd)
+            history.append(record)
+            eps = ", ".join(
+                f"{h} eps={m.get('epsilon', float('nan')):.2f}" for h, m in sorted(record["holders"].items())
+            )
+            log(
+                INFO,
+                "round %d/%d: global test accuracy %s; %d/%d holders merged (%s)%s",
+                rnd,
+                cfg.num_rounds,
+                _pct(record.get("accuracy")),
+                record.get("replied", 0),
+                record["sampled"],
+                eps,
+                f"; left out: {record['failed']}" if record["failed"] else "",
+            )
+            checkpoint.save(
+                cfg.checkpoint_dir,
+                checkpoint.Checkpoint(
+                    rnd, weight, self.artifact_meta(rnd, history), self.strategy.state_dict(), history
+                ),
+                self.fingerprint,
+            )
+        log(INFO, "federation done: global prompt in %s", cfg.checkpoint_dir)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = FederationConfig.from_run_config(dict(context.run_config))
+    Federation(grid, cfg, run_id=str(context.run_id)).run()

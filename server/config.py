@@ -1,0 +1,114 @@
+"""The federation's run settings as the ServerApp reads them from Flower's run config (flat scalars)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fedprompt import datasets as ds_mod
+from fedprompt.rounds import LocalSettings, TaskSpec
+from fedprompt.server.aggregate import STRATEGIES
+from fedprompt.training import DEFAULT_INIT_TEXT
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    checkpoint_dir: str
+    task: str = "rotten-tomatoes"
+    # For a task that is not a bundled dataset: its template and labels (JSON lists).
+    template: str = ""
+    label_names: str = ""
+    label_words: str = ""
+    init_text: str = ""
+    model: str = "smollm2-135m"
+    prompt_length: int = 20
+    num_rounds: int = 5
+    local_steps: int = 10
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 128
+    dp: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    secure_mode: bool = False
+    strategy: str = "fedavg"
+    server_lr: float = 0.0  # 0: the strategy's default (1.0 for fedavg, 0.01 for fedadam)
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    wait_for_nodes_s: float = 600.0
+    round_timeout_s: float = 1800.0
+    evaluate: bool = True
+    # client-level DP on the coordinator (off by default: noise on the sum of a handful of holders
+    # swamps the signal; see ClientLevelDP)
+    client_dp: bool = False
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float = 1.0
+    client_delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_absolute():
+            raise ValueError(f"checkpoint_dir must be an absolute path, got {self.checkpoint_dir!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if self.min_train_nodes < 1 or self.min_available_nodes < self.min_train_nodes:
+            raise ValueError("need 1 <= min_train_nodes <= min_available_nodes")
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length must be positive, got {self.prompt_length}")
+        for name in ("wait_for_nodes_s", "round_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        self.local_settings(run_id="check", server_round=1)  # validates the holders' settings up front
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FederationConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ValueError(f"unknown run config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**run_config)
+
+    def to_run_config(self) -> dict:
+        return asdict(self)
+
+    def local_settings(self, *, run_id: str, server_round: int) -> LocalSettings:
+        return LocalSettings(
+            run_id=run_id,
+            server_round=server_round,
+            num_rounds=self.num_rounds,
+            local_steps=self.local_steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            dp=self.dp,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+            secure_mode=self.secure_mode,
+        )
+
+    def task_spec(self, model_sha256: str) -> TaskSpec:
+        spec = ds_mod.BUNDLED.get(self.task)
+        if spec is not None and not self.template:
+            names = tuple(spec.label_names)
+            words = tuple(tuple(w) for w in spec.label_words) or tuple((f" {n}",) for n in names)
+            template, init = spec.template, spec.init_text
+        else:
+            if not (self.template and self.label_names):
+                raise ValueError(f"task {self.task!r} is not bundled: give template and label_names (a JSON list)")
+            names = tuple(json.loads(self.label_names))
+            words = (
+                tuple(tuple(w) for w in json.loads(self.label_words))
+                if self.label_words
+                else tuple((f" {n}",) for n in names)
+            )
+            template, init = self.template, None
+        init_text = self.init_text or init or DEFAULT_INIT_TEXT.format(labels=", ".join(names))
+        return TaskSpec(self.task, template, names, words, init_text, self.model, model_sha256)
