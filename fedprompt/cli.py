@@ -169,6 +169,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedprompt import certs
+
+    done = certs.create(args.out, nodes=args.node, hosts=args.host or ["localhost", "127.0.0.1"], days=args.days)
+    print(f"{args.out}: created {', '.join(done['created']) or 'nothing'}; kept {', '.join(done['kept']) or 'nothing'}")
+    print("keep ca.key offline; give each holder ca.crt and its own nodes/NAME folder only")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -221,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_budget_parser(sub)
+
+    p = sub.add_parser("certs", help="create the federation's CA, server certificate and node keys")
+    p.add_argument("--out", required=True, help="certificate folder (existing material is kept)")
+    p.add_argument("--node", action="append", default=[], help="a data holder's node name (repeatable)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or address the coordinator is reached at (repeatable; default: localhost, 127.0.0.1)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity of new certificates")
+    p.set_defaults(func=cmd_certs)
+
+    from fedprompt.client.daemon import add_client_parser
+    from fedprompt.demo import add_demo_parser
+    from fedprompt.server.coordinator import add_server_parser
+
+    add_server_parser(sub)
+    add_client_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -65,7 +65,9 @@ class LocalSettings:
     secure_mode: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("server_round", "num_rounds", "local_steps", "batch_size", "max_length"):
+        if isinstance(self.server_round, bool) or not isinstance(self.server_round, int) or self.server_round < 0:
+            raise ValueError(f"server_round must be a round number >= 0, got {self.server_round!r}")
+        for name in ("num_rounds", "local_steps", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

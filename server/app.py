@@ -52,7 +52,7 @@ def parse_train_reply(msg: Message, shape: torch.Size) -> Reply:
     content = msg.content
     holder = str(content["info"]["holder"]) if "info" in content else str(node)
     try:
-        delta = from_record(content["update"], "delta")
+        delta = torch.from_numpy(from_record(content["update"], "delta"))
         if delta.shape != shape:
             raise ValueError(f"update has shape {tuple(delta.shape)}, the prompt {tuple(shape)}")
         if not torch.isfinite(delta).all():
@@ -72,6 +72,10 @@ class Federation:
     def __init__(self, grid: Grid, cfg: FederationConfig, run_id: str) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.rng = random.SystemRandom()
+        # nodes that did not answer the last round: skipped for one round, so that a holder that died does
+        # not cost every following round (and its evaluation) a full timeout until Flower drops it
+        self.unresponsive: set[int] = set()
+        self.names: dict[int, str] = {}  # node id -> the holder name it reported
         loaded = zoo.load(cfg.model)
         self.task: TaskSpec = cfg.task_spec(loaded.weights_sha256)
         verbalizer = Verbalizer.build(loaded.tokenizer, [list(w) for w in self.task.label_words])
@@ -102,16 +106,17 @@ class Federation:
 
     # ------------------------------------------------------------------ nodes
 
-    def wait_for_nodes(self) -> list[int]:
+    def wait_for_nodes(self, minimum: int) -> list[int]:
+        """The connected nodes (less those that missed the last round) once there are ``minimum`` of them."""
         deadline = time.monotonic() + self.cfg.wait_for_nodes_s
         while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.cfg.min_available_nodes:
+            nodes = sorted(set(self.grid.get_node_ids()) - self.unresponsive)
+            if len(nodes) >= minimum:
                 return nodes
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(nodes)} of the {self.cfg.min_available_nodes} holders needed connected "
-                    f"within {self.cfg.wait_for_nodes_s:.0f} s"
+                    f"only {len(nodes)} of the {minimum} holders needed are connected "
+                    f"after {self.cfg.wait_for_nodes_s:.0f} s"
                 )
             time.sleep(1.0)
 
@@ -125,11 +130,11 @@ class Federation:
 
     def _messages(self, nodes: list[int], weight: torch.Tensor, kind: str, rnd: int) -> list[Message]:
         config = {**self.task.to_config(), **self.cfg.local_settings(run_id=self.run_id, server_round=rnd).to_config()}
-        content = RecordDict({"prompt": to_record(weight=weight), "config": ConfigRecord(config)})
+        content = RecordDict({"prompt": to_record(weight=weight.numpy()), "config": ConfigRecord(config)})
         return [Message(content, dst_node_id=n, message_type=kind, group_id=str(rnd)) for n in nodes]
 
     def train_round(self, rnd: int, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        nodes = self.sample(self.wait_for_nodes())
+        nodes = self.sample(self.wait_for_nodes(self.cfg.min_train_nodes))
         record: dict = {"round": rnd, "sampled": len(nodes), "holders": {}, "failed": {}}
         if not nodes:
             log(WARNING, "round %d: no holder sampled; the prompt is unchanged", rnd)
@@ -142,16 +147,21 @@ class Federation:
         )
         record["train_seconds"] = time.monotonic() - started
         parsed = [parse_train_reply(m, weight.shape) for m in replies]
+        for r in parsed:
+            if r.holder != str(r.node_id):
+                self.names[r.node_id] = r.holder
+            else:
+                r.holder = self.names.get(r.node_id, r.holder)
         ok = [r for r in parsed if not r.error]
         answered = {r.node_id for r in parsed}
         for r in parsed:
             if r.error:
                 record["failed"][r.holder] = r.error
                 log(WARNING, "round %d: holder %s left out: %s", rnd, r.holder, r.error)
-        for n in nodes:
-            if n not in answered:
-                record["failed"][str(n)] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
-                log(WARNING, "round %d: node %s did not reply in time", rnd, n)
+        self.unresponsive = set(nodes) - answered
+        for n in sorted(self.unresponsive):
+            record["failed"][self.names.get(n, str(n))] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
+            log(WARNING, "round %d: node %s did not reply in time; skipped next round", rnd, n)
         for r in ok:
             record["holders"][r.holder] = {k: v for k, v in r.metrics.items() if isinstance(v, int | float)}
         record["replied"] = len(ok)
@@ -176,7 +186,7 @@ class Federation:
         return self.strategy.apply(weight, mean), record
 
     def evaluate(self, rnd: int, weight: torch.Tensor) -> dict:
-        nodes = self.wait_for_nodes()
+        nodes = self.wait_for_nodes(1)
         replies = self.grid.send_and_receive(
             self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
         )
@@ -188,6 +198,7 @@ class Federation:
                 continue
             metrics = m.content["metrics"]
             holder = str(m.content["info"]["holder"]) if "info" in m.content else str(m.metadata.src_node_id)
+            self.names[m.metadata.src_node_id] = holder
             acc, n = float(metrics["accuracy"]), int(metrics["num_examples"])
             if not (0 <= acc <= 1 and n > 0):
                 continue
@@ -240,6 +251,7 @@ class Federation:
     def run(self) -> None:
         cfg = self.cfg
         ckpt = checkpoint.latest(cfg.checkpoint_dir, self.fingerprint)
+        self.wait_for_nodes(cfg.min_available_nodes)  # the federation starts once enough holders are in
         if ckpt is not None:
             weight, history, start = ckpt.weight, ckpt.history, ckpt.round + 1
             self.strategy.load_state_dict(ckpt.strategy_state)

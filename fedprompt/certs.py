@@ -1,0 +1,180 @@
+"""TLS and node-identity material for a federation, made with ``cryptography``.
+
+Layout of a certificate folder::
+
+    ca.crt  ca.key              the federation's CA (keep ca.key off the coordinator in production)
+    server.crt  server.key      the coordinator's TLS certificate (SuperLink, aggregation server)
+    nodes/<name>/node.key       a data holder's SuperNode identity (ECDSA P-384, OpenSSH format)
+    nodes/<name>/node.pub       its public half, registered with the SuperLink
+    nodes/<name>/client.crt/.key  its TLS client certificate (mutual TLS with the aggregation server)
+
+Private keys are written with mode 0600 and never overwritten: running the command again adds the nodes
+that are missing and leaves everything else as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedprompt.errors import FedPromptError
+
+VALID_DAYS = 365
+NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+@dataclass(frozen=True)
+class NodeFiles:
+    name: str
+    private_key: Path
+    public_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _write(path: Path, data: bytes, *, secret: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    return key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption())
+
+
+def _name(cn: str) -> x509.Name:
+    org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedprompt")
+    return x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    return cert, key
+
+
+def _make_ca(folder: Path, days: int) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name("fedprompt federation CA")
+    cert = (
+        _builder(name, name, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )  # keyCertSign, cRLSign
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    _write(folder / "ca.key", _pem_key(key), secret=True)
+    _write(folder / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), secret=False)
+
+
+def _issue(folder: Path, stem: Path, cn: str, *, server_hosts: list[str] | None, days: int) -> None:
+    ca_cert, ca_key = _load_ca(folder)
+    key = ec.generate_private_key(ec.SECP384R1())
+    builder = (
+        _builder(_name(cn), ca_cert.subject, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+    )
+    if server_hosts is not None:
+        sans: list[x509.GeneralName] = []
+        for h in server_hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    else:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA384())
+    _write(stem.with_suffix(".key"), _pem_key(key), secret=True)
+    _write(stem.with_suffix(".crt"), cert.public_bytes(serialization.Encoding.PEM), secret=False)
+
+
+def node_files(folder: str | Path, name: str) -> NodeFiles:
+    d = Path(folder) / "nodes" / name
+    return NodeFiles(name, d / "node.key", d / "node.pub", d / "client.crt", d / "client.key")
+
+
+def _make_node(folder: Path, name: str, days: int) -> NodeFiles:
+    files = node_files(folder, name)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(files.private_key, private, secret=True)
+    _write(files.public_key, public + f" fedprompt-{name}\n".encode(), secret=False)
+    _issue(folder, files.client_cert.with_suffix(""), f"node:{name}", server_hosts=None, days=days)
+    return files
+
+
+def check_node_name(name: str) -> None:
+    if not name or not set(name) <= NODE_NAME_CHARS or name.startswith("-"):
+        raise FedPromptError(f"node name {name!r}: use lowercase letters, digits and '-' (it names files and pods)")
+
+
+def create(folder: str | Path, *, nodes: list[str], hosts: list[str], days: int = VALID_DAYS) -> dict[str, list[str]]:
+    """Create what is missing in ``folder``; returns the files created and the ones kept."""
+    folder = Path(folder)
+    for n in nodes:
+        check_node_name(n)
+    if len(set(nodes)) != len(nodes):
+        raise FedPromptError(f"node names repeat: {nodes}")
+    if not hosts:
+        raise FedPromptError("the server certificate needs at least one host name or address")
+    made, kept = [], []
+    if (folder / "ca.crt").exists() != (folder / "ca.key").exists():
+        raise FedPromptError(f"{folder}: ca.crt and ca.key must both exist or both be absent")
+    if not (folder / "ca.crt").exists():
+        _make_ca(folder, days)
+        made += ["ca.crt", "ca.key"]
+    else:
+        kept.append("ca.crt")
+    if not (folder / "server.crt").exists():
+        _issue(folder, folder / "server", "fedprompt coordinator", server_hosts=hosts, days=days)
+        made += ["server.crt", "server.key"]
+    else:
+        kept.append("server.crt")
+    for n in nodes:
+        if node_files(folder, n).private_key.exists():
+            kept.append(f"nodes/{n}")
+        else:
+            _make_node(folder, n, days)
+            made.append(f"nodes/{n}")
+    return {"created": made, "kept": kept}
+
+
+def registered_nodes(folder: str | Path) -> list[NodeFiles]:
+    d = Path(folder) / "nodes"
+    return [node_files(folder, p.name) for p in sorted(d.iterdir()) if (p / "node.pub").exists()] if d.exists() else []

@@ -1,0 +1,197 @@
+"""``fedprompt demo``: the main job, end to end on one machine.
+
+A coordinator (``fedprompt server``) and one daemon per data holder (``fedprompt client``) run as real
+processes on loopback with TLS and node authentication; the holders get label-skewed splits of a bundled
+dataset and tune under DP. Afterwards the same budget is spent by each holder alone, and a non-private
+prompt is tuned on the pooled data, for comparison. A report folder gets the figures and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedprompt.errors import FedPromptError
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a private federation of simulated holders on loopback, with a report")
+    p.add_argument("--out", default="runs/demo", help="folder for certificates, data, state, logs and the report")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="rotten-tomatoes")
+    p.add_argument("--holders", type=int, default=3)
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label skew (smaller: more different holders)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the split of the data among holders")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--target-epsilon", type=float, default=8.0)
+    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    p.add_argument("--skip-baselines", action="store_true", help="federation only (no local-only / centralised)")
+    p.set_defaults(func=cmd_demo)
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    from fedprompt import flower_procs as fp
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+    return fp.start([sys.executable, "-m", "fedprompt.cli", *args], log, env)
+
+
+def run_federation(a: argparse.Namespace, out: Path, data_files: list[Path]) -> list[dict]:
+    from fedprompt import certs
+    from fedprompt import flower_procs as fp
+
+    names = [f"holder-{i}" for i in range(1, a.holders + 1)]
+    certs.create(out / "certs", nodes=names, hosts=["localhost", "127.0.0.1"])
+    port = a.port or fp.free_port()
+    logs = out / "logs"
+    server = _spawn(
+        [
+            "server",
+            "--certs", str(out / "certs"),
+            "--state", str(out / "coordinator"),
+            "--port", str(port),
+            "--model", a.model,
+            "--task", a.dataset,
+            "--num-rounds", str(a.rounds),
+            "--local-steps", str(a.local_steps),
+            "--batch-size", str(a.batch_size),
+            "--lr", str(a.lr),
+            "--target-epsilon", str(a.target_epsilon),
+            "--min-available-nodes", str(a.holders),
+            "--min-train-nodes", str(max(1, a.holders - 1)),
+        ],
+        logs / "server.log",
+    )  # fmt: skip
+    clients = []
+    # one torch thread per holder: the holders share this machine's cores
+    threads = max(1, (os.cpu_count() or 1) // a.holders)
+    for name, path in zip(names, data_files, strict=True):
+        clients.append(
+            _spawn(
+                [
+                    "client",
+                    "--superlink", f"127.0.0.1:{port}",
+                    "--certs", str(out / "certs"),
+                    "--name", name,
+                    "--data", str(path),
+                    "--state", str(out / "holders" / name),
+                    # the run targets target_epsilon; the budget leaves room for calibration rounding
+                    "--budget-epsilon", str(a.target_epsilon * 1.25),
+                    "--threads", str(threads),
+                    "--allow-model", a.model,
+                ],
+                logs / f"{name}.log",
+            )
+        )  # fmt: skip
+    print(f"coordinator on 127.0.0.1:{port}; {a.holders} holder daemons; logs in {logs}", flush=True)
+    try:
+        shown = 0
+        while server.poll() is None:
+            shown = _echo_rounds(logs / "server.log", shown)
+            for c, name in zip(clients, names, strict=True):
+                if c.poll() is not None:
+                    raise FedPromptError(f"{name}'s daemon exited with {c.returncode}; see {logs / f'{name}.log'}")
+            time.sleep(1)
+        _echo_rounds(logs / "server.log", shown)
+        if server.returncode != 0:
+            raise FedPromptError(f"the federation failed; see {logs / 'server.log'}:\n{fp.tail(logs / 'server.log')}")
+    finally:
+        for p in (server, *clients):
+            fp.stop(p)
+    state = json.loads((out / "coordinator" / "checkpoints" / "state.json").read_text())
+    return state["history"]
+
+
+def _echo_rounds(log: Path, shown: int) -> int:
+    if not log.exists():
+        return shown
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(("round ", "federation "))]
+    for ln in lines[shown:]:
+        print(ln, flush=True)
+    return len(lines)
+
+
+def run_baselines(a: argparse.Namespace, data_files: list[Path], init_text: str) -> dict:
+    """Each holder alone under the same DP budget and steps; the pooled data without DP; zero-shot."""
+    import torch
+
+    from fedprompt import datasets as ds_mod
+    from fedprompt.dp.engine import DPConfig, private_tune
+    from fedprompt.runtime import Runtime
+    from fedprompt.training import Session, TuneConfig, tune
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    runtime = Runtime.create()
+    full = ds_mod.load(a.dataset)
+    central = Session(a.model, full, runtime=runtime)
+    test = full.split("test")
+    steps = a.rounds * a.local_steps
+    cfg = TuneConfig(steps=steps, lr=a.lr, batch_size=a.batch_size, init_text=init_text, eval_every=0)
+    results: dict = {"zero_shot": central.evaluate(central.prompted(None), test, desc="zero-shot")}
+    local = {}
+    for i, path in enumerate(data_files, 1):
+        ds = ds_mod.load(str(path), label_names=full.label_names, template=full.template, label_words=full.label_words)
+        s = Session(central.loaded, ds, runtime=runtime)
+        result, spend = private_tune(s, cfg, DPConfig(target_epsilon=a.target_epsilon))
+        local[f"holder-{i}"] = central.evaluate(central.prompted(result.weight), test, desc=f"holder-{i} alone")
+        print(
+            f"holder-{i} alone, DP (epsilon = {spend['epsilon']:.2f}): {100 * local[f'holder-{i}']:.2f} %", flush=True
+        )
+    results["local_only"] = local
+    # the pooled data, no DP, the same steps with all holders' batches together
+    pooled = TuneConfig(steps=steps, lr=a.lr, batch_size=a.batch_size * a.holders, init_text=init_text, eval_every=0)
+    results["centralised"] = central.evaluate(central.prompted(tune(central, pooled).weight), test, desc="central")
+    print(f"centralised, non-private: {100 * results['centralised']:.2f} %", flush=True)
+    return results
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from fedprompt import datasets as ds_mod
+    from fedprompt import partition, report, zoo
+
+    out = Path(a.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FedPromptError(f"{out} is not empty; remove it or choose another --out")
+    if a.holders < 2:
+        raise FedPromptError("a federation needs at least 2 holders")
+    zoo.pull(a.model)  # downloads (once) before the clock starts
+    full = ds_mod.load(a.dataset)
+    data_files = partition.write_holder_files(full, out / "data", a.holders, alpha=a.alpha, seed=a.seed)
+    splits = partition.describe(full, partition.partition(full, a.holders, alpha=a.alpha, seed=a.seed))
+    for s in splits:
+        print(f"holder-{s['holder']}: {s['train']} train / {s['test']} test examples; train labels {s['train_labels']}")
+    started = time.monotonic()
+    history = run_federation(a, out, data_files)
+    fed_seconds = time.monotonic() - started
+    results = {"federated": history[-1].get("accuracy"), "initial": history[0].get("accuracy")}
+    baseline_seconds = 0.0
+    if not a.skip_baselines:
+        started = time.monotonic()
+        init_text = ds_mod.BUNDLED[a.dataset].init_text if a.dataset in ds_mod.BUNDLED else None
+        results.update(run_baselines(a, data_files, init_text))
+        baseline_seconds = time.monotonic() - started
+    settings = {
+        **{k: getattr(a, k) for k in ("model", "dataset", "holders", "alpha", "rounds", "local_steps", "batch_size")},
+        "lr": a.lr,
+        "target_epsilon": a.target_epsilon,
+        "template": full.template,
+        "federation_seconds": fed_seconds,
+        "baseline_seconds": baseline_seconds,
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+    }
+    if a.skip_baselines:
+        print(json.dumps({"federated": results["federated"], "seconds": fed_seconds}))
+        return 0
+    path = report.write(out / "report", history=history, results=results, settings=settings, splits=splits)
+    print(f"\nreport: {path}")
+    print(path.read_text().split("Per round")[0])
+    return 0

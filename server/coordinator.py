@@ -1,0 +1,224 @@
+"""``fedprompt server``: the coordinator. Starts a Flower SuperLink (TLS, SuperNode authentication),
+registers the data holders' node keys, submits the federation, follows it round by round, and fails
+loudly when the run fails (``flwr run`` itself reports success for a run that failed later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+
+from fedprompt import certs as certs_mod
+from fedprompt import flower_procs as fp
+from fedprompt.errors import FedPromptError
+from fedprompt.server.config import FederationConfig
+
+POLL_S = 2.0
+
+
+def app_dir() -> Path:
+    """The Flower App folder shipped inside the installed package (pyproject.toml + LICENSE only)."""
+    return Path(str(resources.files("fedprompt") / "flower_app"))
+
+
+class Coordinator:
+    def __init__(self, *, certs: Path, state: Path, host: str, port: int) -> None:
+        self.certs, self.state, self.host, self.port = certs, state, host, port
+        for name in ("ca.crt", "server.crt", "server.key"):
+            if not (certs / name).is_file():
+                raise FedPromptError(f"{certs / name} is missing; create the material with fedprompt certs")
+        self.logs = state / "logs"
+        self.superlink = None
+        self.cli_env = fp.flower_env(state / "flwr" / "cli")
+        fp.write_cli_config(state / "flwr" / "cli", f"{host}:{port}", (certs / "ca.crt").resolve())
+
+    def start(self) -> None:
+        log = self.logs / "superlink.log"
+        cmd = [
+            fp.flower_bin("flower-superlink"),
+            "--ssl-ca-certfile", self.certs / "ca.crt",
+            "--ssl-certfile", self.certs / "server.crt",
+            "--ssl-keyfile", self.certs / "server.key",
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--database", self.state / "superlink.db",
+            "--host", self.host,
+            "--port", str(self.port),
+        ]  # fmt: skip
+        self.superlink = fp.start(cmd, log, fp.flower_env(self.state / "flwr" / "superlink"))
+        fp.wait_for_port(self.host, self.port, self.superlink, log)
+        print(f"SuperLink on {self.host}:{self.port} (TLS, node authentication); log: {log}", flush=True)
+
+    def register_nodes(self) -> int:
+        """Register every node key under ``certs/nodes`` that the SuperLink does not know yet."""
+        nodes = certs_mod.registered_nodes(self.certs)
+        if not nodes:
+            raise FedPromptError(f"{self.certs}/nodes holds no node keys; add holders with fedprompt certs --node NAME")
+        added = 0
+        for n in nodes:
+            try:
+                fp.flwr(["supernode", "register", str(n.public_key), fp.FEDERATION], self.cli_env)
+                added += 1
+            except FedPromptError as exc:
+                if "already" not in str(exc).lower():
+                    raise
+        print(f"node keys: {len(nodes)} known, {added} newly registered", flush=True)
+        return added
+
+    def submit(self, cfg: FederationConfig) -> str:
+        toml = self.state / "run-config.toml"
+        toml.write_text("".join(f"{k} = {fp.toml_value(v)}\n" for k, v in cfg.to_run_config().items()))
+        out = fp.flwr(["run", str(app_dir()), fp.FEDERATION, "--run-config", str(toml)], self.cli_env)
+        return str(out["run-id"])
+
+    def status(self, run_id: str) -> tuple[str, str]:
+        runs = fp.flwr(["ls", fp.FEDERATION, "--run-id", run_id], self.cli_env)["runs"]
+        return runs[0]["status"], runs[0].get("status-details", "")
+
+    def follow(self, run_id: str, cfg: FederationConfig) -> None:
+        """Print each round as the ServerApp checkpoints it; return when the run completed, raise otherwise."""
+        state_file = Path(cfg.checkpoint_dir) / "state.json"
+        shown = 0
+        while True:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise FedPromptError(f"the SuperLink exited:\n{fp.tail(self.logs / 'superlink.log')}")
+            status, details = self.status(run_id)
+            if state_file.exists():
+                history = json.loads(state_file.read_text()).get("history", [])
+                for rec in history[shown:]:
+                    print(format_round(rec, cfg.num_rounds), flush=True)
+                shown = max(shown, len(history))
+            if status.startswith("finished"):
+                break
+            time.sleep(POLL_S)
+        if status != "finished:completed":
+            log = self.run_log(run_id)
+            raise FedPromptError(f"run {run_id} ended as {status}: {details}\n{log}")
+
+    def run_log(self, run_id: str) -> str:
+        import subprocess
+
+        r = subprocess.run(
+            [fp.flower_bin("flwr"), "log", run_id, fp.FEDERATION, "--show"],
+            env=self.cli_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return "\n".join((r.stdout or r.stderr).splitlines()[-40:])
+
+    def stop(self) -> None:
+        fp.stop(self.superlink)
+        self.superlink = None
+
+
+def format_round(rec: dict, num_rounds: int) -> str:
+    acc = rec.get("accuracy")
+    head = f"round {rec['round']}/{num_rounds}: global test accuracy " + (
+        "n/a" if acc is None else f"{100 * acc:.2f} %"
+    )
+    if rec["round"] == 0:
+        return head + " (initial prompt)"
+    eps = ", ".join(f"{h} eps={m['epsilon']:.2f}" for h, m in sorted(rec.get("holders", {}).items()) if "epsilon" in m)
+    parts = [head, f"{rec.get('replied', 0)}/{rec.get('sampled', 0)} holders merged"]
+    if eps:
+        parts.append(eps)
+    if rec.get("failed"):
+        parts.append("left out: " + "; ".join(f"{h}: {e[:120]}" for h, e in rec["failed"].items()))
+    if "client_level_epsilon" in rec:
+        parts.append(f"client-level eps={rec['client_level_epsilon']:.2f}")
+    return " | ".join(parts)
+
+
+# ------------------------------------------------------------------ CLI
+
+_FLAGS = {
+    "task": str,
+    "model": str,
+    "num_rounds": int,
+    "local_steps": int,
+    "lr": float,
+    "batch_size": int,
+    "prompt_length": int,
+    "target_epsilon": float,
+    "strategy": str,
+    "server_lr": float,
+    "fraction_train": float,
+    "min_train_nodes": int,
+    "min_available_nodes": int,
+    "round_timeout_s": float,
+}
+
+
+def add_server_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="the coordinator: a Flower SuperLink with TLS and node auth, and the federation")
+    p.add_argument("--certs", required=True, help="folder made by fedprompt certs")
+    p.add_argument("--state", required=True, help="coordinator state: SuperLink database, checkpoints, logs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--checkpoint-dir", default=None, help="default: STATE/checkpoints (a restart resumes from it)")
+    for name, typ in _FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    p.add_argument("--no-dp", action="store_true", help="holders tune without DP (for comparisons only)")
+    p.add_argument("--client-dp", action="store_true", help="also clip and noise each holder's update (user-level DP)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run setting of fedprompt.server.config.FederationConfig (JSON value)",
+    )
+    p.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the federation")
+    p.set_defaults(func=cmd_server)
+
+
+def config_from_args(args: argparse.Namespace) -> FederationConfig:
+    state = Path(args.state).resolve()
+    values: dict = {"checkpoint_dir": str(Path(args.checkpoint_dir or state / "checkpoints").resolve())}
+    for name in _FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.no_dp:
+        values["dp"] = False
+    if args.client_dp:
+        values["client_dp"] = True
+    known = {f.name for f in fields(FederationConfig)}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise FedPromptError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare string
+    try:
+        return FederationConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise FedPromptError(f"invalid federation settings: {exc}") from exc
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    coord = Coordinator(certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        coord.start()
+        coord.register_nodes()
+        run_id = coord.submit(cfg)
+        print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)
+        coord.follow(run_id, cfg)
+        print(f"federation complete: global prompt {Path(cfg.checkpoint_dir) / f'round-{cfg.num_rounds:04d}'}")
+        if args.keep_running:
+            print("SuperLink keeps running (Ctrl-C to stop)", flush=True)
+            while coord.superlink.poll() is None:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping; a restart with the same --state resumes from the last checkpoint", flush=True)
+        return 130
+    finally:
+        coord.stop()
+    return 0
