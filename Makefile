@@ -10,7 +10,6 @@ STAMP  := $(VENV)/.fedprompt-installed
 TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 200
 
 .PHONY: install demo test lint bench clean
 
@@ -23,14 +22,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job until the federation lands: one data holder tunes a prompt for the bundled model on the
-# bundled data under DP-SGD (epsilon = 8, delta = 1/(2n)), charging a fresh privacy ledger, and reports
-# test accuracy beside the zero-shot model.
+# The main job: a coordinator and 3 data-holder daemons as real processes on loopback (TLS, node keys),
+# 5 rounds of DP prompt tuning (epsilon = 8 per holder) on label-skewed splits of the bundled data, then
+# each holder alone and a non-private pooled run for comparison; the report lands in $(DEMO_DIR)/report.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/fedprompt tune --model smollm2-135m --dataset rotten-tomatoes --steps $(DEMO_STEPS) \
-		--dp --target-epsilon 8 --state $(DEMO_DIR)/state --budget-epsilon 10 --out $(DEMO_DIR)/prompt
-	$(BIN)/fedprompt budget show --state $(DEMO_DIR)/state
+	$(BIN)/fedprompt demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

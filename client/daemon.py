@@ -43,6 +43,11 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no worker: every ClientApp process loads the model itself (slow; for measuring that cost)",
+    )
     p.add_argument("--port", type=int, default=0, help="the SuperNode's local runtime port (0: a free one)")
     p.set_defaults(func=cmd_client)
 
@@ -61,6 +66,14 @@ def _identity(args: argparse.Namespace) -> tuple[str, Path, Path]:
         if not path.is_file():
             raise FedPromptError(f"{path} is missing")
     return name, ca.resolve(), key.resolve()
+
+
+def _node_config(**values: str) -> str:
+    """Flower's ``--node-config`` syntax: space-separated key="value" pairs (no quotes inside values)."""
+    bad = {k: v for k, v in values.items() if '"' in v or "\n" in v}
+    if bad:
+        raise FedPromptError(f"these values cannot be passed to the SuperNode (quote or newline): {bad}")
+    return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
 def open_ledger(state: Path, budget_epsilon: float | None, budget_delta: float | None, n: int) -> PrivacyLedger:
@@ -100,9 +113,13 @@ def cmd_client(args: argparse.Namespace) -> int:
         precision=args.precision,
         allowed_models=set(args.allow_model) if args.allow_model else None,
     )
-    worker = HolderWorker(service)
-    worker.start()
-    node_config = f'worker="{worker.address}" worker-key="{worker.key_file}" holder="{name}"'
+    if args.in_process:
+        worker = None
+        node_config = _node_config(data=data, state=str(state), holder=name, device=args.device)
+    else:
+        worker = HolderWorker(service)
+        worker.start()
+        node_config = _node_config(**{"worker": worker.address, "worker-key": worker.key_file, "holder": name})
     log = state / "logs" / "supernode.log"
     cmd = [
         fp.flower_bin("flower-supernode"),
@@ -148,6 +165,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return 0
     finally:
         fp.stop(supernode)
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         total = ledger.spent()
         print(f"holder {name} stopped; privacy spent: epsilon = {total.epsilon:.3f} ({total.method})", flush=True)

@@ -7,6 +7,7 @@ touches private data or the privacy budget lives here and is tested without a Su
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
 from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig, run_steps
+from fedprompt.training import Session, TuneConfig, make_optimizer, run_steps
 from fedprompt.zoo import LoadedModel
 
 # Under DP the number of examples a holder reports is this constant: the true count is a function of the
@@ -114,9 +115,11 @@ class Holder:
             batch_size=s.batch_size,
             max_length=s.max_length,
             eval_every=0,
+            optimizer=s.optimizer,
         )
         start = global_weight.detach().to(torch.float32).clone()
         desc = f"{self.name} round {s.server_round}/{s.num_rounds}"
+        started = time.perf_counter()
         if not s.dp:
             weight = self._plain_steps(start, cfg, desc)
             metrics: dict = {"dp": 0}
@@ -156,11 +159,12 @@ class Holder:
         if not torch.isfinite(weight).all():
             raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
         metrics["steps"] = s.local_steps
+        metrics["train_seconds"] = time.perf_counter() - started  # compute only: for the overhead benchmark
         return RoundOutcome(weight, weight - start, num_examples, metrics)
 
     def _plain_steps(self, start: torch.Tensor, cfg: TuneConfig, desc: str) -> torch.Tensor:
         prompted = self.session.prompted(start)
-        optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+        optimizer = make_optimizer(prompted.prompt.parameters(), cfg)
         train = self.session.encode_split("train")
         loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=self.session.collate)
 

@@ -18,7 +18,7 @@ from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_a
 from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
 from fedprompt.prompt import origin_id
 from fedprompt.prompted import PromptedLM
-from fedprompt.training import Session, TuneConfig, TuneResult, run_steps
+from fedprompt.training import Session, TuneConfig, TuneResult, make_optimizer, run_steps
 
 MECHANISM = "dp-sgd"
 
@@ -195,7 +195,7 @@ def make_private(
 def private_steps(
     session: Session, start: torch.Tensor, cfg: TuneConfig, p: PrivacyPlan, *, secure_mode: bool = False, desc: str = ""
 ) -> tuple[torch.Tensor, float, int, list[dict]]:
-    """``cfg.steps`` DP-SGD steps from the prompt ``start`` (Adam, fresh state) under the plan ``p``.
+    """``cfg.steps`` DP-SGD steps from the prompt ``start`` (fresh optimiser state) under the plan ``p``.
 
     Returns the new prompt, the epsilon of these steps alone, the steps taken and the loop's history.
     The caller charges the ledger with ``p`` *before* calling this.
@@ -204,7 +204,7 @@ def private_steps(
     if len(train) != p.num_examples:
         raise RuntimeError(f"the plan was made for {p.num_examples} examples, the data has {len(train)}")
     prompted = session.prompted(start, base_dropout=cfg.base_dropout)
-    optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(prompted.prompt.parameters(), cfg)
     private = make_private(
         session, prompted, optimizer, train, p, batch_size=cfg.batch_size, steps=cfg.steps, secure_mode=secure_mode
     )

@@ -12,8 +12,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,92 +30,36 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the holders' local optimiser")
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
     p.add_argument("--skip-baselines", action="store_true", help="federation only (no local-only / centralised)")
     p.set_defaults(func=cmd_demo)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    from fedprompt import flower_procs as fp
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
-    return fp.start([sys.executable, "-m", "fedprompt.cli", *args], log, env)
-
-
 def run_federation(a: argparse.Namespace, out: Path, data_files: list[Path]) -> list[dict]:
-    from fedprompt import certs
-    from fedprompt import flower_procs as fp
+    from fedprompt.local_federation import HolderSpec, LocalFederation
 
-    names = [f"holder-{i}" for i in range(1, a.holders + 1)]
-    certs.create(out / "certs", nodes=names, hosts=["localhost", "127.0.0.1"])
-    port = a.port or fp.free_port()
-    logs = out / "logs"
-    server = _spawn(
-        [
-            "server",
-            "--certs", str(out / "certs"),
-            "--state", str(out / "coordinator"),
-            "--port", str(port),
+    # the run targets target_epsilon; the budget leaves room for calibration rounding
+    holders = [HolderSpec(f"holder-{i}", p, a.target_epsilon * 1.25) for i, p in enumerate(data_files, 1)]
+    # one torch thread per holder: the holders share this machine's cores
+    threads = max(1, (os.cpu_count() or 1) // a.holders)
+    with LocalFederation(out, holders, port=a.port, threads=threads) as fed:
+        fed.start(
             "--model", a.model,
             "--task", a.dataset,
             "--num-rounds", str(a.rounds),
             "--local-steps", str(a.local_steps),
             "--batch-size", str(a.batch_size),
             "--lr", str(a.lr),
+            "--optimizer", a.optimizer,
             "--target-epsilon", str(a.target_epsilon),
             "--min-available-nodes", str(a.holders),
             "--min-train-nodes", str(max(1, a.holders - 1)),
-        ],
-        logs / "server.log",
-    )  # fmt: skip
-    clients = []
-    # one torch thread per holder: the holders share this machine's cores
-    threads = max(1, (os.cpu_count() or 1) // a.holders)
-    for name, path in zip(names, data_files, strict=True):
-        clients.append(
-            _spawn(
-                [
-                    "client",
-                    "--superlink", f"127.0.0.1:{port}",
-                    "--certs", str(out / "certs"),
-                    "--name", name,
-                    "--data", str(path),
-                    "--state", str(out / "holders" / name),
-                    # the run targets target_epsilon; the budget leaves room for calibration rounding
-                    "--budget-epsilon", str(a.target_epsilon * 1.25),
-                    "--threads", str(threads),
-                    "--allow-model", a.model,
-                ],
-                logs / f"{name}.log",
-            )
         )  # fmt: skip
-    print(f"coordinator on 127.0.0.1:{port}; {a.holders} holder daemons; logs in {logs}", flush=True)
-    try:
-        shown = 0
-        while server.poll() is None:
-            shown = _echo_rounds(logs / "server.log", shown)
-            for c, name in zip(clients, names, strict=True):
-                if c.poll() is not None:
-                    raise FedPromptError(f"{name}'s daemon exited with {c.returncode}; see {logs / f'{name}.log'}")
-            time.sleep(1)
-        _echo_rounds(logs / "server.log", shown)
-        if server.returncode != 0:
-            raise FedPromptError(f"the federation failed; see {logs / 'server.log'}:\n{fp.tail(logs / 'server.log')}")
-    finally:
-        for p in (server, *clients):
-            fp.stop(p)
-    state = json.loads((out / "coordinator" / "checkpoints" / "state.json").read_text())
-    return state["history"]
-
-
-def _echo_rounds(log: Path, shown: int) -> int:
-    if not log.exists():
-        return shown
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(("round ", "federation "))]
-    for ln in lines[shown:]:
-        print(ln, flush=True)
-    return len(lines)
+        print(f"coordinator on 127.0.0.1:{fed.port}; {a.holders} holder daemons; logs in {fed.logs}", flush=True)
+        return fed.wait(a.timeout, echo=True)
 
 
 def run_baselines(a: argparse.Namespace, data_files: list[Path], init_text: str) -> dict:
@@ -135,7 +77,9 @@ def run_baselines(a: argparse.Namespace, data_files: list[Path], init_text: str)
     central = Session(a.model, full, runtime=runtime)
     test = full.split("test")
     steps = a.rounds * a.local_steps
-    cfg = TuneConfig(steps=steps, lr=a.lr, batch_size=a.batch_size, init_text=init_text, eval_every=0)
+    cfg = TuneConfig(
+        steps=steps, lr=a.lr, batch_size=a.batch_size, init_text=init_text, eval_every=0, optimizer=a.optimizer
+    )
     results: dict = {"zero_shot": central.evaluate(central.prompted(None), test, desc="zero-shot")}
     local = {}
     for i, path in enumerate(data_files, 1):
@@ -147,9 +91,8 @@ def run_baselines(a: argparse.Namespace, data_files: list[Path], init_text: str)
             f"holder-{i} alone, DP (epsilon = {spend['epsilon']:.2f}): {100 * local[f'holder-{i}']:.2f} %", flush=True
         )
     results["local_only"] = local
-    # the pooled data, no DP, the same steps with all holders' batches together
-    pooled = TuneConfig(steps=steps, lr=a.lr, batch_size=a.batch_size * a.holders, init_text=init_text, eval_every=0)
-    results["centralised"] = central.evaluate(central.prompted(tune(central, pooled).weight), test, desc="central")
+    # the pooled data, no DP, the same steps and batch size as one holder
+    results["centralised"] = central.evaluate(central.prompted(tune(central, cfg).weight), test, desc="central")
     print(f"centralised, non-private: {100 * results['centralised']:.2f} %", flush=True)
     return results
 
@@ -182,6 +125,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     settings = {
         **{k: getattr(a, k) for k in ("model", "dataset", "holders", "alpha", "rounds", "local_steps", "batch_size")},
         "lr": a.lr,
+        "optimizer": a.optimizer,
         "target_epsilon": a.target_epsilon,
         "template": full.template,
         "federation_seconds": fed_seconds,

@@ -67,8 +67,9 @@ def write(folder: Path, *, history: list[dict], results: dict, settings: dict, s
         "",
         f"{settings['holders']} data holders with label-skewed splits of `{settings['dataset']}` "
         f"(Dirichlet alpha = {settings['alpha']}), model `{settings['model']}`, {settings['rounds']} rounds of "
-        f"{settings['local_steps']} local DP-SGD steps (expected batch {settings['batch_size']}, Adam lr "
-        f"{settings['lr']}), each holder at epsilon = {settings['target_epsilon']:g} (delta = 1/(2n)) over the "
+        f"{settings['local_steps']} local DP-SGD steps (expected batch {settings['batch_size']}, "
+        f"{settings['optimizer']} lr {settings['lr']}), each holder at epsilon = {settings['target_epsilon']:g} "
+        "(delta = 1/(2n)) over the "
         "whole run. Accuracy is on the dataset's test split (the union of the holders' test splits).",
         "",
         "| holder | train | test | train labels |",

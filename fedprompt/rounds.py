@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, check_accountant
+from fedprompt.training import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class LocalSettings:
     num_rounds: int
     local_steps: int = 10
     lr: float = 3e-3
+    optimizer: str = "adam"
     batch_size: int = 16
     max_length: int = 128
     dp: bool = True
@@ -80,6 +82,8 @@ class LocalSettings:
         if not 0 <= self.delta < 1:
             raise ValueError(f"delta must be in [0, 1), got {self.delta!r}")
         check_accountant(self.accountant)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def to_config(self) -> dict:
         return asdict(self)

@@ -25,6 +25,17 @@ from fedprompt.zoo import LoadedModel
 DEFAULT_INIT_TEXT = "Classify this text as one of: {labels}."
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(params, cfg: TuneConfig) -> torch.optim.Optimizer:
+    """Adam (the default for one holder) or plain SGD (whose FedAvg of deltas follows the average gradient
+    of the holders; Adam normalises each holder's steps, which makes label-skewed holders pull apart)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
 @dataclass
 class TuneConfig:
     """Settings of one prompt-tuning run (private or not)."""
@@ -41,6 +52,7 @@ class TuneConfig:
     eval_batch_size: int = 32
     seed: int = 0
     base_dropout: bool = False
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         positive = ("prompt_length", "steps", "batch_size", "max_length", "eval_batch_size")
@@ -50,6 +62,8 @@ class TuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.eval_every < 0 or self.eval_examples < 0:
@@ -200,7 +214,7 @@ def tune(session: Session, cfg: TuneConfig) -> TuneResult:
     initial, _ = session.initial_prompt(cfg)
     torch.manual_seed(cfg.seed)
     prompted = session.prompted(initial, base_dropout=cfg.base_dropout)
-    optimizer = torch.optim.Adam(prompted.prompt.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(prompted.prompt.parameters(), cfg)
     train = session.encode_split("train")
     if len(train) < cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training examples")

@@ -248,6 +248,11 @@ class Federation:
             training={"federated": True, "round": rnd, "run_config": self.cfg.to_run_config()},
         )
 
+    def save(self, rnd: int, weight: torch.Tensor, history: list[dict]) -> None:
+        meta = self.artifact_meta(rnd, history)
+        ckpt = checkpoint.Checkpoint(rnd, weight, meta, self.strategy.state_dict(), history)
+        checkpoint.save(self.cfg.checkpoint_dir, ckpt, self.fingerprint)
+
     def run(self) -> None:
         cfg = self.cfg
         ckpt = checkpoint.latest(cfg.checkpoint_dir, self.fingerprint)
@@ -263,6 +268,7 @@ class Federation:
                 record.update(self.evaluate(0, weight))
                 log(INFO, "round 0 (initial prompt): accuracy %s", _pct(record.get("accuracy")))
             history.append(record)
+            self.save(0, weight, history)
         for rnd in range(start, cfg.num_rounds + 1):
             weight, record = self.train_round(rnd, weight)
             if cfg.evaluate:

@@ -27,6 +27,7 @@ class FederationConfig:
     num_rounds: int = 5
     local_steps: int = 10
     lr: float = 3e-3
+    optimizer: str = "adam"
     batch_size: int = 16
     max_length: int = 128
     dp: bool = True
@@ -84,6 +85,7 @@ class FederationConfig:
             num_rounds=self.num_rounds,
             local_steps=self.local_steps,
             lr=self.lr,
+            optimizer=self.optimizer,
             batch_size=self.batch_size,
             max_length=self.max_length,
             dp=self.dp,

@@ -140,6 +140,7 @@ _FLAGS = {
     "num_rounds": int,
     "local_steps": int,
     "lr": float,
+    "optimizer": str,
     "batch_size": int,
     "prompt_length": int,
     "target_epsilon": float,

@@ -1,0 +1,155 @@
+"""The federation's plumbing without a SuperLink: the Flower App folder, certificates, the holder's worker
+socket, and the ClientApp's handling of Flower messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tomllib
+from dataclasses import MISSING, fields
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+
+import numpy as np
+import pytest
+from conftest import make_sentiment_rows
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedprompt import certs
+from fedprompt.client import app as client_app
+from fedprompt.client.worker import HolderService, HolderWorker, request
+from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.errors import FedPromptError
+from fedprompt.flower_io import from_record, to_record
+from fedprompt.server.config import FederationConfig
+from fedprompt.server.coordinator import app_dir
+
+
+def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_defaults():
+    folder = app_dir()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == ["LICENSE", "pyproject.toml"]
+    project = tomllib.loads((folder / "pyproject.toml").read_text())
+    comps = project["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "fedprompt.server.app:app", "clientapp": "fedprompt.client.app:app"}
+    config = project["tool"]["flwr"]["app"]["config"]
+    # flwr run rejects run-config keys the app does not declare: every setting must be there, with its default
+    expected = {f.name: ("" if f.default is MISSING else f.default) for f in fields(FederationConfig)}
+    assert config == expected
+
+
+def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
+    done = certs.create(tmp_path, nodes=["holder-a", "holder-b"], hosts=["localhost", "127.0.0.1"])
+    assert "ca.key" in done["created"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    node = certs.node_files(tmp_path, "holder-a")
+    private = load_ssh_private_key(node.private_key.read_bytes(), password=None)
+    public = load_ssh_public_key(node.public_key.read_bytes())
+    assert private.public_key().public_numbers() == public.public_numbers()
+    x509.load_pem_x509_certificate(node.client_cert.read_bytes()).verify_directly_issued_by(ca)
+    for secret in (tmp_path / "ca.key", tmp_path / "server.key", node.private_key, node.client_key):
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    # a second run keeps everything and adds only the new node
+    before = node.private_key.read_bytes()
+    again = certs.create(tmp_path, nodes=["holder-a", "holder-c"], hosts=["localhost"])
+    assert again["created"] == ["nodes/holder-c"] and node.private_key.read_bytes() == before
+    assert [n.name for n in certs.registered_nodes(tmp_path)] == ["holder-a", "holder-b", "holder-c"]
+    with pytest.raises(FedPromptError, match="node name"):
+        certs.create(tmp_path, nodes=["../evil"], hosts=["localhost"])
+
+
+@pytest.fixture
+def holder_files(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(80)))
+    PrivacyLedger(tmp_path / "state").set_budget(Budget(50.0, 1e-3))
+    return data, tmp_path / "state"
+
+
+def _config(tiny_llama, **kw) -> dict:
+    from fedprompt.rounds import LocalSettings, TaskSpec
+
+    task = TaskSpec(
+        "reviews",
+        "{text}\nAnswer:",
+        ("negative", "positive"),
+        ((" negative",), (" positive",)),
+        "Classify.",
+        "tiny-llama",
+        tiny_llama.weights_sha256,
+    )
+    settings = LocalSettings(run_id="r", server_round=1, num_rounds=2, local_steps=2, batch_size=8, **kw)
+    return {**task.to_config(), **settings.to_config()}
+
+
+def test_worker_answers_only_clients_with_its_key(tiny_llama, holder_files, tmp_path):
+    data, state = holder_files
+    worker = HolderWorker(HolderService(data=str(data), state_dir=state, name="h", device="cpu", precision="fp32"))
+    worker.start()
+    try:
+        assert stat.S_IMODE(os.stat(worker.key_file).st_mode) == 0o600
+        prompt = np.random.default_rng(0).normal(0, 0.02, (4, tiny_llama.hidden_size)).astype(np.float32)
+        header, delta = request(worker.address, worker.key_file, "train", prompt, _config(tiny_llama))
+        assert header["ok"] and header["holder"] == "h" and delta.shape == prompt.shape
+        assert header["metrics"]["num_examples"] == 1 and header["metrics"]["epsilon"] > 0
+        header, none = request(worker.address, worker.key_file, "evaluate", prompt, _config(tiny_llama))
+        assert header["ok"] and none is None and 0 <= header["metrics"]["accuracy"] <= 1
+        bad = tmp_path / "wrong.key"
+        bad.write_bytes(os.urandom(32))
+        with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
+            Client(worker.address, family="AF_UNIX", authkey=bad.read_bytes())
+        # a refusal is an answer, not a crash: the worker goes on serving
+        header, _ = request(worker.address, worker.key_file, "train", prompt[:, :3], _config(tiny_llama))
+        assert not header["ok"] and header["code"] == "refused" and "shape" in header["reason"]
+        assert request(worker.address, worker.key_file, "evaluate", prompt, _config(tiny_llama))[0]["ok"]
+    finally:
+        worker.stop()
+    assert not os.path.exists(worker.address)
+
+
+@pytest.fixture
+def as_serverapp(monkeypatch):
+    """Messages are made inside a run's process, whose identity Flower sets; set it as a ServerApp's would be."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+
+
+def test_clientapp_turns_refusals_into_error_replies(tiny_llama, holder_files, as_serverapp):
+    data, state = holder_files
+    PrivacyLedger(state).set_budget(Budget(0.5, 1e-3))  # too small for one round
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data": str(data), "state": str(state), "holder": "h", "device": "cpu"},
+        state=RecordDict(),
+        run_config={},
+    )
+    prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
+    content = RecordDict({"prompt": to_record(weight=prompt), "config": ConfigRecord(_config(tiny_llama))})
+    msg = Message(content, dst_node_id=7, message_type="train")
+    reply = client_app._handle("train", msg, context)
+    assert reply.has_error() and reply.error.code == client_app.BUDGET_EXCEEDED
+    assert "refused before any training" in reply.error.reason
+    assert PrivacyLedger(state).releases() == []
+    ok = client_app._handle("evaluate", msg, context)
+    assert not ok.has_error() and 0 <= ok.content["metrics"]["accuracy"] <= 1
+    wrong = RecordDict({"prompt": to_record(weight=prompt), "config": ConfigRecord({})})
+    assert client_app._handle("train", Message(wrong, dst_node_id=7, message_type="train"), context).has_error()
+
+
+def test_prompt_records_refuse_other_dtypes():
+    from flwr.app import Array, ArrayRecord
+
+    rec = ArrayRecord({"weight": Array(np.zeros((2, 3), np.float64))})
+    with pytest.raises(ValueError, match="float32"):
+        from_record(rec, "weight")
+    with pytest.raises(ValueError, match="missing"):
+        from_record(to_record(weight=np.zeros((2, 3), np.float32)), "delta")
