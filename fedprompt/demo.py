@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +26,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default="rotten-tomatoes")
     p.add_argument("--holders", type=int, default=3)
-    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label skew (smaller: more different holders)")
+    p.add_argument("--alpha", type=float, default=2.0, help="Dirichlet label skew (smaller: more different holders)")
     p.add_argument("--seed", type=int, default=0, help="fixes the split of the data among holders")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the holders' local optimiser")
@@ -101,6 +103,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from fedprompt import datasets as ds_mod
     from fedprompt import partition, report, zoo
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation's processes on the way out
     out = Path(a.out).resolve()
     if out.exists() and any(out.iterdir()):
         raise FedPromptError(f"{out} is not empty; remove it or choose another --out")

@@ -85,6 +85,23 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
             continue
 
 
+def stop_matching(fragment: str) -> int:
+    """SIGTERM this user's processes whose command line contains ``fragment``; returns how many."""
+    me, count = os.getuid(), 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != me or int(proc.name) == os.getpid():
+                continue
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if fragment in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGTERM)
+                count += 1
+    return count
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -99,11 +99,11 @@ class LocalFederation:
         return self.history()
 
     def run_traffic(self) -> dict:
-        """Flower's count of the bytes of the federation's messages (``flwr ls``), for the last run."""
-        env = fp.flower_env(self.out / "coordinator" / "flwr" / "cli")
-        runs = fp.flwr(["ls", fp.FEDERATION], env)["runs"]
-        latest = max(runs, key=lambda r: r.get("submitted-at") or r.get("pending-at") or "")
-        return latest["network-traffic"]
+        """Flower's count of the bytes of the last finished run's messages (saved by ``fedprompt server``)."""
+        records = sorted((self.out / "coordinator" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        if not records:
+            raise FedPromptError("no finished run recorded by the coordinator")
+        return json.loads(records[-1].read_text())["network-traffic"]
 
     def _echo(self, shown: int) -> int:
         log = self.logs / "server.log"

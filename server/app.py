@@ -181,7 +181,9 @@ class Federation:
                     self.cfg.min_train_nodes,
                 )
                 return weight, record
-            mean = weighted_mean([r.delta for r in ok], [r.num_examples for r in ok])
+            # under DP a holder's count is not to be trusted or used (it is private): equal weights
+            weights = [1.0] * len(ok) if self.cfg.dp else [float(r.num_examples) for r in ok]
+            mean = weighted_mean([r.delta for r in ok], weights)
         record["merged"] = True
         return self.strategy.apply(weight, mean), record
 

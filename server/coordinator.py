@@ -15,10 +15,14 @@ from pathlib import Path
 
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
+from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.server.config import FederationConfig
 
-POLL_S = 2.0
+# Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
+# checkpoint state (a file) often.
+STATUS_POLL_S = 10.0
+PROGRESS_POLL_S = 1.0
 
 
 def app_dir() -> Path:
@@ -76,26 +80,33 @@ class Coordinator:
         out = fp.flwr(["run", str(app_dir()), fp.FEDERATION, "--run-config", str(toml)], self.cli_env)
         return str(out["run-id"])
 
-    def status(self, run_id: str) -> tuple[str, str]:
-        runs = fp.flwr(["ls", fp.FEDERATION, "--run-id", run_id], self.cli_env)["runs"]
-        return runs[0]["status"], runs[0].get("status-details", "")
+    def status(self, run_id: str) -> dict:
+        """Flower's record of the run: status, details, timings, network traffic."""
+        return fp.flwr(["ls", fp.FEDERATION, "--run-id", run_id], self.cli_env)["runs"][0]
 
     def follow(self, run_id: str, cfg: FederationConfig) -> None:
         """Print each round as the ServerApp checkpoints it; return when the run completed, raise otherwise."""
         state_file = Path(cfg.checkpoint_dir) / "state.json"
-        shown = 0
+        shown, next_status = 0, 0.0
         while True:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FedPromptError(f"the SuperLink exited:\n{fp.tail(self.logs / 'superlink.log')}")
-            status, details = self.status(run_id)
             if state_file.exists():
                 history = json.loads(state_file.read_text()).get("history", [])
                 for rec in history[shown:]:
                     print(format_round(rec, cfg.num_rounds), flush=True)
                 shown = max(shown, len(history))
-            if status.startswith("finished"):
-                break
-            time.sleep(POLL_S)
+                done = bool(history) and history[-1]["round"] >= cfg.num_rounds
+            else:
+                done = False
+            if done or time.monotonic() >= next_status:
+                run = self.status(run_id)
+                status, details = run["status"], run.get("status-details", "")
+                if status.startswith("finished"):
+                    write_json_atomic(self.state / "runs" / f"{run_id}.json", run)  # Flower's final record
+                    break
+                next_status = time.monotonic() + (PROGRESS_POLL_S if done else STATUS_POLL_S)
+            time.sleep(PROGRESS_POLL_S)
         if status != "finished:completed":
             log = self.run_log(run_id)
             raise FedPromptError(f"run {run_id} ended as {status}: {details}\n{log}")
@@ -112,6 +123,8 @@ class Coordinator:
     def stop(self) -> None:
         fp.stop(self.superlink)
         self.superlink = None
+        # the ServerApp process is started by Flower outside the SuperLink's process group
+        fp.stop_matching(f"--runtime-api-address {self.host}:{self.port}")
 
 
 def format_round(rec: dict, num_rounds: int) -> str:
