@@ -1,0 +1,90 @@
+"""DP-OPT's token release: the limited-domain mechanism and its accountant."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+
+import pytest
+from opacus.accountants.analysis.rdp import compute_rdp
+
+from fedprompt.dp.limited_domain import (
+    LimitedDomain,
+    dpopt_epsilon,
+    max_queries,
+    poisson_subsampled_rdp,
+    pure_dp_rdp,
+)
+
+MECH = LimitedDomain(epsilon=1.8, delta=5e-7, vocab_size=50_000, k_bar=10)
+
+
+def test_no_votes_almost_always_fails():
+    rng = random.Random(0)
+    released = [MECH.release({}, rng) for _ in range(5000)]
+    assert released.count(None) == 5000
+
+
+def test_a_dominant_token_is_released():
+    rng = random.Random(1)
+    votes = {7: 180, 11: 15, 42: 10}
+    assert all(MECH.release(votes, rng) == 7 for _ in range(2000))
+
+
+def test_a_weak_plurality_usually_fails():
+    # 3 votes against a threshold near 1 + ln(2 / 5e-7) / 0.9 = 17.9: the release must not leak it
+    rng = random.Random(2)
+    out = Counter(MECH.release({5: 3, 6: 1}, rng) for _ in range(20_000))
+    assert out[None] / 20_000 > 0.99
+
+
+def test_neighbouring_vote_histograms_stay_within_e_to_the_epsilon():
+    # One private example moves one teacher's vote from token 1 to token 2. With Gumbel(1/eps0), as in
+    # DP-OPT's code, token 2's frequency went from 0.093 to 0.356 here (3.8x > e^1): see noise_epsilon.
+    mech = LimitedDomain(epsilon=1.0, delta=1e-3, vocab_size=100, k_bar=3)
+    d = {1: 12, 2: 10, 3: 9, 4: 2}
+    d_prime = {1: 11, 2: 11, 3: 9, 4: 2}
+    n = 60_000
+    rng = random.Random(3)
+    p = Counter(mech.release(d, rng) for _ in range(n))
+    q = Counter(mech.release(d_prime, rng) for _ in range(n))
+    bound = math.exp(mech.epsilon)
+    for outcome in set(p) | set(q):
+        a, b = p[outcome] / n, q[outcome] / n
+        if min(a, b) * n < 500:  # too rare to estimate a ratio; covered by delta
+            continue
+        # 4 standard errors of slack on each frequency
+        se_a, se_b = math.sqrt(a * (1 - a) / n), math.sqrt(b * (1 - b) / n)
+        assert a - 4 * se_a <= bound * (b + 4 * se_b) + mech.delta, outcome
+        assert b - 4 * se_b <= bound * (a + 4 * se_a) + mech.delta, outcome
+
+
+def test_pure_dp_rdp_is_the_divergence_of_randomized_response():
+    for eps in (0.3, 1.8):
+        p = math.exp(eps) / (1 + math.exp(eps))
+        for a in (2, 5, 40):
+            rr = math.log(p**a * (1 - p) ** (1 - a) + (1 - p) ** a * p ** (1 - a)) / (a - 1)
+            assert pure_dp_rdp(a, eps) == pytest.approx(min(rr, a * eps * eps / 2), rel=1e-9)
+
+
+def test_subsampled_bound_holds_for_the_gaussian_and_is_exact_at_order_two():
+    # Zhu and Wang's general bound applied to the Gaussian mechanism against Opacus's exact computation
+    for q, sigma in ((0.01, 1.0), (0.05, 0.8), (0.1, 2.0)):
+        for a in (2, 3, 8, 32):
+            ours = poisson_subsampled_rdp(a, q, lambda o, s=sigma: o / (2 * s * s))
+            exact = float(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[a])[0])
+            assert ours >= exact - 1e-12
+            if a == 2:
+                assert ours == pytest.approx(exact, rel=1e-9)
+
+
+def test_epsilon_grows_with_queries_and_the_run_stops_at_the_budget():
+    kw = dict(sample_rate=0.02, eps0=1.8, delta0=5e-7, delta=1e-5)
+    eps = [dpopt_epsilon(t, **kw) for t in (0, 1, 10, 100, 400)]
+    assert eps[0] == 0 and all(a < b for a, b in itertools.pairwise(eps))
+    t = max_queries(4.0, **kw)
+    assert dpopt_epsilon(t, **kw) <= 4.0 < dpopt_epsilon(t + 1, **kw)
+    with pytest.raises(ValueError, match="delta0"):
+        dpopt_epsilon(10_000, **kw)  # q * T * delta0 alone passes delta
