@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from fedprompt import datasets as ds_mod
 from fedprompt.dp.accounting import epsilon
-from fedprompt.dp.engine import MECHANISM, DPConfig, PrivacyPlan, plan, private_steps
+from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, reserve
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
 from fedprompt.rounds import LocalSettings, TaskSpec
@@ -126,18 +126,7 @@ class Holder:
             num_examples = self.num_train
         else:
             p = self.privacy_plan(s)
-            release = self.ledger.reserve(
-                task=self.task.name,
-                run_id=s.run_id,
-                round=s.server_round,
-                mechanism=MECHANISM,
-                delta=p.delta,
-                epsilon=p.epsilon,
-                accountant=p.accountant,
-                noise_multiplier=p.noise_multiplier,
-                sample_rate=p.sample_rate,
-                steps=p.steps,
-            )
+            release = reserve(self.ledger, p, task=self.task.name, run_id=s.run_id, round=s.server_round)
             try:
                 weight, spent, steps_done, _ = private_steps(
                     self.session, start, cfg, p, secure_mode=s.secure_mode, desc=desc

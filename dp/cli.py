@@ -6,7 +6,7 @@ import argparse
 import uuid
 
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from fedprompt.dp.engine import MECHANISM, DPConfig, plan, private_tune
+from fedprompt.dp.engine import DPConfig, plan, private_tune, reserve
 from fedprompt.dp.ledger import Budget, PrivacyLedger, default_state_dir
 from fedprompt.training import Session, TuneConfig, TuneResult
 
@@ -85,17 +85,7 @@ def run_private_tuning(
         f"{p.steps} steps, epsilon = {p.epsilon:.3f} at delta = {p.delta:.3g} ({p.accountant})"
     )
     ledger = open_ledger(args, p.delta)
-    release = ledger.reserve(
-        task=session.dataset.name,
-        run_id=uuid.uuid4().hex,
-        mechanism=MECHANISM,
-        delta=p.delta,
-        epsilon=p.epsilon,
-        accountant=p.accountant,
-        noise_multiplier=p.noise_multiplier,
-        sample_rate=p.sample_rate,
-        steps=p.steps,
-    )
+    release = reserve(ledger, p, task=session.dataset.name, run_id=uuid.uuid4().hex)
     try:
         result, spend = private_tune(session, cfg, dp, privacy_plan=p)
     except BaseException:

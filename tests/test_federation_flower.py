@@ -105,3 +105,19 @@ def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(tmp_path, hold
     # a round interrupted by the restart is run again, and charged again if the holder had trained
     rounds = sorted(r.round for r in PrivacyLedger(fed.state_dir("holder-1")).releases())
     assert set(rounds) == {1, 2, 3} and len(rounds) <= 4
+
+
+def test_fedadam_with_client_level_dp_through_flower(tmp_path, holders):
+    settings = (*SETTINGS, "--num-rounds", "2", "--min-available-nodes", "2", "--round-timeout-s", "60")
+    with LocalFederation(tmp_path / "fed", holders[:2]) as fed:
+        fed.start(*settings, "--strategy", "fedadam", "--client-dp", "--set", "client_noise_multiplier=1.5")
+        history = fed.wait(300)
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert all(r["merged"] and r["client_level_epsilon"] > 0 for r in history[1:])
+    assert history[2]["client_level_epsilon"] > history[1]["client_level_epsilon"]
+    weight, meta = artifact.load(fed.checkpoints / "round-0002")
+    assert meta.privacy["client_level"]["unit"] == "holder"
+    assert meta.privacy["client_level"]["epsilon"] == pytest.approx(history[2]["client_level_epsilon"])
+    assert not torch.equal(weight, artifact.load(fed.checkpoints / "round-0000")[0])
+    state = fed.checkpoints / "strategy-0002.safetensors"
+    assert state.stat().st_size > 1000  # FedAdam's moments are checkpointed for a resume
