@@ -71,6 +71,8 @@ def test_rounds_go_on_without_a_killed_holder_and_an_over_budget_one(tmp_path, h
         assert "budget" in rec["failed"]["holder-3"].lower() or "refused" in rec["failed"]["holder-3"], rec
     assert "holder-4" in history[1]["holders"]
     assert "holder-4" in history[2]["failed"] and "holder-4" not in history[2]["holders"]
+    # the node that missed round 2 is not sent round 3 (no second timeout for a dead holder)
+    assert history[2]["sampled"] == 4 and history[3]["sampled"] == 3 and "holder-4" not in history[3]["failed"]
 
     # the global prompt moved in every round
     weights = [artifact.load(ckpt / f"round-{r:04d}")[0] for r in (1, 2, 3)]
