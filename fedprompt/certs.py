@@ -151,8 +151,8 @@ def create(folder: str | Path, *, nodes: list[str], hosts: list[str], days: int 
         check_node_name(n)
     if len(set(nodes)) != len(nodes):
         raise FedPromptError(f"node names repeat: {nodes}")
-    if not hosts:
-        raise FedPromptError("the server certificate needs at least one host name or address")
+    # the coordinator's own tools reach it over loopback, whatever names it is known by outside
+    hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     made, kept = [], []
     if (folder / "ca.crt").exists() != (folder / "ca.key").exists():
         raise FedPromptError(f"{folder}: ca.crt and ca.key must both exist or both be absent")

@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedprompt import certs
 
-    done = certs.create(args.out, nodes=args.node, hosts=args.host or ["localhost", "127.0.0.1"], days=args.days)
+    done = certs.create(args.out, nodes=args.node, hosts=args.host or [], days=args.days)
     print(f"{args.out}: created {', '.join(done['created']) or 'nothing'}; kept {', '.join(done['kept']) or 'nothing'}")
     print("keep ca.key offline; give each holder ca.crt and its own nodes/NAME folder only")
     return 0
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         default=None,
-        help="a name or address the coordinator is reached at (repeatable; default: localhost, 127.0.0.1)",
+        help="a name or address the coordinator is reached at (repeatable; localhost and 127.0.0.1 are always in)",
     )
     p.add_argument("--days", type=int, default=365, help="validity of new certificates")
     p.set_defaults(func=cmd_certs)

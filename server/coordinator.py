@@ -38,8 +38,10 @@ class Coordinator:
                 raise FedPromptError(f"{certs / name} is missing; create the material with fedprompt certs")
         self.logs = state / "logs"
         self.superlink = None
+        # the coordinator's own `flwr` calls go over loopback when it listens on every interface
+        self.local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.cli_env = fp.flower_env(state / "flwr" / "cli")
-        fp.write_cli_config(state / "flwr" / "cli", f"{host}:{port}", (certs / "ca.crt").resolve())
+        fp.write_cli_config(state / "flwr" / "cli", f"{self.local_host}:{port}", (certs / "ca.crt").resolve())
 
     def start(self) -> None:
         log = self.logs / "superlink.log"
@@ -55,7 +57,7 @@ class Coordinator:
             "--port", str(self.port),
         ]  # fmt: skip
         self.superlink = fp.start(cmd, log, fp.flower_env(self.state / "flwr" / "superlink"))
-        fp.wait_for_port(self.host, self.port, self.superlink, log)
+        fp.wait_for_port(self.local_host, self.port, self.superlink, log)
         print(f"SuperLink on {self.host}:{self.port} (TLS, node authentication); log: {log}", flush=True)
 
     def register_nodes(self) -> int:

@@ -41,13 +41,14 @@ def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_default
 
 
 def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
-    done = certs.create(tmp_path, nodes=["holder-a", "holder-b"], hosts=["localhost", "127.0.0.1"])
+    done = certs.create(tmp_path, nodes=["holder-a", "holder-b"], hosts=["coord.example.org"])
     assert "ca.key" in done["created"]
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     server.verify_directly_issued_by(ca)
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]  # the coordinator's own tools
     node = certs.node_files(tmp_path, "holder-a")
     private = load_ssh_private_key(node.private_key.read_bytes(), password=None)
     public = load_ssh_public_key(node.public_key.read_bytes())
