@@ -39,7 +39,12 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="the holder's node name (its key under CERTS/nodes)")
     p.add_argument("--ca", default=None, help="the federation's CA certificate (instead of --certs)")
     p.add_argument("--node-key", default=None, help="this holder's node private key (instead of --certs)")
-    p.add_argument("--allow-model", action="append", default=None, help="models the coordinator may ask for")
+    p.add_argument(
+        "--allow-model",
+        action="append",
+        default=None,
+        help="a model the coordinator may ask for (repeatable; default: the zoo's names, never a path)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -90,11 +90,14 @@ class HolderService:
         from fedprompt.client.trainer import Holder  # torch and transformers load here, once
         from fedprompt.rounds import TaskSpec
         from fedprompt.runtime import Runtime
+        from fedprompt.zoo import ZOO
 
         task = TaskSpec.from_config(config)
-        if self.allowed_models is not None and task.model not in self.allowed_models:
+        # by default only the zoo's names: a coordinator must not make a holder open paths of its choosing
+        allowed = self.allowed_models if self.allowed_models is not None else set(ZOO)
+        if task.model not in allowed:
             raise FedPromptError(
-                f"the coordinator asked for model {task.model!r}; this holder allows {sorted(self.allowed_models)}"
+                f"the coordinator asked for model {task.model!r}; this holder allows {sorted(allowed)}"
             )
         key = (task, int(config.get("max_length", 128)))
         if self._holder_key != key:

@@ -154,3 +154,16 @@ def test_prompt_records_refuse_other_dtypes():
         from_record(rec, "weight")
     with pytest.raises(ValueError, match="missing"):
         from_record(to_record(weight=np.zeros((2, 3), np.float32)), "delta")
+
+
+def test_worker_refuses_models_that_are_not_allowed(tiny_llama, holder_files, tmp_path):
+    data, state = holder_files
+    config = _config(tiny_llama)
+    config["task_model"] = str(tmp_path)  # a path on the holder's machine chosen by the coordinator
+    prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
+    service = HolderService(data=str(data), state_dir=state, name="h", device="cpu", precision="fp32")
+    header, _ = service.handle({"kind": "evaluate", "config": config}, prompt)
+    assert not header["ok"] and "allows" in header["reason"]
+    narrow = HolderService(data=str(data), state_dir=state, name="h", allowed_models={"smollm2-135m"})
+    header, _ = narrow.handle({"kind": "evaluate", "config": _config(tiny_llama)}, prompt)
+    assert not header["ok"] and "tiny-llama" in header["reason"]
