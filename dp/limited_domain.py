@@ -85,6 +85,26 @@ class LimitedDomain:
         return best_token
 
 
+def select_candidate(correct_counts: list[int], epsilon: float, rng: random.Random | None = None) -> int:
+    """DP-OPT's selection: the index of argmax(correct_k + Gumbel(1/ε)) over the candidates' numbers of
+    correct answers on a private holdout (the exponential mechanism; ε-DP).
+
+    Adding or removing one holdout example moves every count by 0 or +1 in the same direction, so the
+    utility is monotone with sensitivity 1 and Gumbel(1/ε) gives ε-DP (not 2ε as for a moved vote).
+    The holdout is disjoint from the examples the candidates were written from: the selection's ε and the
+    generation's ε are not added, the guarantee is their maximum.
+    """
+    if not correct_counts:
+        raise ValueError("no candidates to select from")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    if any(c < 0 for c in correct_counts):
+        raise ValueError("counts must be non-negative")
+    rng = rng or random.SystemRandom()
+    noisy = [c + gumbel(rng, 1.0 / epsilon) for c in correct_counts]
+    return max(range(len(noisy)), key=noisy.__getitem__)
+
+
 # ---------------------------------------------------------------- accounting
 
 

@@ -88,3 +88,21 @@ def test_epsilon_grows_with_queries_and_the_run_stops_at_the_budget():
     assert dpopt_epsilon(t, **kw) <= 4.0 < dpopt_epsilon(t + 1, **kw)
     with pytest.raises(ValueError, match="delta0"):
         dpopt_epsilon(10_000, **kw)  # q * T * delta0 alone passes delta
+
+
+def test_selection_prefers_the_best_candidate_and_is_dp_on_neighbouring_holdouts():
+    from fedprompt.dp.limited_domain import select_candidate
+
+    rng = random.Random(4)
+    assert all(select_candidate([10, 90, 12], 1.0, rng) == 1 for _ in range(1000))
+    # neighbouring holdouts: one more example, which candidates 0 and 2 answer correctly
+    eps, n = 0.5, 60_000
+    d, d_prime = [20, 21, 19], [21, 21, 20]
+    p = Counter(select_candidate(d, eps, rng) for _ in range(n))
+    q = Counter(select_candidate(d_prime, eps, rng) for _ in range(n))
+    for k in range(3):
+        a, b = p[k] / n, q[k] / n
+        slack = 4 * math.sqrt(max(a, b) / n)
+        assert a <= math.exp(eps) * b + slack and b <= math.exp(eps) * a + slack, (k, a, b)
+    with pytest.raises(ValueError):
+        select_candidate([], 1.0)
