@@ -38,6 +38,7 @@ SETTINGS = (
     "--batch-size", "8",
     "--prompt-length", str(PROMPT_LENGTH),
     "--set", "evaluate=false",
+    "--no-dp",  # holders report their compute time only without DP (under DP it would leak)
     "--set", "wait_for_nodes_s=300",
 )  # fmt: skip
 

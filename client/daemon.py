@@ -19,7 +19,7 @@ from fedprompt import certs as certs_mod
 from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
 from fedprompt.client.worker import HolderService, HolderWorker
-from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
 
 RESTART_MIN_S = 2.0
@@ -81,17 +81,6 @@ def _node_config(**values: str) -> str:
     return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
-def open_ledger(state: Path, budget_epsilon: float | None, budget_delta: float | None, n: int) -> PrivacyLedger:
-    ledger = PrivacyLedger(state)
-    if budget_epsilon is not None:
-        current = ledger.budget()
-        delta = budget_delta or (current.delta if current else 1.0 / (2 * n))
-        ledger.set_budget(Budget(budget_epsilon, delta))
-    if ledger.budget() is None:
-        raise FedPromptError(f"{ledger.path}: no privacy budget yet; pass --budget-epsilon")
-    return ledger
-
-
 def cmd_client(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name, ca, key = _identity(args)
@@ -99,7 +88,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     data = args.dataset or str(Path(args.data).resolve())
     dataset = ds_mod.load(data)  # fail here, not in the first round, when the data is unusable
     n = len(dataset.split("train"))
-    ledger = open_ledger(state, args.budget_epsilon, args.budget_delta, n)
+    args.state = str(state)
+    ledger = open_ledger(args, default_delta=1.0 / (2 * n))
+    if ledger.budget() is None:
+        raise FedPromptError(f"{ledger.path}: no privacy budget yet; pass --budget-epsilon")
     budget, spent = ledger.budget(), ledger.spent()
     print(
         f"holder {name}: {n} training examples; budget epsilon = {budget.epsilon:g} (delta = {budget.delta:g}), "

@@ -148,7 +148,10 @@ class Holder:
         if not torch.isfinite(weight).all():
             raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
         metrics["steps"] = s.local_steps
-        metrics["train_seconds"] = time.perf_counter() - started  # compute only: for the overhead benchmark
+        if not s.dp:
+            # compute time, for the overhead benchmark; under DP it would be an unaccounted release (it
+            # depends on the lengths of the sampled private examples)
+            metrics["train_seconds"] = time.perf_counter() - started
         return RoundOutcome(weight, weight - start, num_examples, metrics)
 
     def _plain_steps(self, start: torch.Tensor, cfg: TuneConfig, desc: str) -> torch.Tensor:

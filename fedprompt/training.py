@@ -113,6 +113,7 @@ class Session:
         self.label_words = label_words or self.dataset.label_words
         self.encoder = TemplateEncoder(self.loaded.tokenizer, self.template, max_length)
         self.verbalizer = Verbalizer.build(self.loaded.tokenizer, self.label_words)
+        self._encoded: dict[str, list[tuple[list[int], int]]] = {}
 
     # -------------------------------------------------------------- prompts
 
@@ -131,7 +132,10 @@ class Session:
     # -------------------------------------------------------------- data
 
     def encode_split(self, split: str) -> list[tuple[list[int], int]]:
-        return [(self.encoder.encode(e.text), e.label) for e in self.dataset.split(split)]
+        # a federation holder trains on the same split every round: tokenize it once
+        if split not in self._encoded:
+            self._encoded[split] = [(self.encoder.encode(e.text), e.label) for e in self.dataset.split(split)]
+        return self._encoded[split]
 
     def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         return collate([x for x, _ in items], [y for _, y in items], self.encoder.pad_id, self.runtime.device)

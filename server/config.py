@@ -12,6 +12,8 @@ from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.server.aggregate import STRATEGIES
 from fedprompt.training import DEFAULT_INIT_TEXT
 
+_ROUND_IDENTITY = ("run_id", "server_round")
+
 
 @dataclass(frozen=True)
 class FederationConfig:
@@ -79,22 +81,9 @@ class FederationConfig:
         return asdict(self)
 
     def local_settings(self, *, run_id: str, server_round: int) -> LocalSettings:
-        return LocalSettings(
-            run_id=run_id,
-            server_round=server_round,
-            num_rounds=self.num_rounds,
-            local_steps=self.local_steps,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            dp=self.dp,
-            target_epsilon=self.target_epsilon,
-            delta=self.delta,
-            max_grad_norm=self.max_grad_norm,
-            accountant=self.accountant,
-            secure_mode=self.secure_mode,
-        )
+        # every LocalSettings field but the round's identity is a run setting of the same name
+        shared = {f.name: getattr(self, f.name) for f in fields(LocalSettings) if f.name not in _ROUND_IDENTITY}
+        return LocalSettings(run_id=run_id, server_round=server_round, **shared)
 
     def task_spec(self, model_sha256: str) -> TaskSpec:
         spec = ds_mod.BUNDLED.get(self.task)
