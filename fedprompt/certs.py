@@ -4,6 +4,8 @@ Layout of a certificate folder::
 
     ca.crt  ca.key              the federation's CA (keep ca.key off the coordinator in production)
     server.crt  server.key      the coordinator's TLS certificate (SuperLink, aggregation server)
+    coordinator.crt/.key        the coordinator's TLS client certificate (CN "coordinator") for the
+                                aggregation server: opening rounds and publishing versions need it
     nodes/<name>/node.key       a data holder's SuperNode identity (ECDSA P-384, OpenSSH format)
     nodes/<name>/node.pub       its public half, registered with the SuperLink
     nodes/<name>/client.crt/.key  its TLS client certificate (mutual TLS with the aggregation server)
@@ -28,6 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedprompt.errors import FedPromptError
 
 VALID_DAYS = 365
+COORDINATOR_CN = "coordinator"
+NODE_CN_PREFIX = "node:"
 NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -135,7 +139,7 @@ def _make_node(folder: Path, name: str, days: int) -> NodeFiles:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(files.private_key, private, secret=True)
     _write(files.public_key, public + f" fedprompt-{name}\n".encode(), secret=False)
-    _issue(folder, files.client_cert.with_suffix(""), f"node:{name}", server_hosts=None, days=days)
+    _issue(folder, files.client_cert.with_suffix(""), f"{NODE_CN_PREFIX}{name}", server_hosts=None, days=days)
     return files
 
 
@@ -166,6 +170,11 @@ def create(folder: str | Path, *, nodes: list[str], hosts: list[str], days: int 
         made += ["server.crt", "server.key"]
     else:
         kept.append("server.crt")
+    if not (folder / "coordinator.crt").exists():
+        _issue(folder, folder / "coordinator", COORDINATOR_CN, server_hosts=None, days=days)
+        made += ["coordinator.crt", "coordinator.key"]
+    else:
+        kept.append("coordinator.crt")
     for n in nodes:
         if node_files(folder, n).private_key.exists():
             kept.append(f"nodes/{n}")

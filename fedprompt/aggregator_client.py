@@ -1,0 +1,204 @@
+"""A blocking client of the aggregation server for the CLI, the coordinator and the holders.
+
+It authenticates with the certificate folder of ``fedprompt certs``: ``coordinator.crt`` for the coordinator,
+``nodes/<name>/client.crt`` for a data holder. gRPC failures come back as ``AggregatorError`` carrying the
+status code name and the server's message, which the CLI prints as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedprompt import certs
+from fedprompt.errors import FedPromptError
+from fedprompt.protocols import aggregator_pb2 as pb
+from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
+from fedprompt.protocols import convert
+from fedprompt.server.records import FinaliseResult, ModelRef, PushResult, Round, Stream, TaskVector, Version
+
+DEFAULT_TIMEOUT = 30.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class AggregatorError(FedPromptError):
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"aggregation server: {method} failed with {code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def channel_credentials(certs_dir: str | Path, identity: str) -> grpc.ChannelCredentials:
+    folder = Path(certs_dir)
+    if identity == certs.COORDINATOR_CN:
+        cert, key = folder / "coordinator.crt", folder / "coordinator.key"
+    else:
+        files = certs.node_files(folder, identity)
+        cert, key = files.client_cert, files.client_key
+    for p in (folder / "ca.crt", cert, key):
+        if not p.is_file():
+            raise FedPromptError(f"{p} is missing: run `fedprompt certs` for identity {identity!r}")
+    return grpc.ssl_channel_credentials(
+        root_certificates=(folder / "ca.crt").read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+
+
+class AggregatorClient:
+    def __init__(self, address: str, certs_dir: str | Path, identity: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.channel = grpc.secure_channel(address, channel_credentials(certs_dir, identity), options=options)
+        self.registry = pb_grpc.PromptRegistryStub(self.channel)
+        self.rounds = pb_grpc.RoundAggregationStub(self.channel)
+        self.timeout = timeout
+        self.address = address
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AggregatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, stub, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise AggregatorError(method, exc.code(), exc.details() or "") from None
+
+    # registry
+    def publish_version(
+        self,
+        *,
+        task: str,
+        base_model: ModelRef,
+        embeddings: np.ndarray | None = None,
+        text: str | None = None,
+        parent_id: str | None = None,
+        metadata: dict | None = None,
+    ) -> Version:
+        req = pb.PublishVersionRequest(
+            task=task,
+            base_model=convert.model_ref_to_proto(base_model),
+            parent_id=parent_id or "",
+            metadata_json=json.dumps(metadata or {}, sort_keys=True),
+        )
+        if embeddings is not None:
+            req.embeddings.CopyFrom(convert.tensor_to_proto(embeddings))
+        if text is not None:
+            req.text = text
+        return convert.version_from_proto(self._call(self.registry, "PublishVersion", req))
+
+    def get_version(self, version_id: str) -> Version:
+        msg = self._call(self.registry, "GetVersion", pb.GetVersionRequest(version_id=version_id))
+        return convert.version_from_proto(msg)
+
+    def list_versions(self, *, task: str = "", model_id: str = "") -> list[pb.PromptVersion]:
+        req = pb.ListVersionsRequest(task=task, model_id=model_id, include_content=False)
+        return list(self._call(self.registry, "ListVersions", req).versions)
+
+    def publish_task_vector(self, *, task: str, tuned_id: str, origin_id: str) -> TaskVector:
+        req = pb.PublishTaskVectorRequest(task=task, tuned_id=tuned_id, origin_id=origin_id)
+        return convert.task_vector_from_proto(self._call(self.registry, "PublishTaskVector", req))
+
+    def list_task_vectors(self, *, origin_id: str = "", task: str = "") -> list[TaskVector]:
+        req = pb.ListTaskVectorsRequest(origin_id=origin_id, task=task)
+        return [convert.task_vector_from_proto(v) for v in self._call(self.registry, "ListTaskVectors", req).vectors]
+
+    def compose(self, *, origin_id: str, terms: list[tuple[str, float]], task: str) -> Version:
+        req = pb.ComposeRequest(
+            origin_id=origin_id, task=task, terms=[pb.ComposeTerm(vector_id=v, weight=w) for v, w in terms]
+        )
+        return convert.version_from_proto(self._call(self.registry, "Compose", req))
+
+    # rounds
+    def open_round(
+        self,
+        *,
+        task: str,
+        base_model: ModelRef,
+        shape: tuple[int, ...],
+        expected_clients: int,
+        secure: bool = False,
+        base_version_id: str | None = None,
+        participants: list[str] | None = None,
+        clip_range: float = 0.0,
+        min_clients: int = 0,
+    ) -> Round:
+        req = pb.OpenRoundRequest(
+            task=task,
+            base_model=convert.model_ref_to_proto(base_model),
+            shape=list(shape),
+            expected_clients=expected_clients,
+            secure=secure,
+            base_version_id=base_version_id or "",
+            participants=participants or [],
+            clip_range=clip_range,
+            min_clients=min_clients,
+        )
+        return convert.round_from_proto(self._call(self.rounds, "OpenRound", req))
+
+    def get_round(self, round_id: str) -> Round:
+        return convert.round_from_proto(self._call(self.rounds, "GetRound", pb.GetRoundRequest(round_id=round_id)))
+
+    def submit_update(self, *, round_id: str, base_model: ModelRef, delta: np.ndarray, weight: float = 1.0) -> int:
+        req = pb.SubmitUpdateRequest(
+            round_id=round_id,
+            base_model=convert.model_ref_to_proto(base_model),
+            delta=convert.tensor_to_proto(delta),
+            weight=weight,
+        )
+        return self._call(self.rounds, "SubmitUpdate", req).received
+
+    def finalise_round(self, round_id: str, metadata: dict | None = None) -> FinaliseResult:
+        req = pb.FinaliseRoundRequest(round_id=round_id, metadata_json=json.dumps(metadata or {}, sort_keys=True))
+        return convert.finalise_result_from_proto(self._call(self.rounds, "FinaliseRound", req))
+
+    def abort_round(self, round_id: str, reason: str) -> Round:
+        req = pb.AbortRoundRequest(round_id=round_id, reason=reason)
+        return convert.round_from_proto(self._call(self.rounds, "AbortRound", req))
+
+    def secagg_step(self, round_id: str, stage: int, replies: list[pb.SecAggEnvelope]) -> pb.SecAggStepResponse:
+        req = pb.SecAggStepRequest(round_id=round_id, stage=stage, replies=replies)
+        return self._call(self.rounds, "SecAggStep", req)
+
+    def open_stream(
+        self,
+        *,
+        task: str,
+        base_model: ModelRef,
+        head_version_id: str,
+        buffer_size: int,
+        staleness_exponent: float = 0.5,
+        server_learning_rate: float = 1.0,
+    ) -> Stream:
+        req = pb.OpenAsyncStreamRequest(
+            task=task,
+            base_model=convert.model_ref_to_proto(base_model),
+            head_version_id=head_version_id,
+            buffer_size=buffer_size,
+            staleness_exponent=staleness_exponent,
+            server_learning_rate=server_learning_rate,
+        )
+        return convert.stream_from_proto(self._call(self.rounds, "OpenAsyncStream", req))
+
+    def push_update(
+        self, *, stream_id: str, base_model: ModelRef, base_version_id: str, delta: np.ndarray, weight: float = 1.0
+    ) -> PushResult:
+        req = pb.PushUpdateRequest(
+            stream_id=stream_id,
+            base_model=convert.model_ref_to_proto(base_model),
+            base_version_id=base_version_id,
+            delta=convert.tensor_to_proto(delta),
+            weight=weight,
+        )
+        return convert.push_result_from_proto(self._call(self.rounds, "PushUpdate", req))

@@ -1,0 +1,336 @@
+"""The aggregation server over real gRPC with mutual TLS: identities, bad input, rounds, secure rounds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from aggregator_harness import RunningAggregator
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedprompt import certs
+from fedprompt.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.cli import main as cli_main
+from fedprompt.protocols import aggregator_pb2 as pb
+from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
+from fedprompt.protocols import convert
+from fedprompt.protocols.secagg import SecAggClient
+from fedprompt.server.records import ModelRef
+from fedprompt.server.store import open_store
+
+MODEL = ModelRef("tiny-llama", "a" * 64)
+OTHER = ModelRef("tiny-llama", "b" * 64)
+SHAPE = (4, 8)
+HOLDERS = ["alice", "bob", "carol", "dave"]
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    certs.create(d, nodes=HOLDERS, hosts=["localhost"])
+    return d
+
+
+@pytest.fixture
+def agg(cert_dir, tmp_path):
+    with RunningAggregator(cert_dir, str(tmp_path / "registry.sqlite")) as running:
+        yield running
+
+
+def _code(exc_info) -> grpc.StatusCode:
+    return exc_info.value.code
+
+
+def _origin(c: AggregatorClient, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return c.publish_version(task="sst", base_model=MODEL, embeddings=rng.normal(size=SHAPE).astype(np.float32))
+
+
+def test_health_on_the_tls_port_and_the_probe_port(cert_dir, tmp_path):
+    from fedprompt.flower_procs import free_port
+
+    probe = f"127.0.0.1:{free_port()}"
+    with RunningAggregator(cert_dir, str(tmp_path / "r.sqlite"), health_listen=probe) as running:
+        with running.client() as c:
+            stub = health_pb2_grpc.HealthStub(c.channel)
+            for service in ("", "fedprompt.v1.RoundAggregation", "fedprompt.v1.PromptRegistry"):
+                assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == 1
+        with grpc.insecure_channel(probe) as ch:  # what a kubelet gRPC probe does: no TLS
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:  # and nothing else is served there
+                pb_grpc.PromptRegistryStub(ch).ListVersions(pb.ListVersionsRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_clients_without_a_certificate_of_the_ca_are_refused_at_the_handshake(agg, cert_dir, tmp_path):
+    ca = (cert_dir / "ca.crt").read_bytes()
+    with grpc.secure_channel(agg.address, grpc.ssl_channel_credentials(root_certificates=ca)) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.PromptRegistryStub(ch).ListVersions(pb.ListVersionsRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake failed: no RPC happened
+    other = tmp_path / "other-ca"
+    certs.create(other, nodes=["alice"], hosts=["localhost"])  # same name, another CA
+    files = certs.node_files(other, "alice")
+    creds = grpc.ssl_channel_credentials(ca, files.client_key.read_bytes(), files.client_cert.read_bytes())
+    with grpc.secure_channel(agg.address, creds) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.PromptRegistryStub(ch).ListVersions(pb.ListVersionsRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_removed_node_is_refused_and_holders_cannot_run_rounds(agg, cert_dir, tmp_path):
+    with agg.client("alice") as alice:
+        assert alice.list_versions() == []
+        with pytest.raises(AggregatorError) as e:
+            alice.open_round(task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2)
+        assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
+    # a node whose folder is gone (revoked) still has a certificate the CA signed, and is refused
+    keep = tmp_path / "dave"
+    shutil.copytree(cert_dir / "nodes" / "dave", keep)
+    with agg.client("dave") as dave:
+        dave.list_versions()
+        shutil.rmtree(cert_dir / "nodes" / "dave")
+        agg.server.prompts.gate.known.discard("dave")
+        try:
+            with pytest.raises(AggregatorError) as e:
+                dave.list_versions()
+            assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            shutil.copytree(keep, cert_dir / "nodes" / "dave")
+
+
+def test_rate_limit_per_identity(cert_dir, tmp_path):
+    with RunningAggregator(cert_dir, str(tmp_path / "r.sqlite"), rate_per_second=0.01, burst=3) as running:
+        with running.client("alice") as alice, running.client("bob") as bob:
+            for _ in range(3):
+                alice.list_versions()
+            with pytest.raises(AggregatorError) as e:
+                alice.list_versions()
+            assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            bob.list_versions()  # another identity has its own bucket
+
+
+def test_registry_publish_get_prefix_export_and_cli(agg, cert_dir, tmp_path, capsys):
+    from fedprompt import artifact
+
+    meta = {
+        "task": "sst",
+        "template": "Review: {text}\nSentiment:",
+        "label_names": ["negative", "positive"],
+        "label_words": [[" negative"], [" positive"]],
+        "base_model_id": MODEL.model_id,
+        "base_model_sha256": MODEL.weights_sha256,
+        "origin_id": "0" * 16,
+        "init": {"method": "text"},
+        "privacy": {"epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"},
+    }
+    values = np.arange(32, dtype=np.float32).reshape(SHAPE) / 10
+    with agg.client() as c:
+        v = c.publish_version(task="sst", base_model=MODEL, embeddings=values, metadata=meta)
+        again = c.publish_version(task="sst", base_model=MODEL, embeddings=values, metadata=meta)
+        assert again.version_id == v.version_id and len(c.list_versions()) == 1  # content-addressed
+        got = c.get_version(v.version_id[:10])
+        np.testing.assert_array_equal(got.embeddings, values)
+        text = c.publish_version(task="sst", base_model=MODEL, text="Classify the review.", parent_id=v.version_id)
+        assert c.get_version(text.version_id).text == "Classify the review."
+    common = ["prompts", "--aggregator", agg.address, "--certs", str(cert_dir)]
+    assert cli_main([*common, "list"]) == 0
+    assert "2 version(s)" in capsys.readouterr().out
+    assert cli_main([*common, "--as", "bob", "show", v.version_id[:12]]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["privacy"]["epsilon"] == 8.0
+    out = tmp_path / "exported"
+    assert cli_main([*common, "export", v.version_id, "--out", str(out)]) == 0
+    weight, loaded = artifact.load(out)
+    np.testing.assert_array_equal(weight.numpy(), values)
+    assert loaded.privacy["epsilon"] == 8.0 and loaded.lineage["registry_version"] == v.version_id
+    assert cli_main([*common, "show", "ffffffffffff"]) == 2  # a clear error, no traceback
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_task_vectors_compose_over_grpc(agg):
+    with agg.client() as c:
+        origin = _origin(c)
+        tuned_a = c.publish_version(task="a", base_model=MODEL, embeddings=origin.embeddings + 1.0, parent_id=None)
+        tuned_b = c.publish_version(task="b", base_model=MODEL, embeddings=origin.embeddings - 0.5)
+        ta = c.publish_task_vector(task="a", tuned_id=tuned_a.version_id, origin_id=origin.version_id)
+        tb = c.publish_task_vector(task="b", tuned_id=tuned_b.version_id, origin_id=origin.version_id)
+        composed = c.compose(origin_id=origin.version_id, terms=[(ta.vector_id, 0.5), (tb.vector_id, 2.0)], task="a+b")
+        np.testing.assert_allclose(composed.embeddings, origin.embeddings + 0.5 * 1.0 + 2.0 * -0.5, atol=1e-6)
+        stranger = c.publish_version(task="x", base_model=OTHER, embeddings=origin.embeddings)
+        with pytest.raises(AggregatorError) as e:
+            c.publish_task_vector(task="x", tuned_id=stranger.version_id, origin_id=origin.version_id)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        other_origin = _origin(c, seed=1)
+        with pytest.raises(AggregatorError) as e:
+            c.compose(origin_id=other_origin.version_id, terms=[(ta.vector_id, 1.0)], task="bad")
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_plain_round_every_bad_input_is_refused_and_changes_nothing(agg, tmp_path):
+    with agg.client() as coord:
+        base = _origin(coord)
+        r = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=3, base_version_id=base.version_id
+        )
+        ok = np.full(SHAPE, 0.25, np.float32)
+        with agg.client("alice") as alice:
+            alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0)
+            before = agg.server.store.dump()
+            nan, inf = ok.copy(), ok.copy()
+            nan[0, 0], inf[1, 1] = np.nan, np.inf
+            bad = {
+                "nan": (dict(delta=nan), grpc.StatusCode.INVALID_ARGUMENT),
+                "inf": (dict(delta=inf), grpc.StatusCode.INVALID_ARGUMENT),
+                "shape": (dict(delta=np.zeros((4, 9), np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
+                "model": (dict(base_model=OTHER), grpc.StatusCode.FAILED_PRECONDITION),
+                "weight": (dict(weight=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+                "twice": ({}, grpc.StatusCode.ALREADY_EXISTS),
+                "unknown round": (dict(round_id="0" * 32), grpc.StatusCode.NOT_FOUND),
+            }
+            for name, (change, code) in bad.items():
+                kw = dict(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0) | change
+                with pytest.raises(AggregatorError) as e:
+                    alice.submit_update(**kw)
+                assert _code(e) == code, name
+            # float64 on the wire: refused before it becomes an array
+            req = pb.SubmitUpdateRequest(
+                round_id=r.round_id,
+                base_model=convert.model_ref_to_proto(MODEL),
+                delta=pb.Tensor(shape=list(SHAPE), dtype=pb.FLOAT64, data=ok.astype(np.float64).tobytes()),
+                weight=1.0,
+            )
+            with pytest.raises(grpc.RpcError) as e:
+                alice.rounds.SubmitUpdate(req, timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "float64" in e.value.details()
+            assert agg.server.store.dump() == before
+        for name, delta, w in (("bob", 0.5, 1.0), ("carol", -0.25, 2.0)):
+            with agg.client(name) as h:
+                h.submit_update(
+                    round_id=r.round_id, base_model=MODEL, delta=np.full(SHAPE, delta, np.float32), weight=w
+                )
+        done = coord.finalise_round(r.round_id, {"note": "test"})
+        expected = (0.25 * 1 + 0.5 * 1 + -0.25 * 2) / 4
+        np.testing.assert_allclose(done.mean_update, expected, atol=1e-7)
+        assert done.version is not None and done.version.parent_id == base.version_id
+        np.testing.assert_allclose(done.version.embeddings, base.embeddings + expected, atol=1e-6)
+        before = agg.server.store.dump()
+        with agg.client("dave") as dave, pytest.raises(AggregatorError) as e:
+            dave.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION  # closed round
+        with pytest.raises(AggregatorError) as e:
+            coord.finalise_round(r.round_id)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        assert agg.server.store.dump() == before
+
+
+def test_oversized_messages_are_refused_by_the_server(cert_dir, tmp_path):
+    with RunningAggregator(cert_dir, str(tmp_path / "r.sqlite"), max_message_bytes=64 * 1024) as running:
+        with running.client() as c:
+            r = c.open_round(task="sst", base_model=MODEL, shape=(64, 512), expected_clients=2)
+            before = running.server.store.dump()
+            with running.client("alice") as alice, pytest.raises(AggregatorError) as e:
+                alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.zeros((64, 512), np.float32))
+            assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert running.server.store.dump() == before
+
+
+def _run_secure_round(agg, names, vectors, drop_after: dict[str, int] | None = None):
+    """Drive SecAggStep as the coordinator would, with each holder's SecAggClient signing with its node key."""
+    drop_after = drop_after or {}
+    with agg.client() as coord:
+        r = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=len(names), secure=True,
+            participants=names, clip_range=1.0, min_clients=2,
+        )  # fmt: skip
+        resp = coord.secagg_step(r.round_id, 0, [])
+        clients: dict[int, SecAggClient] = {}
+        for stage in range(1, 5):
+            replies = []
+            for env in resp.requests:
+                name = names[env.client_index - 1]
+                if drop_after.get(name, 99) < stage:
+                    continue
+                if env.message.WhichOneof("body") == "setup":
+                    key = load_ssh_private_key(certs.node_files(agg.certs_dir, name).private_key.read_bytes(), None)
+                    clients[env.client_index] = SecAggClient(
+                        env.message.setup, vectors[name].reshape(-1), signing_key=key
+                    )
+                reply = clients[env.client_index].handle(env.message)
+                replies.append(pb.SecAggEnvelope(client_index=env.client_index, message=reply))
+            resp = coord.secagg_step(r.round_id, stage, replies)
+        return r, resp
+
+
+def test_secure_round_over_grpc_gives_the_mean_of_the_survivors(agg):
+    rng = np.random.default_rng(3)
+    vectors = {n: rng.uniform(-0.5, 0.5, size=SHAPE).astype(np.float32) for n in HOLDERS}
+    r, resp = _run_secure_round(agg, HOLDERS, vectors, drop_after={"dave": 2})  # dave drops after sharing keys
+    assert resp.done and resp.result.contributors == 3
+    mean = convert.tensor_from_proto(resp.result.mean_update)
+    expected = np.mean([vectors[n] for n in ("alice", "bob", "carol")], axis=0)
+    np.testing.assert_allclose(mean, expected, atol=1e-5)  # quantisation error only
+    with agg.client() as coord:
+        assert coord.get_round(r.round_id).state == "finalised"
+        # nothing of any single holder was stored: no plain updates for a secure round
+        assert agg.server.store.dump().get("updates", []) == []
+
+
+def test_secure_round_refuses_unregistered_participants_and_plain_updates(agg):
+    with agg.client() as coord:
+        r = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
+            participants=["alice", "mallory"], clip_range=1.0, min_clients=2,
+        )  # fmt: skip
+        with pytest.raises(AggregatorError) as e:
+            coord.secagg_step(r.round_id, 0, [])
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "mallory" in e.value.details
+        r2 = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
+            participants=["alice", "bob"], clip_range=1.0, min_clients=2,
+        )  # fmt: skip
+        with agg.client("alice") as alice, pytest.raises(AggregatorError) as e:
+            alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32))
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(AggregatorError) as e:
+            coord.secagg_step(r2.round_id, 2, [])  # out of order: the protocol has not started
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_async_stream_over_grpc(agg):
+    with agg.client() as coord:
+        head = _origin(coord)
+        s = coord.open_stream(task="sst", base_model=MODEL, head_version_id=head.version_id, buffer_size=2)
+    with agg.client("alice") as alice, agg.client("bob") as bob:
+        first = alice.push_update(
+            stream_id=s.stream_id, base_model=MODEL, base_version_id=head.version_id, delta=np.ones(SHAPE, np.float32)
+        )
+        assert first.merged_version_id is None and first.stream.buffered == 1
+        second = bob.push_update(
+            stream_id=s.stream_id, base_model=MODEL, base_version_id=head.version_id, delta=np.zeros(SHAPE, np.float32)
+        )
+        assert second.merged_version_id and second.stream.generation == 1
+        merged = alice.get_version(second.merged_version_id)
+        np.testing.assert_allclose(merged.embeddings, head.embeddings + 0.5, atol=1e-6)
+
+
+def test_store_survives_a_restart_of_the_server(cert_dir, tmp_path):
+    store = str(tmp_path / "r.sqlite")
+    with RunningAggregator(cert_dir, store) as running, running.client() as c:
+        v = _origin(c)
+        r = c.open_round(task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2)
+        with running.client("alice") as alice:
+            alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
+    with RunningAggregator(cert_dir, store) as running, running.client() as c:
+        assert c.get_version(v.version_id).version_id == v.version_id
+        assert c.get_round(r.round_id).received == 1
+    s = open_store(store)
+    try:
+        assert len(s.dump()["updates"]) == 1
+    finally:
+        s.close()
