@@ -6,12 +6,15 @@ Node config, set by ``fedprompt client``:
   (:mod:`fedprompt.client.worker`), which keeps the model loaded. The usual mode.
 - or ``data`` and ``state`` (plus optional ``holder``, ``device``, ``precision``): load everything in
   this process. Flower starts a new ClientApp process per message, so this pays the model load every
-  message; it exists for SuperNodes started by hand and for measuring that cost.
+  message; it exists for SuperNodes started by hand and for measuring that cost. Secure aggregation
+  needs the worker (the masked update's secrets must outlive one message).
 
 This module imports no torch: in the worker mode the per-message process stays light.
 """
 
 from __future__ import annotations
+
+import base64
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -46,9 +49,14 @@ def _in_process_service(context: Context):
 
 def _handle(kind: str, message: Message, context: Context) -> Message:
     try:
-        prompt = from_record(message.content["prompt"], "weight")
-        config = dict(message.content["config"])
-    except (KeyError, ValueError) as exc:
+        if kind == "secagg":
+            prompt = None
+            config = dict(message.content["config"])
+            config["message"] = base64.b64encode(bytes(message.content["secagg"]["message"])).decode()
+        else:
+            prompt = from_record(message.content["prompt"], "weight")
+            config = dict(message.content["config"])
+    except (KeyError, ValueError, TypeError) as exc:
         return Message(Error(code=REFUSED, reason=f"malformed message: {exc}"), reply_to=message)
     nc = context.node_config
     if str(nc.get("worker", "")):
@@ -71,14 +79,22 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
         "metrics": MetricRecord(header["metrics"]),
         "info": ConfigRecord({"holder": str(header.get("holder", ""))}),
     }
-    if kind == "train":
+    if kind == "train" and not header.get("secure"):
         records["update"] = to_record(delta=np.asarray(arr))
+    if kind == "secagg":
+        records["secagg"] = ConfigRecord({"message": base64.b64decode(header["message"])})
     return Message(RecordDict(records), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     return _handle("train", message, context)
+
+
+@app.train("secagg")
+def secagg(message: Message, context: Context) -> Message:
+    """One stage of SecAgg+ for the update this holder kept from the round's training."""
+    return _handle("secagg", message, context)
 
 
 @app.evaluate()

@@ -109,6 +109,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         allowed_models=set(args.allow_model) if args.allow_model else None,
+        signing_key=key,
     )
     if args.in_process:
         worker = None

@@ -6,10 +6,16 @@ it). ``fedprompt client`` therefore hosts one :class:`Holder` in its own process
 forwards each message to it over a Unix socket (mode 0700 folder, HMAC challenge with a random key
 from a 0600 file). Frames are a JSON header and a ``.npy`` array (``allow_pickle=False``): no pickle
 crosses the socket.
+
+Secure aggregation: when a round's settings ask for it, the update stays here (``_pending``) and the
+coordinator relays the SecAgg+ stages (kind ``secagg``) to a :class:`SecAggClient` that masks it; the update
+itself never leaves this process. The masking secrets live only in memory and are dropped when the round's
+protocol ends or the next round starts.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -30,7 +36,7 @@ from fedprompt.errors import BudgetExceededError, FedPromptError
 
 log = logging.getLogger("fedprompt.client")
 
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "secagg")
 
 
 def _npy(arr: np.ndarray | None) -> bytes:
@@ -77,12 +83,16 @@ class HolderService:
         device: str = "auto",
         precision: str = "auto",
         allowed_models: set[str] | None = None,
+        signing_key: str | Path | None = None,
     ) -> None:
         self.data, self.state_dir, self.name = data, Path(state_dir), name
         self.device, self.precision = device, precision
         self.allowed_models = allowed_models
+        self.signing_key = Path(signing_key) if signing_key else None  # the node key signs SecAgg key adverts
         self._holder = None
         self._holder_key: tuple | None = None
+        self._pending: dict[tuple[str, int], np.ndarray] = {}  # (run, round) -> update awaiting secure aggregation
+        self._secagg: dict[tuple[str, int], object] = {}  # (run, round) -> its SecAggClient
 
     # ------------------------------------------------------------------ requests
 
@@ -120,14 +130,21 @@ class HolderService:
         from fedprompt.rounds import LocalSettings
 
         kind, config = header.get("kind"), header.get("config")
-        if kind not in KINDS or not isinstance(config, dict) or prompt is None:
+        if kind not in KINDS or not isinstance(config, dict) or (prompt is None) != (kind == "secagg"):
             return {"ok": False, "code": "refused", "reason": f"malformed request (kind={kind!r})"}, None
         try:
+            if kind == "secagg":
+                return self._secagg_step(config), None
             holder = self.holder(config)
             weight = torch.from_numpy(np.array(prompt, dtype=np.float32))
             if kind == "train":
-                outcome = holder.train_round(weight, LocalSettings.from_config(config))
+                settings = LocalSettings.from_config(config)
+                outcome = holder.train_round(weight, settings)
                 metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
+                if settings.secure_aggregation:
+                    self._pending = {(settings.run_id, settings.server_round): outcome.delta.numpy().reshape(-1)}
+                    self._secagg.clear()
+                    return {"ok": True, "holder": self.name, "metrics": metrics, "secure": True}, None
                 return {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
             accuracy, n = holder.evaluate(weight)
             return {"ok": True, "holder": self.name, "metrics": {"accuracy": accuracy, "num_examples": n}}, None
@@ -140,6 +157,34 @@ class HolderService:
         except Exception as exc:  # reported to the coordinator as a failed reply; the daemon keeps serving
             log.exception("request failed")
             return {"ok": False, "code": "error", "reason": f"{type(exc).__name__}: {exc}"}, None
+
+    def _secagg_step(self, config: dict) -> dict:
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        from fedprompt.protocols import secagg_pb2
+        from fedprompt.protocols.secagg import SecAggClient
+
+        key = (str(config["run_id"]), int(config["server_round"]))
+        msg = secagg_pb2.SecAggMessage.FromString(base64.b64decode(config["message"]))
+        stage = msg.WhichOneof("body")
+        if stage == "setup":
+            update = self._pending.get(key)
+            if update is None:
+                raise FedPromptError(f"no update of run {key[0]} round {key[1]} is waiting for secure aggregation")
+            if msg.setup.vector_length != update.size:
+                n = msg.setup.vector_length
+                raise FedPromptError(f"secure aggregation of {n} values; the update has {update.size}")
+            signer = load_ssh_private_key(self.signing_key.read_bytes(), None) if self.signing_key else None
+            self._secagg[key] = SecAggClient(msg.setup, update, signing_key=signer)
+        client = self._secagg.get(key)
+        if client is None:
+            raise FedPromptError(f"secure aggregation of run {key[0]} round {key[1]} has not started here")
+        reply = client.handle(msg)
+        if stage == "unmask_request":  # the protocol's last message from this holder: forget the secrets
+            self._secagg.pop(key, None)
+            self._pending.pop(key, None)
+        encoded = base64.b64encode(reply.SerializeToString()).decode()
+        return {"ok": True, "holder": self.name, "metrics": {}, "message": encoded}
 
 
 class HolderWorker:

@@ -29,6 +29,7 @@ class LocalFederation:
     def __init__(self, out: Path, holders: list[HolderSpec], *, port: int = 0, threads: int = 1) -> None:
         self.out, self.holders, self.threads = out, holders, threads
         self.port = port or fp.free_port()
+        self.aggregator_port = fp.free_port()
         self.certs = out / "certs"
         self.logs = out / "logs"
         self.checkpoints = out / "coordinator" / "checkpoints"
@@ -43,7 +44,8 @@ class LocalFederation:
     def start_server(self, *settings: str, log: str = "server.log") -> subprocess.Popen:
         """``fedprompt server`` with ``settings`` (its command-line flags)."""
         args = ["server", "--certs", str(self.certs), "--state", str(self.out / "coordinator")]
-        self.server = self._spawn([*args, "--port", str(self.port), *settings], self.logs / log)
+        args += ["--port", str(self.port), "--aggregator-listen", f"127.0.0.1:{self.aggregator_port}"]
+        self.server = self._spawn([*args, *settings], self.logs / log)
         return self.server
 
     def start_holder(self, h: HolderSpec, *extra: str) -> subprocess.Popen:

@@ -65,6 +65,8 @@ class LocalSettings:
     max_grad_norm: float = 1.0
     accountant: str = DEFAULT_ACCOUNTANT
     secure_mode: bool = False
+    # keep the update on the holder and hand it to the round's secure aggregation instead of replying with it
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.server_round, bool) or not isinstance(self.server_round, int) or self.server_round < 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -19,13 +19,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import zoo
+from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.artifact import ArtifactMeta
 from fedprompt.flower_io import from_record, to_record
-from fedprompt.prompt import origin_id
+from fedprompt.prompt import origin_id, prompt_sha256
 from fedprompt.rounds import TaskSpec
-from fedprompt.server import checkpoint
+from fedprompt.server import checkpoint, secure_round
 from fedprompt.server.aggregate import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.server.config import FederationConfig
+from fedprompt.server.records import ModelRef
 from fedprompt.task import Verbalizer
 from fedprompt.training import TuneConfig, initial_prompt
 
@@ -45,18 +47,24 @@ class Reply:
     error: str = ""
 
 
-def parse_train_reply(msg: Message, shape: torch.Size) -> Reply:
+def parse_train_reply(msg: Message, shape: torch.Size, *, secure: bool = False) -> Reply:
+    """A holder's training reply; under secure aggregation it carries no update (the holder keeps it)."""
     node = msg.metadata.src_node_id
     if msg.has_error():
         return Reply(node, str(node), error=f"error {msg.error.code}: {msg.error.reason}")
     content = msg.content
     holder = str(content["info"]["holder"]) if "info" in content else str(node)
     try:
-        delta = torch.from_numpy(from_record(content["update"], "delta"))
-        if delta.shape != shape:
-            raise ValueError(f"update has shape {tuple(delta.shape)}, the prompt {tuple(shape)}")
-        if not torch.isfinite(delta).all():
-            raise ValueError("update holds NaN or infinite values")
+        delta = None
+        if secure:
+            if "update" in content:
+                raise ValueError("the holder sent its update in the clear in a secure round")
+        else:
+            delta = torch.from_numpy(from_record(content["update"], "delta"))
+            if delta.shape != shape:
+                raise ValueError(f"update has shape {tuple(delta.shape)}, the prompt {tuple(shape)}")
+            if not torch.isfinite(delta).all():
+                raise ValueError("update holds NaN or infinite values")
         metrics = dict(content["metrics"])
         n = int(metrics.get("num_examples", 0))
         if n < 1:
@@ -92,6 +100,9 @@ class Federation:
             )
             if cfg.client_dp
             else None
+        )
+        self.aggregator = (
+            AggregatorClient(cfg.aggregator, cfg.aggregator_certs, "coordinator") if cfg.aggregator else None
         )
         self.fingerprint = {
             "task": self.task.name,
@@ -146,7 +157,8 @@ class Federation:
             )
         )
         record["train_seconds"] = time.monotonic() - started
-        parsed = [parse_train_reply(m, weight.shape) for m in replies]
+        secure = self.cfg.secure_aggregation
+        parsed = [parse_train_reply(m, weight.shape, secure=secure) for m in replies]
         for r in parsed:
             if r.holder != str(r.node_id):
                 self.names[r.node_id] = r.holder
@@ -171,6 +183,30 @@ class Federation:
                 return weight, record
             mean, stats = self.client_dp.merge([r.delta for r in ok])
             record.update(stats)
+        elif secure:
+            if len(ok) < self.cfg.min_train_nodes:
+                log(WARNING, "round %d: %d holder(s) trained, fewer than min_train_nodes; unchanged", rnd, len(ok))
+                return weight, record
+            try:
+                mean_np, stats = secure_round.relay(
+                    self.grid,
+                    self.aggregator,
+                    task=self.task,
+                    shape=tuple(weight.shape),
+                    holders={r.node_id: r.holder for r in ok},
+                    run_id=self.run_id,
+                    rnd=rnd,
+                    min_clients=self.cfg.min_train_nodes,
+                    clip_range=self.cfg.secagg_clip_range,
+                    timeout=self.cfg.round_timeout_s,
+                )
+            except secure_round.SecureRoundFailed as exc:
+                record["failed"]["secure aggregation"] = str(exc)
+                log(WARNING, "round %d: secure aggregation failed, the prompt is unchanged: %s", rnd, exc)
+                return weight, record
+            record.update(stats)
+            # every holder counts once: the protocol sums, and the sum is divided by the survivors
+            mean = torch.from_numpy(mean_np)
         else:
             if len(ok) < self.cfg.min_train_nodes:
                 log(
@@ -251,7 +287,22 @@ class Federation:
         )
 
     def save(self, rnd: int, weight: torch.Tensor, history: list[dict]) -> None:
+        """Publish the round's prompt to the registry (when there is one), then checkpoint it."""
         meta = self.artifact_meta(rnd, history)
+        if self.aggregator is not None:
+            parent = next((r["version_id"] for r in reversed(history[:-1]) if r.get("version_id")), None)
+            try:
+                v = self.aggregator.publish_version(
+                    task=self.task.name,
+                    base_model=ModelRef(self.task.model, self.task.model_sha256),
+                    embeddings=weight.numpy(),
+                    parent_id=parent,
+                    metadata={**asdict(meta), "prompt_sha256": prompt_sha256(weight), "run_id": self.run_id},
+                )
+                history[-1]["version_id"] = v.version_id
+            except AggregatorError as exc:  # the checkpoint still holds the prompt; the registry can catch up
+                history[-1]["registry_error"] = str(exc)
+                log(WARNING, "round %d: not stored in the prompt registry: %s", rnd, exc)
         ckpt = checkpoint.Checkpoint(rnd, weight, meta, self.strategy.state_dict(), history)
         checkpoint.save(self.cfg.checkpoint_dir, ckpt, self.fingerprint)
 
@@ -292,13 +343,7 @@ class Federation:
                 eps,
                 f"; left out: {record['failed']}" if record["failed"] else "",
             )
-            checkpoint.save(
-                cfg.checkpoint_dir,
-                checkpoint.Checkpoint(
-                    rnd, weight, self.artifact_meta(rnd, history), self.strategy.state_dict(), history
-                ),
-                self.fingerprint,
-            )
+            self.save(rnd, weight, history)
         log(INFO, "federation done: global prompt in %s", cfg.checkpoint_dir)
 
 

@@ -52,6 +52,14 @@ class FederationConfig:
     client_clip_norm: float = 1.0
     client_noise_multiplier: float = 1.0
     client_delta: float = 1e-3
+    # the aggregation server (HOST:PORT) and the certificate folder with the coordinator's client certificate:
+    # every round's global prompt is stored there as a version (fedprompt prompts list)
+    aggregator: str = ""
+    aggregator_certs: str = ""
+    # SecAgg+ through the aggregation server: the coordinator sees only the mean of the holders' updates
+    secure_aggregation: bool = False
+    # each update value is clipped to [-secagg_clip_range, secagg_clip_range] before quantisation
+    secagg_clip_range: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_absolute():
@@ -67,6 +75,18 @@ class FederationConfig:
         for name in ("wait_for_nodes_s", "round_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
+        if bool(self.aggregator) != bool(self.aggregator_certs):
+            raise ValueError(
+                "aggregator and aggregator_certs go together (the address and the coordinator's certificate)"
+            )
+        if self.secure_aggregation and not self.aggregator:
+            raise ValueError("secure_aggregation needs the aggregation server: set aggregator and aggregator_certs")
+        if self.secure_aggregation and self.client_dp:
+            raise ValueError(
+                "client_dp clips each holder's update on the coordinator, which secure aggregation hides from it"
+            )
+        if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
+            raise ValueError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
         self.local_settings(run_id="check", server_round=1)  # validates the holders' settings up front
 
     @classmethod

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import sys
 import time
 from dataclasses import fields
 from importlib import resources
@@ -17,6 +19,7 @@ from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
+from fedprompt.server.aggregator_cli import STORE_ENV
 from fedprompt.server.config import FederationConfig
 
 # Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
@@ -30,9 +33,16 @@ def app_dir() -> Path:
     return Path(str(resources.files("fedprompt") / "flower_app"))
 
 
+def loopback(address: str) -> str:
+    """The address the coordinator's own processes use for a service listening on ``address``."""
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]", "::", "") else address
+
+
 class Coordinator:
     def __init__(self, *, certs: Path, state: Path, host: str, port: int) -> None:
         self.certs, self.state, self.host, self.port = certs, state, host, port
+        self.aggregator = None
         for name in ("ca.crt", "server.crt", "server.key"):
             if not (certs / name).is_file():
                 raise FedPromptError(f"{certs / name} is missing; create the material with fedprompt certs")
@@ -59,6 +69,19 @@ class Coordinator:
         self.superlink = fp.start(cmd, log, fp.flower_env(self.state / "flwr" / "superlink"))
         fp.wait_for_port(self.local_host, self.port, self.superlink, log)
         print(f"SuperLink on {self.host}:{self.port} (TLS, node authentication); log: {log}", flush=True)
+
+    def start_aggregator(self, listen: str, store: str, health_listen: str | None = None) -> None:
+        """The aggregation server beside the SuperLink, as its own process (``fedprompt aggregator``)."""
+        log = self.logs / "aggregator.log"
+        cmd = [sys.executable, "-m", "fedprompt.cli", "aggregator", "--certs", self.certs, "--listen", listen]
+        if health_listen:
+            cmd += ["--health-listen", health_listen]
+        env = dict(os.environ)
+        env[STORE_ENV] = store  # a PostgreSQL URL may hold a password: keep it off the command line
+        self.aggregator = fp.start(cmd, log, env)
+        host, _, port = loopback(listen).rpartition(":")
+        fp.wait_for_port(host, int(port), self.aggregator, log)
+        print(f"aggregation server on {listen} (mutual TLS); log: {log}", flush=True)
 
     def register_nodes(self) -> int:
         """Register every node key under ``certs/nodes`` that the SuperLink does not know yet."""
@@ -93,6 +116,8 @@ class Coordinator:
         while True:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FedPromptError(f"the SuperLink exited:\n{fp.tail(self.logs / 'superlink.log')}")
+            if self.aggregator is not None and self.aggregator.poll() is not None:
+                raise FedPromptError(f"the aggregation server exited:\n{fp.tail(self.logs / 'aggregator.log')}")
             if state_file.exists():
                 history = json.loads(state_file.read_text()).get("history", [])
                 for rec in history[shown:]:
@@ -125,6 +150,8 @@ class Coordinator:
     def stop(self) -> None:
         fp.stop(self.superlink)
         self.superlink = None
+        fp.stop(self.aggregator)
+        self.aggregator = None
         # the ServerApp process is started by Flower outside the SuperLink's process group
         fp.stop_matching(f"--runtime-api-address {self.host}:{self.port}")
 
@@ -186,6 +213,23 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="any other run setting of fedprompt.server.config.FederationConfig (JSON value)",
     )
+    p.add_argument(
+        "--aggregator-listen",
+        default="127.0.0.1:9094",
+        help="address of the aggregation server started beside the SuperLink (prompt registry, secure rounds)",
+    )
+    p.add_argument(
+        "--aggregator-store",
+        default=None,
+        help=f"its SQLite file or PostgreSQL URL (default: ${STORE_ENV} or STATE/registry.sqlite)",
+    )
+    p.add_argument("--aggregator-health-listen", default=None, help="plaintext health-check address for probes")
+    p.add_argument("--no-aggregator", action="store_true", help="run without the aggregation server (no registry)")
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+ through the aggregation server: the coordinator sees only the mean of the updates",
+    )
     p.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the federation")
     p.set_defaults(func=cmd_server)
 
@@ -200,6 +244,11 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         values["dp"] = False
     if args.client_dp:
         values["client_dp"] = True
+    if not args.no_aggregator:
+        values["aggregator"] = loopback(args.aggregator_listen)
+        values["aggregator_certs"] = str(Path(args.certs).resolve())
+    if args.secure_aggregation:
+        values["secure_aggregation"] = True
     known = {f.name for f in fields(FederationConfig)}
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -223,6 +272,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         coord.start()
+        if not args.no_aggregator:
+            store = args.aggregator_store or os.environ.get(STORE_ENV) or str(state / "registry.sqlite")
+            coord.start_aggregator(args.aggregator_listen, store, args.aggregator_health_listen)
         coord.register_nodes()
         run_id = coord.submit(cfg)
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)

@@ -123,3 +123,34 @@ def test_fedadam_with_client_level_dp_through_flower(tmp_path, holders):
     assert not torch.equal(weight, artifact.load(fed.checkpoints / "round-0000")[0])
     state = fed.checkpoints / "strategy-0002.safetensors"
     assert state.stat().st_size > 1000  # FedAdam's moments are checkpointed for a resume
+
+
+def test_secure_aggregation_rounds_store_every_global_prompt_in_the_registry(tmp_path, holders):
+    from fedprompt.server.registry import Registry
+    from fedprompt.server.store import open_store
+
+    with LocalFederation(tmp_path / "fed", holders[:3]) as fed:
+        fed.start(*SETTINGS, "--num-rounds", "2", "--min-available-nodes", "3", "--secure-aggregation")
+        history = fed.wait(300)
+    # the coordinator stopped its aggregation server at the end; its store stays
+    with open_store(str(tmp_path / "fed" / "coordinator" / "registry.sqlite")) as store:
+        registry = Registry(store)
+        versions = {v.version_id: v for v in registry.list_versions()}
+        final = registry.get_version(history[-1]["version_id"])
+        rounds = store.dump()["rounds"]
+        assert store.dump()["updates"] == []  # no holder's update was ever stored, or sent, in the clear
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert len(rounds) == 2
+    for rec in history[1:]:
+        assert rec["merged"] and rec["secure_contributors"] == 3, rec
+        assert set(rec["holders"]) == {"holder-1", "holder-2", "holder-3"}
+    # every round's global prompt is a version, each the child of the one before
+    chain = [r["version_id"] for r in history]
+    assert set(chain) <= set(versions) and len(set(chain)) == 3
+    assert [versions[v].parent_id or None for v in chain] == [None, chain[0], chain[1]]
+    weight, meta = artifact.load(fed.checkpoints / "round-0002")
+    assert torch.equal(torch.from_numpy(final.embeddings), weight)
+    assert final.metadata["privacy"]["epsilon"] == meta.privacy["epsilon"] > 0
+    # the global prompt moved, by the mean of updates the coordinator never saw one by one
+    first = artifact.load(fed.checkpoints / "round-0000")[0]
+    assert not torch.equal(first, weight)
