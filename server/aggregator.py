@@ -20,7 +20,6 @@ plaintext port for probes that cannot present a client certificate (kubelet's gR
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -40,8 +39,6 @@ from fedprompt.server.records import Forbidden, RegistryError
 from fedprompt.server.registry import Registry
 from fedprompt.server.secagg_rounds import SecureRounds
 from fedprompt.server.store import open_store
-
-log = logging.getLogger("fedprompt.aggregator")
 
 SERVICE_NAMES = ("fedprompt.v1.PromptRegistry", "fedprompt.v1.RoundAggregation")
 COORDINATOR_ONLY = {"OpenRound", "FinaliseRound", "AbortRound", "SecAggStep", "OpenAsyncStream"}
@@ -351,5 +348,6 @@ class Aggregator:
             if maybe is not None:
                 await maybe
         await stop.wait()
-        log.info("shutting down: %.0f s for the calls in flight", self.settings.grace_seconds)
+        print(f"shutting down: {self.settings.grace_seconds:.0f} s for the calls in flight", flush=True)
         await self.stop()
+        print("stopped; the store is closed", flush=True)

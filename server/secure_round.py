@@ -10,6 +10,7 @@ shares); too many losses abort the round on the server and leave the prompt unch
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -49,6 +50,7 @@ def relay(
     participants = [holders[n] for n in nodes]
     node_of = {i: n for i, n in enumerate(nodes, start=1)}
     started = time.monotonic()
+    opened = None
     try:
         opened = client.open_round(
             task=task.name,
@@ -66,6 +68,9 @@ def relay(
             replies = _exchange(grid, response.requests, node_of, run_id, rnd, stage - 1, timeout, lost, holders)
             response = client.secagg_step(opened.round_id, stage, replies)
     except AggregatorError as exc:
+        if opened is not None:  # close it on the server too, so that nothing waits on it (a no-op if aborted)
+            with contextlib.suppress(AggregatorError):
+                client.abort_round(opened.round_id, f"the coordinator gave up: {exc}")
         raise SecureRoundFailed(str(exc)) from exc
     if not response.done:
         raise SecureRoundFailed("the aggregation server did not finish the protocol after the unmasking stage")

@@ -334,3 +334,54 @@ def test_store_survives_a_restart_of_the_server(cert_dir, tmp_path):
         assert len(s.dump()["updates"]) == 1
     finally:
         s.close()
+
+
+def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(cert_dir, tmp_path):
+    import os
+    import signal
+    import sys
+
+    from fedprompt import flower_procs as fp
+    from fedprompt.server.registry import verify_version
+
+    port, store, log = fp.free_port(), tmp_path / "r.sqlite", tmp_path / "aggregator.log"
+    cmd = [sys.executable, "-m", "fedprompt.cli", "aggregator", "--certs", cert_dir, "--store", store]
+
+    def start():
+        proc = fp.start([*cmd, "--listen", f"127.0.0.1:{port}", "--grace", "5"], log, dict(os.environ))
+        fp.wait_for_port("127.0.0.1", port, proc, log)
+        return proc
+
+    def client(identity="coordinator"):
+        return AggregatorClient(f"127.0.0.1:{port}", cert_dir, identity)
+
+    proc = start()
+    try:
+        with client() as c, client("alice") as alice, client("bob") as bob:
+            base = _origin(c)
+            r1 = c.open_round(
+                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=base.version_id
+            )
+            for h, value in ((alice, 1.0), (bob, 3.0)):
+                h.submit_update(round_id=r1.round_id, base_model=MODEL, delta=np.full(SHAPE, value, np.float32))
+            v1 = c.finalise_round(r1.round_id).version
+            r2 = c.open_round(
+                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=v1.version_id
+            )
+            alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-round: one of two updates in
+        proc.wait(10)
+        proc = start()
+        with client() as c, client("bob") as bob:
+            assert c.get_version(v1.version_id).version_id == v1.version_id
+            assert c.get_round(r2.round_id).state == "open" and c.get_round(r2.round_id).received == 1
+            bob.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.full(SHAPE, 2.0, np.float32))
+            v2 = c.finalise_round(r2.round_id).version
+            np.testing.assert_allclose(v2.embeddings, base.embeddings + 2.0 + 1.5, atol=1e-5)
+            for v in (base, v1, v2):
+                assert verify_version(c.get_version(v.version_id))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "shutting down" in log.read_text()
+    finally:
+        fp.stop(proc)
