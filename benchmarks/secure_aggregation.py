@@ -44,7 +44,9 @@ import numpy as np
 from common import emit
 
 from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import SecAggClient, SecAggServer, plan
+from fedprompt.protocols.secagg import plan
+from fedprompt.protocols.secagg_client import SecAggClient
+from fedprompt.protocols.secagg_server import SecAggServer
 
 SHAPE = (20, 576)
 CLIP = 1.0

@@ -162,7 +162,7 @@ class HolderService:
         from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
         from fedprompt.protocols import secagg_pb2
-        from fedprompt.protocols.secagg import SecAggClient
+        from fedprompt.protocols.secagg_client import SecAggClient
 
         key = (str(config["run_id"]), int(config["server_round"]))
         msg = secagg_pb2.SecAggMessage.FromString(base64.b64decode(config["message"]))

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from fedprompt import certs
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert
-from fedprompt.protocols.secagg import SecAggServer
+from fedprompt.protocols.secagg_server import SecAggServer
 from fedprompt.server.records import ROUND_OPEN, Conflict, InvalidInput
 from fedprompt.server.registry import Registry
 

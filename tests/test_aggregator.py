@@ -19,7 +19,7 @@ from fedprompt.cli import main as cli_main
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
-from fedprompt.protocols.secagg import SecAggClient
+from fedprompt.protocols.secagg_client import SecAggClient
 from fedprompt.server.records import ModelRef
 from fedprompt.server.store import open_store
 

@@ -11,20 +11,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from scipy.stats import chi2
 
 from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import (
-    SecAggAbort,
-    SecAggClient,
-    SecAggRefused,
-    SecAggServer,
-    neighbour_graph,
-    plan,
-)
+from fedprompt.protocols.secagg import SecAggAbort, SecAggRefused, neighbour_graph, plan
+from fedprompt.protocols.secagg_client import SecAggClient
 from fedprompt.protocols.secagg_pb2 import (
     MaskedInput,
     SecAggMessage,
     SharePlaintext,
     UnmaskRequest,
 )
+from fedprompt.protocols.secagg_server import SecAggServer
 from fedprompt.server.records import Conflict
 
 N, LENGTH, CLIP = 10, 257, 1.0
