@@ -36,6 +36,11 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
+    p.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="holders send their updates in the clear to the coordinator (default: SecAgg+ via the aggregation server)",
+    )
     p.add_argument("--skip-baselines", action="store_true", help="federation only (no local-only / centralised)")
     p.set_defaults(func=cmd_demo)
 
@@ -59,6 +64,7 @@ def run_federation(a: argparse.Namespace, out: Path, data_files: list[Path]) -> 
             "--target-epsilon", str(a.target_epsilon),
             "--min-available-nodes", str(a.holders),
             "--min-train-nodes", str(max(1, a.holders - 1)),
+            *([] if a.no_secure_aggregation else ["--secure-aggregation"]),
         )  # fmt: skip
         print(f"coordinator on 127.0.0.1:{fed.port}; {a.holders} holder daemons; logs in {fed.logs}", flush=True)
         return fed.wait(a.timeout, echo=True)
@@ -130,6 +136,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         "lr": a.lr,
         "optimizer": a.optimizer,
         "target_epsilon": a.target_epsilon,
+        "secure_aggregation": not a.no_secure_aggregation,
         "template": full.template,
         "federation_seconds": fed_seconds,
         "baseline_seconds": baseline_seconds,

@@ -70,7 +70,14 @@ def write(folder: Path, *, history: list[dict], results: dict, settings: dict, s
         f"{settings['local_steps']} local DP-SGD steps (expected batch {settings['batch_size']}, "
         f"{settings['optimizer']} lr {settings['lr']}), each holder at epsilon = {settings['target_epsilon']:g} "
         "(delta = 1/(2n)) over the "
-        "whole run. Accuracy is on the dataset's test split (the union of the holders' test splits).",
+        "whole run. "
+        + (
+            "Updates are merged by secure aggregation (SecAgg+ through the aggregation server): the coordinator "
+            "saw only their mean. "
+            if settings.get("secure_aggregation")
+            else "Updates went to the coordinator in the clear (no secure aggregation). "
+        )
+        + "Accuracy is on the dataset's test split (the union of the holders' test splits).",
         "",
         "| holder | train | test | train labels |",
         "|---|---:|---:|---|",

@@ -59,7 +59,7 @@ def all_at_once(clients: list[AggregatorClient], call: Callable[[int, Aggregator
         try:
             barrier.wait(timeout=120)
             results[i] = call(i, clients[i])
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
@@ -121,7 +121,8 @@ def test_200_concurrent_holders_fill_one_round_exactly_once(cert_dir, store_targ
         assert done.contributors == N and done.round.state == "finalised" and done.round.received == N
         np.testing.assert_array_equal(done.version.embeddings, expected)  # base is zero
         assert [u for u in agg.server.store.dump()["updates"] if u[0] == r.round_id] == []
+        backend = "postgres" if store_target.startswith("postgresql") else "sqlite"
         print(
-            f"\n{store_target.split(':')[0]}: connect {t1 - t0:.2f}s, {N} submissions {t2 - t1:.2f}s, "
+            f"\n{backend}: connect {t1 - t0:.2f}s, {N} submissions {t2 - t1:.2f}s, "
             f"{N} refused resubmissions {t3 - t2:.2f}s"
         )
