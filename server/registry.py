@@ -90,6 +90,15 @@ def vector_id(*, task: str, origin_id: str, tuned_id: str, base_model: ModelRef,
     return _digest("fedprompt.task_vector.v1", header, tensor_bytes(tau))
 
 
+def initial_prompt_id(embeddings: np.ndarray) -> str:
+    """``fedprompt.prompt.origin_id`` of a prompt, in numpy (this process need not load torch): the id a tuned
+    prompt's artifact records for the initial prompt it started from."""
+    arr = np.ascontiguousarray(embeddings, dtype="<f4")
+    digest = hashlib.sha256(f"{tuple(arr.shape)}".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def verify_version(v: Version) -> bool:
     """Whether a stored version's id matches its content (nothing was lost or altered)."""
     return v.version_id == version_id(
@@ -233,6 +242,12 @@ class Registry(RoundsMixin, StreamsMixin):
                 )
             if tuned.embeddings.shape != origin.embeddings.shape:
                 raise Conflict(f"tuned version has shape {tuned.embeddings.shape}, origin {origin.embeddings.shape}")
+            claimed = tuned.metadata.get("origin_id")  # recorded by fedprompt's artifacts: the prompt it started from
+            if claimed and claimed != initial_prompt_id(origin.embeddings):
+                raise Conflict(
+                    f"tuned version {tuned.version_id[:16]} was tuned from initial prompt {claimed}, "
+                    f"not from version {origin.version_id[:16]} (initial prompt {initial_prompt_id(origin.embeddings)})"
+                )
             tau = tuned.embeddings - origin.embeddings
             tau.flags.writeable = False
             vid = vector_id(

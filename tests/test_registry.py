@@ -23,7 +23,7 @@ from fedprompt.server.records import (
     TaskVector,
     Version,
 )
-from fedprompt.server.registry import Registry, verify_version, version_id
+from fedprompt.server.registry import Registry, initial_prompt_id, verify_version, version_id
 
 pytest_plugins = ["pg"]
 
@@ -189,6 +189,21 @@ def test_task_vector_rejections(reg):
     rejected(reg, InvalidInput, reg.publish_task_vector, **{**ok, "tuned_id": origin.version_id}, match="same")
     rejected(reg, NotFound, reg.publish_task_vector, **{**ok, "tuned_id": "1" * 64})
     rejected(reg, InvalidInput, reg.publish_task_vector, **{**ok, "task": ""})
+
+
+def test_a_tuned_prompt_that_records_another_initial_prompt_is_refused(reg):
+    import torch
+
+    from fedprompt.prompt import origin_id
+
+    origin, stranger = publish(reg, 0), publish(reg, 5)
+    # the id fedprompt's artifacts record (torch) is the one the registry computes (numpy)
+    assert initial_prompt_id(origin.embeddings) == origin_id(torch.from_numpy(origin.embeddings.copy()))
+    claims = {"origin_id": origin_id(torch.from_numpy(stranger.embeddings.copy()))}
+    tuned = reg.publish_version(task="t", base_model=MODEL, embeddings=emb(1), metadata=claims, created_by="a")
+    ok = {"task": "sst2", "tuned_id": tuned.version_id, "created_by": "a"}
+    rejected(reg, Conflict, reg.publish_task_vector, **ok, origin_id=origin.version_id, match="tuned from")
+    assert reg.publish_task_vector(**ok, origin_id=stranger.version_id).origin_id == stranger.version_id
 
 
 def test_compose_rejections(reg, store):
