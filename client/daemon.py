@@ -54,6 +54,9 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
         help="no worker: every ClientApp process loads the model itself (slow; for measuring that cost)",
     )
     p.add_argument("--port", type=int, default=0, help="the SuperNode's local runtime port (0: a free one)")
+    p.add_argument(
+        "--health-listen", default=None, help="HOST:PORT for the SuperNode's plaintext gRPC health service (probes)"
+    )
     p.set_defaults(func=cmd_client)
 
 
@@ -128,6 +131,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         "--isolation", "subprocess",
         "--node-config", node_config,
     ]  # fmt: skip
+    if args.health_listen:
+        cmd += ["--health-server-address", args.health_listen]
     stopping = False
 
     def on_signal(signum, frame):

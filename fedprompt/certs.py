@@ -184,6 +184,74 @@ def create(folder: str | Path, *, nodes: list[str], hosts: list[str], days: int 
     return {"created": made, "kept": kept}
 
 
+def node_public_keys(folder: str | Path) -> dict[str, Path]:
+    """Every registered node's public key: ``nodes/NAME/node.pub``, or ``node.NAME.pub`` beside ca.crt (the
+    flat layout of a Kubernetes Secret mounted as the certificate folder; see ``write_kustomize``)."""
+    folder = Path(folder)
+    keys: dict[str, Path] = {}
+    for p in sorted(folder.glob("node.*.pub")):
+        name = p.name[len("node.") : -len(".pub")]
+        if name and set(name) <= NODE_NAME_CHARS:
+            keys[name] = p
+    d = folder / "nodes"
+    if d.exists():
+        keys.update({p.name: p / "node.pub" for p in sorted(d.iterdir()) if (p / "node.pub").exists()})
+    return dict(sorted(keys.items()))
+
+
 def registered_nodes(folder: str | Path) -> list[NodeFiles]:
-    d = Path(folder) / "nodes"
-    return [node_files(folder, p.name) for p in sorted(d.iterdir()) if (p / "node.pub").exists()] if d.exists() else []
+    out = []
+    for name, pub in node_public_keys(folder).items():
+        files = node_files(folder, name)
+        out.append(NodeFiles(name, files.private_key, pub, files.client_cert, files.client_key))
+    return out
+
+
+COORDINATOR_FILES = ("ca.crt", "server.crt", "server.key", "coordinator.crt", "coordinator.key")
+HOLDER_FILES = {"ca.crt": None, "node.key": "private_key", "client.crt": "client_cert", "client.key": "client_key"}
+
+
+def write_kustomize(folder: str | Path, out: str | Path, *, nodes: list[str]) -> list[Path]:
+    """Copy the material into the layout the Kubernetes overlays expect, one kustomization per Secret:
+
+    out/coordinator/   Secret fedprompt-coordinator-certs: ca.crt, server.crt/.key, coordinator.crt/.key and
+                       node.NAME.pub of every registered node (mounted as the coordinator side's certificate folder)
+    out/nodes/NAME/    Secret fedprompt-node-NAME: ca.crt, node.key, client.crt/.key (one data holder's own)
+
+    Private keys are written 0600, and ``out`` should stay out of version control (the overlays reference the
+    Secrets; their values are never committed).
+    """
+    folder, out = Path(folder), Path(out)
+    written: list[Path] = []
+
+    def put(dst: Path, src: Path) -> None:
+        _write(dst, src.read_bytes(), secret=src.suffix == ".key")
+        written.append(dst)
+
+    def kustomization(dst: Path, secret: str, files: list[str]) -> None:
+        lines = [
+            "# written by `fedprompt certs --kustomize`: do not commit this folder",
+            "apiVersion: kustomize.config.k8s.io/v1beta1",
+            "kind: Kustomization",
+            "secretGenerator:",
+            f"  - name: {secret}",
+            "    files:",
+            *[f"      - {f}" for f in files],
+        ]
+        _write(dst / "kustomization.yaml", ("\n".join(lines) + "\n").encode(), secret=False)
+        written.append(dst / "kustomization.yaml")
+
+    coord = out / "coordinator"
+    for name in COORDINATOR_FILES:
+        put(coord / name, folder / name)
+    keys = node_public_keys(folder)
+    for name, pub in keys.items():
+        put(coord / f"node.{name}.pub", pub)
+    kustomization(coord, "fedprompt-coordinator-certs", [*COORDINATOR_FILES, *(f"node.{n}.pub" for n in keys)])
+    for name in nodes:
+        files = node_files(folder, name)
+        dst = out / "nodes" / name
+        for fname, attr in HOLDER_FILES.items():
+            put(dst / fname, folder / "ca.crt" if attr is None else getattr(files, attr))
+        kustomization(dst, f"fedprompt-node-{name}", list(HOLDER_FILES))
+    return written

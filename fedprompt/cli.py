@@ -48,6 +48,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from fedprompt import datasets
 
+    if args.action == "split":
+        from fedprompt import partition
+
+        if not args.dataset or not args.out or args.holders < 2:
+            raise FedPromptError("datasets split needs --dataset, --out and --holders >= 2")
+        ds = datasets.load(args.dataset)
+        files = partition.write_holder_files(ds, args.out, args.holders, alpha=args.alpha, seed=args.seed)
+        for f in files:
+            s = datasets.summary(datasets.load(str(f)))
+            print(f"{f}: {s['train']} train / {s['test']} test; train labels {s['train_label_counts']}")
+        return 0
     for name, spec in datasets.BUNDLED.items():
         s = datasets.summary(datasets.load(name))
         print(
@@ -169,11 +180,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """A probe for container health checks: exit 0 when the plaintext grpc.health.v1 service says SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedprompt import certs
 
     done = certs.create(args.out, nodes=args.node, hosts=args.host or [], days=args.days)
     print(f"{args.out}: created {', '.join(done['created']) or 'nothing'}; kept {', '.join(done['kept']) or 'nothing'}")
+    if args.kustomize:
+        every = [n.name for n in certs.registered_nodes(args.out) if n.private_key.exists()]
+        certs.write_kustomize(args.out, args.kustomize, nodes=every)
+        print(f"{args.kustomize}: coordinator/ and nodes/NAME/ for the overlays' Secrets ({len(every)} node(s))")
     print("keep ca.key offline; give each holder ca.crt and its own nodes/NAME folder only")
     return 0
 
@@ -190,8 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("datasets", help="list the bundled datasets with sizes and labels")
-    p.add_argument("action", choices=["list"])
+    p = sub.add_parser("datasets", help="list the bundled datasets, or split one among holders (label skew)")
+    p.add_argument("action", choices=["list", "split"])
+    p.add_argument("--dataset", help="split: a bundled dataset name or a data file")
+    p.add_argument("--holders", type=int, default=3, help="split: into this many holder-K.jsonl files")
+    p.add_argument("--alpha", type=float, default=2.0, help="split: Dirichlet label skew (smaller: more skewed)")
+    p.add_argument("--seed", type=int, default=0, help="split: fixes the split")
+    p.add_argument("--out", help="split: the folder for holder-1.jsonl ... (replaced atomically)")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("tune", help="tune a soft prompt (add --dp for differential privacy)")
@@ -241,14 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="a name or address the coordinator is reached at (repeatable; localhost and 127.0.0.1 are always in)",
     )
     p.add_argument("--days", type=int, default=365, help="validity of new certificates")
+    p.add_argument(
+        "--kustomize",
+        default=None,
+        metavar="DIR",
+        help="also write the material as the Secrets the Kubernetes overlays include (DIR/coordinator, DIR/nodes/NAME)",
+    )
     p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (container health checks)")
+    p.add_argument("protocol", choices=["grpc"])
+    p.add_argument("address", help="HOST:PORT of the health endpoint")
+    p.add_argument("--service", default="", help="the service to ask about ('' = the server as a whole)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_health)
 
     from fedprompt.client.daemon import add_client_parser
     from fedprompt.demo import add_demo_parser
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser
-    from fedprompt.server.coordinator import add_server_parser
+    from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
 
     add_server_parser(sub)
+    add_superlink_parser(sub)
     add_aggregator_parser(sub)
     add_prompts_parser(sub)
     add_client_parser(sub)

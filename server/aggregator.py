@@ -85,7 +85,7 @@ class Gate:
 
     def _node_known(self, name: str) -> bool:
         if name not in self.known:  # a node added to the folder is accepted without a restart
-            self.known = {n.name for n in certs.registered_nodes(self.certs_dir)}
+            self.known = set(certs.node_public_keys(self.certs_dir))
         return name in self.known
 
     async def admit(self, context: grpc.aio.ServicerContext, method: str) -> str:

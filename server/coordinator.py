@@ -40,8 +40,12 @@ def loopback(address: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, *, certs: Path, state: Path, host: str, port: int) -> None:
+    """The SuperLink's side of the coordinator. ``superlink=HOST:PORT`` uses one that runs elsewhere (the
+    Kubernetes layout: a SuperLink StatefulSet, the federation as a Job) instead of starting its own."""
+
+    def __init__(self, *, certs: Path, state: Path, host: str, port: int, superlink: str | None = None) -> None:
         self.certs, self.state, self.host, self.port = certs, state, host, port
+        self.external = superlink is not None
         self.aggregator = None
         for name in ("ca.crt", "server.crt", "server.key"):
             if not (certs / name).is_file():
@@ -51,9 +55,10 @@ class Coordinator:
         # the coordinator's own `flwr` calls go over loopback when it listens on every interface
         self.local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.cli_env = fp.flower_env(state / "flwr" / "cli")
-        fp.write_cli_config(state / "flwr" / "cli", f"{self.local_host}:{port}", (certs / "ca.crt").resolve())
+        self.address = superlink or f"{self.local_host}:{port}"
+        fp.write_cli_config(state / "flwr" / "cli", self.address, (certs / "ca.crt").resolve())
 
-    def start(self) -> None:
+    def start(self, health_listen: str | None = None) -> None:
         log = self.logs / "superlink.log"
         cmd = [
             fp.flower_bin("flower-superlink"),
@@ -66,6 +71,8 @@ class Coordinator:
             "--host", self.host,
             "--port", str(self.port),
         ]  # fmt: skip
+        if health_listen:  # a plaintext grpc.health.v1 endpoint for probes that cannot present a certificate
+            cmd += ["--health-server-address", health_listen]
         self.superlink = fp.start(cmd, log, fp.flower_env(self.state / "flwr" / "superlink"))
         fp.wait_for_port(self.local_host, self.port, self.superlink, log)
         print(f"SuperLink on {self.host}:{self.port} (TLS, node authentication); log: {log}", flush=True)
@@ -110,7 +117,12 @@ class Coordinator:
         return fp.flwr(["ls", fp.FEDERATION, "--run-id", run_id], self.cli_env)["runs"][0]
 
     def follow(self, run_id: str, cfg: FederationConfig) -> None:
-        """Print each round as the ServerApp checkpoints it; return when the run completed, raise otherwise."""
+        """Print each round as the ServerApp checkpoints it; return when the run completed, raise otherwise.
+
+        With a SuperLink elsewhere the checkpoints are on its machine: the rounds are read from the prompt
+        registry instead (every round's global prompt is a version there), or not shown without one."""
+        if self.external:
+            return self._follow_remote(run_id, cfg)
         state_file = Path(cfg.checkpoint_dir) / "state.json"
         shown, next_status = 0, 0.0
         while True:
@@ -138,6 +150,34 @@ class Coordinator:
             log = self.run_log(run_id)
             raise FedPromptError(f"run {run_id} ended as {status}: {details}\n{log}")
 
+    def _follow_remote(self, run_id: str, cfg: FederationConfig) -> None:
+        from fedprompt.aggregator_client import AggregatorClient, AggregatorError
+
+        registry = AggregatorClient(cfg.aggregator, cfg.aggregator_certs, "coordinator") if cfg.aggregator else None
+        seen: set[str] = set()
+        while True:
+            if registry is not None:
+                try:
+                    for v in registry.list_versions(task=cfg.task):
+                        meta = json.loads(v.metadata_json or "{}")
+                        if v.version_id in seen or str(meta.get("run_id")) != run_id:
+                            continue
+                        seen.add(v.version_id)
+                        rnd = meta.get("training", {}).get("round")
+                        eps = (meta.get("privacy") or {}).get("epsilon")
+                        spend = f", epsilon {eps:.2f}" if isinstance(eps, int | float) else ""
+                        print(f"round {rnd}/{cfg.num_rounds}: version {v.version_id[:16]}{spend}", flush=True)
+                except AggregatorError as exc:
+                    print(f"(registry unreachable: {exc})", flush=True)
+            run = self.status(run_id)
+            status, details = run["status"], run.get("status-details", "")
+            if status.startswith("finished"):
+                write_json_atomic(self.state / "runs" / f"{run_id}.json", run)
+                break
+            time.sleep(STATUS_POLL_S)
+        if status != "finished:completed":
+            raise FedPromptError(f"run {run_id} ended as {status}: {details}\n{self.run_log(run_id)}")
+
     def run_log(self, run_id: str) -> str:
         import subprocess
 
@@ -152,8 +192,8 @@ class Coordinator:
         self.superlink = None
         fp.stop(self.aggregator)
         self.aggregator = None
-        # the ServerApp process is started by Flower outside the SuperLink's process group
-        fp.stop_matching(f"--runtime-api-address {self.host}:{self.port}")
+        if not self.external:  # the ServerApp process is started by Flower outside the SuperLink's process group
+            fp.stop_matching(f"--runtime-api-address {self.host}:{self.port}")
 
 
 def format_round(rec: dict, num_rounds: int) -> str:
@@ -226,6 +266,18 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregator-health-listen", default=None, help="plaintext health-check address for probes")
     p.add_argument("--no-aggregator", action="store_true", help="run without the aggregation server (no registry)")
     p.add_argument(
+        "--superlink",
+        default=None,
+        metavar="HOST:PORT",
+        help="submit to a SuperLink that runs elsewhere (fedprompt superlink) instead of starting one",
+    )
+    p.add_argument(
+        "--aggregator",
+        default=None,
+        metavar="HOST:PORT",
+        help="use an aggregation server that runs elsewhere (fedprompt aggregator) instead of starting one",
+    )
+    p.add_argument(
         "--secure-aggregation",
         action="store_true",
         help="SecAgg+ through the aggregation server: the coordinator sees only the mean of the updates",
@@ -244,8 +296,11 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         values["dp"] = False
     if args.client_dp:
         values["client_dp"] = True
-    if not args.no_aggregator:
+    if args.aggregator:
+        values["aggregator"] = args.aggregator
+    elif not args.no_aggregator and not args.superlink:
         values["aggregator"] = loopback(args.aggregator_listen)
+    if "aggregator" in values:
         values["aggregator_certs"] = str(Path(args.certs).resolve())
     if args.secure_aggregation:
         values["secure_aggregation"] = True
@@ -268,25 +323,64 @@ def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    coord = Coordinator(certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port)
+    coord = Coordinator(
+        certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port, superlink=args.superlink
+    )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        coord.start()
-        if not args.no_aggregator:
+        if not args.superlink:
+            coord.start()
+        if not (args.no_aggregator or args.aggregator or args.superlink):
             store = args.aggregator_store or os.environ.get(STORE_ENV) or str(state / "registry.sqlite")
             coord.start_aggregator(args.aggregator_listen, store, args.aggregator_health_listen)
         coord.register_nodes()
         run_id = coord.submit(cfg)
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)
         coord.follow(run_id, cfg)
-        print(f"federation complete: global prompt {Path(cfg.checkpoint_dir) / f'round-{cfg.num_rounds:04d}'}")
-        if args.keep_running:
+        where = "on the SuperLink's machine" if args.superlink else ""
+        final = Path(cfg.checkpoint_dir) / f"round-{cfg.num_rounds:04d}"
+        print(f"federation complete: global prompt {final} {where}".rstrip(), flush=True)
+        if args.keep_running and coord.superlink is not None:
             print("SuperLink keeps running (Ctrl-C to stop)", flush=True)
             while coord.superlink.poll() is None:
                 time.sleep(1)
     except KeyboardInterrupt:
         print("stopping; a restart with the same --state resumes from the last checkpoint", flush=True)
         return 130
+    finally:
+        coord.stop()
+    return 0
+
+
+def add_superlink_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "superlink", help="only the Flower SuperLink (TLS, node auth, the holders' keys registered), in the foreground"
+    )
+    p.add_argument("--certs", required=True, help="folder made by fedprompt certs (ca.crt, server.crt/key, nodes/)")
+    p.add_argument("--state", required=True, help="the SuperLink's database, its runs' checkpoints, logs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--health-listen", default=None, help="HOST:PORT of a plaintext gRPC health service (probes)")
+    p.set_defaults(func=cmd_superlink)
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """The SuperLink of a deployment where the federation is submitted separately (``fedprompt server
+    --superlink``); the ServerApp runs here, started by the SuperLink for each run."""
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    coord = Coordinator(certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    try:
+        coord.start(health_listen=args.health_listen)
+        coord.register_nodes()
+        print("SuperLink ready; SIGTERM stops it", flush=True)
+        while not stopping and coord.superlink.poll() is None:
+            time.sleep(0.5)
+        if not stopping:
+            raise FedPromptError(f"the SuperLink exited:\n{fp.tail(coord.logs / 'superlink.log')}")
     finally:
         coord.stop()
     return 0

@@ -51,9 +51,10 @@ class SecureRounds:
 
     def _verify_keys(self, participants: tuple[str, ...]) -> dict[int, object] | None:
         keys = {}
+        registered = certs.node_public_keys(self.certs_dir)
         for i, name in enumerate(participants, start=1):
-            pub = certs.node_files(self.certs_dir, name).public_key if set(name) <= certs.NODE_NAME_CHARS else None
-            if pub is None or not pub.is_file():
+            pub = registered.get(name)
+            if pub is None:
                 if self.require_signatures:
                     raise Conflict(f"participant {name!r} is not a registered node: its key adverts cannot be verified")
                 return None

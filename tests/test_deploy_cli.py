@@ -1,0 +1,69 @@
+"""The command-line pieces the deployment stands on: probes, data splits, Secrets layout, flat node keys."""
+
+from __future__ import annotations
+
+import stat
+
+import numpy as np
+from aggregator_harness import RunningAggregator
+
+from fedprompt import certs
+from fedprompt.aggregator_client import AggregatorClient
+from fedprompt.cli import main as cli_main
+from fedprompt.datasets import load
+from fedprompt.flower_procs import free_port
+from fedprompt.server.records import ModelRef
+
+
+def test_health_probe_command(tmp_path, capsys):
+    d = tmp_path / "certs"
+    certs.create(d, nodes=["holder-1"], hosts=["localhost"])
+    probe = f"127.0.0.1:{free_port()}"
+    with RunningAggregator(d, str(tmp_path / "r.sqlite"), health_listen=probe):
+        assert cli_main(["health", "grpc", probe]) == 0
+        assert "SERVING" in capsys.readouterr().out
+        assert cli_main(["health", "grpc", probe, "--service", "fedprompt.v1.PromptRegistry"]) == 0
+        assert cli_main(["health", "grpc", probe, "--service", "no.such.Service"]) == 1
+    assert cli_main(["health", "grpc", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_datasets_split_writes_one_file_per_holder(sentiment_file, tmp_path, capsys):
+    out = tmp_path / "split"
+    assert cli_main(["datasets", "split", "--dataset", str(sentiment_file), "--holders", "3", "--out", str(out)]) == 0
+    files = sorted(out.glob("holder-*.jsonl"))
+    assert [f.name for f in files] == ["holder-1.jsonl", "holder-2.jsonl", "holder-3.jsonl"]
+    total = sum(len(load(str(f)).split("train")) for f in files)
+    assert total == len(load(str(sentiment_file)).split("train"))  # a partition: nothing lost or repeated
+    assert cli_main(["datasets", "split", "--holders", "3", "--out", str(out)]) == 2  # no --dataset
+
+
+def test_kustomize_layout_and_a_flat_certificate_folder(tmp_path):
+    src, out = tmp_path / "certs", tmp_path / "secrets"
+    assert (
+        cli_main(["certs", "--out", str(src), "--node", "holder-1", "--node", "holder-2", "--kustomize", str(out)]) == 0
+    )
+    coord = out / "coordinator"
+    assert sorted(p.name for p in coord.iterdir()) == sorted(
+        [*certs.COORDINATOR_FILES, "node.holder-1.pub", "node.holder-2.pub", "kustomization.yaml"]
+    )
+    assert "ca.key" not in {p.name for p in out.rglob("*")}  # the CA's key never goes into a Secret
+    for key in out.rglob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    node = out / "nodes" / "holder-1"
+    assert sorted(p.name for p in node.iterdir()) == [
+        "ca.crt",
+        "client.crt",
+        "client.key",
+        "kustomization.yaml",
+        "node.key",
+    ]
+    assert (node / "node.key").read_bytes() == certs.node_files(src, "holder-1").private_key.read_bytes()
+    # the flat folder (a mounted Secret) names the same nodes as the nested one
+    assert list(certs.node_public_keys(coord)) == ["holder-1", "holder-2"] == list(certs.node_public_keys(src))
+    # and an aggregation server run on it admits those holders
+    with RunningAggregator(coord, str(tmp_path / "r.sqlite")) as agg:
+        with AggregatorClient(agg.address, coord, "coordinator") as c:  # its certificate is in the flat folder
+            v = c.publish_version(task="t", base_model=ModelRef("m", "a" * 64), embeddings=np.zeros((2, 3), np.float32))
+        with AggregatorClient(agg.address, src, "holder-2") as holder:
+            assert holder.get_version(v.version_id).version_id == v.version_id
