@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Container images of the three roles (deploy/docker/Dockerfile; the build context is this folder).
+IMAGE_TAG ?= 0.1.0
+IMAGE_TARGETS := aggregator coordinator client
+
+images:
+	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not on PATH; install Docker (with BuildKit) to build the images" >&2; exit 1; }
+	for t in $(IMAGE_TARGETS); do \
+		docker build -f deploy/docker/Dockerfile --target $$t -t fedprompt-$$t:$(IMAGE_TAG) . || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .test-cache runs

@@ -181,21 +181,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """A probe for container health checks: exit 0 when the plaintext grpc.health.v1 service says SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from fedprompt.health import check
 
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.address}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return check(args)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -287,11 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (container health checks)")
-    p.add_argument("protocol", choices=["grpc"])
-    p.add_argument("address", help="HOST:PORT of the health endpoint")
-    p.add_argument("--service", default="", help="the service to ask about ('' = the server as a whole)")
-    p.add_argument("--timeout", type=float, default=5.0)
+    from fedprompt.health import add_arguments as add_health_arguments
+
+    p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (python -m fedprompt.health: faster)")
+    add_health_arguments(p)
     p.set_defaults(func=cmd_health)
 
     from fedprompt.client.daemon import add_client_parser
