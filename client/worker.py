@@ -187,12 +187,27 @@ class HolderService:
         return {"ok": True, "holder": self.name, "metrics": {}, "message": encoded}
 
 
+# sun_path holds 108 bytes on Linux; leave room for the socket's own name
+_MAX_SOCKET_DIR = 90
+
+
+def _socket_dir() -> Path:
+    """A fresh 0700 folder for the worker's socket: under $TMPDIR, or /tmp when $TMPDIR is too long a path
+    for a Unix socket (a deeply nested TMPDIR makes bind() fail with 'AF_UNIX path too long')."""
+    for parent in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix="fedprompt-worker-", dir=parent))
+        if len(str(folder)) <= _MAX_SOCKET_DIR:
+            return folder
+        folder.rmdir()
+    raise FedPromptError("no temporary folder short enough for a Unix socket; set TMPDIR to a short path")
+
+
 class HolderWorker:
     """Serves a :class:`HolderService` on a Unix socket, one request at a time (training is serialised)."""
 
     def __init__(self, service: HolderService) -> None:
         self.service = service
-        self._dir = Path(tempfile.mkdtemp(prefix="fedprompt-worker-"))  # mode 0700
+        self._dir = _socket_dir()  # mode 0700
         self.address = str(self._dir / "worker.sock")
         self.key_file = str(self._dir / "worker.key")
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

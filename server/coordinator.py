@@ -33,6 +33,28 @@ def app_dir() -> Path:
     return Path(str(resources.files("fedprompt") / "flower_app"))
 
 
+REMOTE_WAIT_S = 300.0  # how long a federation Job waits for the SuperLink and the aggregation server to come up
+
+
+def wait_reachable(address: str, what: str, timeout: float = REMOTE_WAIT_S) -> None:
+    """Wait until ``address`` accepts TCP connections (services started beside this Job may still be starting)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise FedPromptError(f"the {what} at {address} is unreachable after {timeout:.0f} s: {exc}") from exc
+            if not said:
+                print(f"waiting for the {what} at {address} ...", flush=True)
+                said = True
+            time.sleep(2)
+
+
 def loopback(address: str) -> str:
     """The address the coordinator's own processes use for a service listening on ``address``."""
     host, _, port = address.rpartition(":")
@@ -328,8 +350,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        if not args.superlink:
+        if args.superlink:
+            wait_reachable(args.superlink, "SuperLink")
+        else:
             coord.start()
+        if args.aggregator:
+            wait_reachable(args.aggregator, "aggregation server")
         if not (args.no_aggregator or args.aggregator or args.superlink):
             store = args.aggregator_store or os.environ.get(STORE_ENV) or str(state / "registry.sqlite")
             coord.start_aggregator(args.aggregator_listen, store, args.aggregator_health_listen)
