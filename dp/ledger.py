@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
+from fedprompt.cache import sqlite_backup
 from fedprompt.dp.accounting import check_accountant, epsilon
 from fedprompt.errors import BudgetExceededError, FedPromptError
 
@@ -275,13 +276,8 @@ class PrivacyLedger:
 
     def backup(self, dest: str | Path) -> Path:
         """A consistent copy of the ledger (SQLite online backup), safe while others write."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        with self._connect() as conn, contextlib.closing(sqlite3.connect(tmp)) as out:
-            conn.backup(out)
-        os.replace(tmp, dest)
-        return dest
+        with self._connect() as conn:
+            return sqlite_backup(conn, dest)
 
     @classmethod
     def restore(cls, backup: str | Path, state_dir: str | Path) -> PrivacyLedger:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +83,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sqlite_backup(conn: sqlite3.Connection, dest: str | Path) -> Path:
+    """A consistent copy of an open SQLite database (its online backup API, safe while others write),
+    written beside ``dest`` and moved into place: an interrupted backup leaves no partial file."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with contextlib.closing(sqlite3.connect(tmp)) as out:
+        conn.backup(out)
+    os.replace(tmp, dest)
+    return dest

@@ -283,13 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedprompt.client.daemon import add_client_parser
     from fedprompt.demo import add_demo_parser
-    from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser
+    from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
     from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
 
     add_server_parser(sub)
     add_superlink_parser(sub)
     add_aggregator_parser(sub)
     add_prompts_parser(sub)
+    add_registry_parser(sub)
     add_client_parser(sub)
     add_demo_parser(sub)
     return parser

@@ -65,6 +65,31 @@ def add_aggregator_parser(sub) -> None:
     p.set_defaults(func=cmd_aggregator)
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    """A consistent copy of a SQLite registry while the aggregation server runs (PostgreSQL: use pg_dump)."""
+    import contextlib
+    import sqlite3
+
+    from fedprompt.cache import sqlite_backup
+
+    store = args.store or os.environ.get(STORE_ENV, "")
+    if store.startswith(("postgresql://", "postgres://")):
+        raise FedPromptError("a PostgreSQL registry is backed up with pg_dump (see deploy/README.md)")
+    if not store or not Path(store).is_file():
+        raise FedPromptError(f"no SQLite registry at {store!r}: give --store")
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+        print(sqlite_backup(conn, args.dest))
+    return 0
+
+
+def add_registry_parser(sub) -> None:
+    p = sub.add_parser("registry", help="back up the aggregation server's SQLite registry (safe while it runs)")
+    p.add_argument("action", choices=["backup"])
+    p.add_argument("dest", help="the backup file to write")
+    p.add_argument("--store", default=None, help=f"the registry's SQLite file (default: ${STORE_ENV})")
+    p.set_defaults(func=cmd_registry)
+
+
 # ------------------------------------------------------------------ fedprompt prompts
 
 

@@ -67,3 +67,20 @@ def test_kustomize_layout_and_a_flat_certificate_folder(tmp_path):
             v = c.publish_version(task="t", base_model=ModelRef("m", "a" * 64), embeddings=np.zeros((2, 3), np.float32))
         with AggregatorClient(agg.address, src, "holder-2") as holder:
             assert holder.get_version(v.version_id).version_id == v.version_id
+
+
+def test_registry_backup_while_the_server_runs(tmp_path, capsys):
+    from fedprompt.server.registry import Registry, verify_version
+    from fedprompt.server.store import open_store
+
+    d = tmp_path / "certs"
+    certs.create(d, nodes=["holder-1"], hosts=["localhost"])
+    store, dest = tmp_path / "registry.sqlite", tmp_path / "backups" / "registry-1.sqlite"
+    with RunningAggregator(d, str(store)) as agg, agg.client() as c:
+        v = c.publish_version(task="t", base_model=ModelRef("m", "a" * 64), embeddings=np.ones((2, 3), np.float32))
+        assert cli_main(["registry", "backup", str(dest), "--store", str(store)]) == 0
+    with open_store(str(dest)) as copy:
+        (got,) = Registry(copy).list_versions()
+    assert got.version_id == v.version_id and verify_version(got)
+    assert cli_main(["registry", "backup", str(dest), "--store", "postgresql://u@h/db"]) == 2
+    assert "pg_dump" in capsys.readouterr().err
