@@ -51,8 +51,8 @@ def weighted_mean(items: list[tuple[np.ndarray, float]]) -> np.ndarray:
     return total / wsum
 
 
-class RoundsMixin:
-    """Mixed into ``Registry``: open, fill, finalise and abort rounds."""
+class RegistryPart:
+    """What the mixins of ``Registry`` (rounds here, streams in ``registry_streams``) use of it."""
 
     store: Store
     max_elements: int
@@ -63,6 +63,10 @@ class RoundsMixin:
         def _resolve(self, tx: Tx, id_or_prefix: str, what: str = "version") -> Version: ...
 
         def _insert_version(self, tx: Tx, **kwargs: Any) -> Version: ...
+
+
+class RoundsMixin(RegistryPart):
+    """Mixed into ``Registry``: open, fill, finalise and abort rounds."""
 
     def open_round(
         self,

@@ -7,8 +7,6 @@ count but cannot drag the head back (FedBuff-style buffered asynchronous aggrega
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +17,6 @@ from fedprompt.server.records import (
     NotFound,
     PushResult,
     Stream,
-    Version,
 )
 from fedprompt.server.registry_checks import (
     check_delta,
@@ -28,22 +25,12 @@ from fedprompt.server.registry_checks import (
     check_positive_int,
     check_real,
 )
-from fedprompt.server.registry_rounds import weighted_mean
-from fedprompt.server.store import Store, Tx, tensor_bytes, tensor_from
+from fedprompt.server.registry_rounds import RegistryPart, weighted_mean
+from fedprompt.server.store import Tx, tensor_bytes, tensor_from
 
 
-class StreamsMixin:
+class StreamsMixin(RegistryPart):
     """Mixed into ``Registry``: open streams and push updates to them."""
-
-    store: Store
-    max_elements: int
-    clock: Callable[[], float]
-
-    if TYPE_CHECKING:  # provided by Registry
-
-        def _resolve(self, tx: Tx, id_or_prefix: str, what: str = "version") -> Version: ...
-
-        def _insert_version(self, tx: Tx, **kwargs: Any) -> Version: ...
 
     def open_stream(
         self,
