@@ -184,8 +184,8 @@ class Federation:
             mean, stats = self.client_dp.merge([r.delta for r in ok])
             record.update(stats)
         elif secure:
-            if len(ok) < self.cfg.min_train_nodes:
-                log(WARNING, "round %d: %d holder(s) trained, fewer than min_train_nodes; unchanged", rnd, len(ok))
+            if len(ok) < max(2, self.cfg.min_train_nodes):  # the "sum" of one holder would be its update
+                log(WARNING, "round %d: %d holder(s) trained, too few to aggregate securely; unchanged", rnd, len(ok))
                 return weight, record
             try:
                 mean_np, stats = secure_round.relay(

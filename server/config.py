@@ -81,6 +81,8 @@ class FederationConfig:
             )
         if self.secure_aggregation and not self.aggregator:
             raise ValueError("secure_aggregation needs the aggregation server: set aggregator and aggregator_certs")
+        if self.secure_aggregation and self.min_train_nodes < 2:
+            raise ValueError("secure aggregation needs min_train_nodes >= 2: the sum of one update is that update")
         if self.secure_aggregation and self.client_dp:
             raise ValueError(
                 "client_dp clips each holder's update on the coordinator, which secure aggregation hides from it"

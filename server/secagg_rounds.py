@@ -65,14 +65,17 @@ class SecureRounds:
         r = self.registry.get_round(round_id)
         if not r.secure or r.state != ROUND_OPEN:
             raise Conflict(f"round {round_id} is not an open secure round (secure={r.secure}, state={r.state})")
-        server = SecAggServer(
-            round_id,
-            len(r.participants),
-            math.prod(r.shape),
-            r.clip_range,
-            min_clients=r.min_clients,
-            verify_keys=self._verify_keys(r.participants),
-        )
+        try:
+            server = SecAggServer(
+                round_id,
+                len(r.participants),
+                math.prod(r.shape),
+                r.clip_range,
+                min_clients=r.min_clients,
+                verify_keys=self._verify_keys(r.participants),
+            )
+        except ValueError as exc:  # parameters the protocol cannot run with (one client, min_clients < 2, ...)
+            raise InvalidInput(f"secure round {round_id}: {exc}") from exc
         with self.lock:
             if round_id in self.sessions:
                 raise Conflict(f"secure round {round_id} has already started")

@@ -300,6 +300,13 @@ def test_secure_round_refuses_unregistered_participants_and_plain_updates(agg):
         with pytest.raises(AggregatorError) as e:
             coord.secagg_step(r2.round_id, 2, [])  # out of order: the protocol has not started
         assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        r3 = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
+            participants=["alice", "bob"], clip_range=1.0, min_clients=1,
+        )  # fmt: skip
+        with pytest.raises(AggregatorError) as e:  # a "sum" of one survivor would be that holder's update
+            coord.secagg_step(r3.round_id, 0, [])
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "min_clients" in e.value.details
 
 
 def test_async_stream_over_grpc(agg):

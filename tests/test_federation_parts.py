@@ -192,3 +192,18 @@ def test_federation_config_rejects_unknown_keys_and_relative_paths(tmp_path):
     assert spec.label_names == ("negative", "positive") and "{text}" in spec.template
     assert TaskSpec.from_config(spec.to_config()) == spec
     assert math.isfinite(cfg.target_epsilon)
+
+
+def test_federation_config_refuses_secure_aggregation_it_cannot_run(tmp_path):
+    base = {"checkpoint_dir": str(tmp_path)}
+    with pytest.raises(ValueError, match="needs the aggregation server"):
+        FederationConfig(**base, secure_aggregation=True)
+    agg = {**base, "aggregator": "127.0.0.1:9094", "aggregator_certs": str(tmp_path)}
+    with pytest.raises(ValueError, match="go together"):
+        FederationConfig(**base, aggregator="127.0.0.1:9094")
+    with pytest.raises(ValueError, match="min_train_nodes >= 2"):
+        FederationConfig(**agg, secure_aggregation=True, min_train_nodes=1, min_available_nodes=1)
+    with pytest.raises(ValueError, match="client_dp"):
+        FederationConfig(**agg, secure_aggregation=True, client_dp=True)
+    cfg = FederationConfig(**agg, secure_aggregation=True)
+    assert cfg.local_settings(run_id="r", server_round=1).secure_aggregation  # the holders keep their updates
