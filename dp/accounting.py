@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
 
 ACCOUNTANTS = ("rdp", "prv")
 DEFAULT_ACCOUNTANT = "rdp"
@@ -25,6 +26,10 @@ def check_accountant(name: str) -> str:
 
 def make_accountant(name: str, history: Iterable[tuple[float, float, int]] = ()) -> IAccountant:
     """An Opacus accountant named ``name`` with ``history`` of (noise_multiplier, sample_rate, steps)."""
+    # opacus (and torch with it) loads here, not at import: processes that only read a ledger's records or
+    # build the command line (the aggregation server, health checks) stay small
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(check_accountant(name))
     acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
     return acc
@@ -42,6 +47,8 @@ def epsilon(accountant: str, history: Iterable[tuple[float, float, int]], *, del
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (to Opacus's tolerance) whose spend stays within ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

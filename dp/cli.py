@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import uuid
+from typing import TYPE_CHECKING
 
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from fedprompt.dp.engine import DPConfig, plan, private_tune, reserve
 from fedprompt.dp.ledger import Budget, PrivacyLedger, default_state_dir
-from fedprompt.training import Session, TuneConfig, TuneResult
+
+if TYPE_CHECKING:  # torch and opacus load when a command trains, not to build the command line
+    from fedprompt.dp.engine import DPConfig
+    from fedprompt.training import Session, TuneConfig, TuneResult
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +68,8 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
         if given:
             raise ValueError(f"{', '.join(given)} only make sense with --dp; add --dp (or drop them)")
         return None
+    from fedprompt.dp.engine import DPConfig
+
     return DPConfig(
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
@@ -78,6 +83,8 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
 def run_private_tuning(
     session: Session, cfg: TuneConfig, dp: DPConfig, args: argparse.Namespace
 ) -> tuple[TuneResult, dict]:
+    from fedprompt.dp.engine import plan, private_tune, reserve
+
     n = len(session.dataset.split("train"))
     p = plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
     print(

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedprompt.health import add_arguments as add_health_arguments
 
-    p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (python -m fedprompt.health: faster)")
+    p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (container health checks)")
     add_health_arguments(p)
     p.set_defaults(func=cmd_health)
 

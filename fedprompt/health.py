@@ -1,7 +1,7 @@
 """``python -m fedprompt.health grpc HOST:PORT``: exit 0 when a plaintext grpc.health.v1 endpoint says SERVING.
 
-For container health checks and probes: it imports only grpc (``fedprompt health`` does the same through the
-full command line, which loads torch first and takes seconds).
+For container health checks and probes: it imports only grpc (``fedprompt health`` is the same check through
+the command line).
 """
 
 from __future__ import annotations

@@ -14,13 +14,16 @@ import time
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.server.aggregator_cli import STORE_ENV
-from fedprompt.server.config import FederationConfig
+
+if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults): loaded when a run is set up
+    from fedprompt.server.config import FederationConfig
 
 # Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
 # checkpoint state (a file) often.
@@ -309,6 +312,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FederationConfig:
+    from fedprompt.server.config import FederationConfig
+
     state = Path(args.state).resolve()
     values: dict = {"checkpoint_dir": str(Path(args.checkpoint_dir or state / "checkpoints").resolve())}
     for name in _FLAGS:

@@ -84,3 +84,17 @@ def test_registry_backup_while_the_server_runs(tmp_path, capsys):
     assert got.version_id == v.version_id and verify_version(got)
     assert cli_main(["registry", "backup", str(dest), "--store", "postgresql://u@h/db"]) == 2
     assert "pg_dump" in capsys.readouterr().err
+
+
+def test_the_command_line_and_the_aggregation_server_load_no_torch():
+    """The aggregator pod's memory limit (512 Mi) and the probes' start-up rely on it: torch alone is ~350 MB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fedprompt.cli as c; c.build_parser(); import fedprompt.server.aggregator; "
+        "import fedprompt.health; print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
