@@ -35,7 +35,7 @@ from fedprompt.errors import FedPromptError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
-from fedprompt.server.records import Forbidden, RegistryError
+from fedprompt.server.records import RegistryError
 from fedprompt.server.registry import Registry
 from fedprompt.server.secagg_rounds import SecureRounds
 from fedprompt.server.store import open_store
@@ -91,6 +91,9 @@ class Gate:
     async def admit(self, context: grpc.aio.ServicerContext, method: str) -> str:
         names = context.auth_context().get("x509_common_name") or []
         cn = names[0].decode() if names else ""
+        # first, so that a caller whose name is unknown (a revoked node) cannot make every call rescan the folder
+        if not self.limiter.allow(cn):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit for {cn!r}: slow down and retry")
         if cn == certs.COORDINATOR_CN:
             who = cn
         elif cn.startswith(certs.NODE_CN_PREFIX) and self._node_known(cn[len(certs.NODE_CN_PREFIX) :]):
@@ -99,8 +102,6 @@ class Gate:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} is for the coordinator only")
         else:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unknown client identity {cn!r}")
-        if not self.limiter.allow(who):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit for {who}: slow down and retry")
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
@@ -149,7 +150,9 @@ class RegistryService(_Base, pb_grpc.PromptRegistryServicer):
 
     async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
         def work(who: str) -> pb.ListVersionsResponse:
-            found = self.registry.list_versions(task=request.task or None, model_id=request.model_id or None)
+            found = self.registry.list_versions(
+                task=request.task or None, model_id=request.model_id or None, include_content=request.include_content
+            )
             return pb.ListVersionsResponse(
                 versions=[convert.version_to_proto(v, include_content=request.include_content) for v in found]
             )
@@ -210,10 +213,7 @@ class RoundService(_Base, pb_grpc.RoundAggregationServicer):
         )
 
     async def SubmitUpdate(self, request: pb.SubmitUpdateRequest, context) -> pb.SubmitUpdateResponse:
-        def work(who: str) -> pb.SubmitUpdateResponse:
-            r = self.registry.get_round(request.round_id)
-            if r.participants and who not in r.participants:
-                raise Forbidden(f"{who} is not a participant of round {r.round_id}")
+        def work(who: str) -> pb.SubmitUpdateResponse:  # the registry checks participation in its transaction
             received = self.registry.submit_update(
                 round_id=request.round_id,
                 client=who,

@@ -20,9 +20,9 @@ from flwr.serverapp import Grid
 
 from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols import aggregator_pb2 as pb
-from fedprompt.protocols import secagg_pb2
+from fedprompt.protocols import convert, secagg_pb2
 from fedprompt.rounds import TaskSpec
-from fedprompt.server.records import ModelRef
+from fedprompt.server.records import InvalidInput, ModelRef
 
 SECAGG_MESSAGE_TYPE = "train.secagg"
 STAGES = 4  # key advertisement, key shares, masked inputs, unmasking
@@ -75,7 +75,12 @@ def relay(
     if not response.done:
         raise SecureRoundFailed("the aggregation server did not finish the protocol after the unmasking stage")
     result = response.result
-    mean = np.frombuffer(result.mean_update.data, dtype="<f4").reshape(shape).astype(np.float32)
+    try:
+        mean = convert.tensor_from_proto(result.mean_update)
+    except InvalidInput as exc:
+        raise SecureRoundFailed(f"the aggregation server returned a malformed mean: {exc}") from exc
+    if mean.shape != shape:
+        raise SecureRoundFailed(f"the aggregation server returned a mean of shape {mean.shape}, not {shape}")
     record = {
         "secure_round_id": opened.round_id,
         "secure_contributors": int(result.contributors),
