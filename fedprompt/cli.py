@@ -154,8 +154,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fedprompt import artifact
+    from fedprompt import artifact, text_prompt
 
+    if text_prompt.is_text_prompt(args.prompt):
+        return _eval_text_prompt(args)
     weight, meta = artifact.load(args.prompt)
     session = _session(
         args,
@@ -174,6 +176,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "examples": len(examples),
         "accuracy": acc,
         "zero_shot_accuracy": zero,
+        "privacy": meta.privacy,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _eval_text_prompt(args: argparse.Namespace) -> int:
+    """A text prompt (DP-OPT) works on any model: the instruction goes above the task's template."""
+    from fedprompt import text_prompt
+    from fedprompt.client.dpopt_text import correct_count, instruction_template
+
+    text, meta = text_prompt.load(args.prompt)
+    session = _session(
+        args,
+        args.model or meta.writer_model_id,
+        args.dataset or meta.task,
+        template=meta.template,
+        label_words=meta.label_words,
+    )
+    examples = session.dataset.split(args.split)
+
+    def accuracy(template: str) -> float:
+        rt, loaded, verbalizer = session.runtime, session.loaded, session.verbalizer
+        return correct_count(loaded, rt, verbalizer, template, examples, max_length=args.max_length) / len(examples)
+
+    report = {
+        "dataset": session.dataset.name,
+        "model": session.loaded.model_id,
+        "split": args.split,
+        "examples": len(examples),
+        "accuracy": accuracy(instruction_template(text, meta.template)),
+        "zero_shot_accuracy": accuracy(meta.template) if args.zero_shot else None,
         "privacy": meta.privacy,
     }
     print(json.dumps(report, indent=2))
@@ -245,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp_arguments(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("eval", help="evaluate a prompt artifact")
+    p = sub.add_parser("eval", help="evaluate a prompt artifact (soft prompt, or DP-OPT text prompt on any model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--dataset", default=None, help="default: the artifact's task")
     p.add_argument("--model", default=None, help="default: the artifact's base model")
@@ -282,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_health)
 
     from fedprompt.client.daemon import add_client_parser
+    from fedprompt.client.dpopt_cli import add_dpopt_parser
     from fedprompt.demo import add_demo_parser
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
     from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
@@ -292,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompts_parser(sub)
     add_registry_parser(sub)
     add_client_parser(sub)
+    add_dpopt_parser(sub)
     add_demo_parser(sub)
     return parser
 

@@ -187,10 +187,12 @@ def _attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
-def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: str | None = None) -> LoadedModel:
     """Load a zoo name, a local Hugging Face folder or (where a hub is reachable) a hub id, frozen.
 
-    Remote code is never trusted, whatever the folder's config asks for.
+    ``attention`` overrides the attention implementation (default: eager on the CPU, for training; SDPA
+    suits inference only, e.g. DP-OPT's teachers). Remote code is never trusted, whatever the folder's
+    config asks for.
     """
     if name_or_path in ZOO:
         folder, model_id, local = pull(name_or_path), name_or_path, True
@@ -211,7 +213,7 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu") -> LoadedMode
             dtype=torch.float32,
             local_files_only=local,
             trust_remote_code=False,
-            attn_implementation=_attention_for(torch.device(device)),
+            attn_implementation=attention or _attention_for(torch.device(device)),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc

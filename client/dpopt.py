@@ -1,0 +1,506 @@
+"""DP-OPT (Hong et al., ICLR 2024): a private text prompt written by an ensemble of in-context learners.
+
+The local model first answers every private training example under the initial instruction (the
+"student", DLN-1's forward pass; an example's answer depends on that example alone). Each new candidate
+instruction is then written one token at a time: for every token a fresh Poisson subsample of the private
+examples is drawn, every sampled example joins one of J teachers chosen uniformly at random, each teacher
+reads the backward meta-prompt built from its own examples and samples one next token, and the votes are
+released by the limited-domain mechanism (``fedprompt.dp.limited_domain``). A failed release is retried a
+bounded number of times; every try is a query and is accounted. Generation stops before the next query
+would pass the target epsilon. Finally one candidate is chosen on a holdout disjoint from the generation
+examples with the exponential mechanism.
+
+Why each example joins a uniformly random teacher rather than the next of J fixed slices of the sample
+(DP-OPT's code): with slices, one added example shifts every later slice, so many teachers' votes change
+and the release's sensitivity of 2 no longer holds. With independent assignment it changes exactly one
+teacher's input.
+
+The holdout is chosen per example by a keyed hash of the example itself, so adding or removing one example
+never moves another one between the two parts: the parts are disjoint under the add/remove relation, and
+the whole run is max(epsilon of generation, epsilon of selection)-DP at the generation's delta.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedprompt.client.dpopt_text import IMPROVE_MESSAGES, Demo, MetaPrompt, correct_count, instruction_template, predict
+from fedprompt.datasets import Example
+from fedprompt.dp.limited_domain import LimitedDomain, dpopt_epsilon, max_queries, select_candidate
+from fedprompt.runtime import Runtime
+from fedprompt.task import Verbalizer
+from fedprompt.zoo import LoadedModel
+
+ACCOUNTANT = "dpopt-rdp"  # limited domain as an eps0-DP release, Poisson-subsampled RDP, Balle et al. conversion
+
+
+@dataclass(frozen=True)
+class DPOPTConfig:
+    """Settings of one DP-OPT run. The defaults are the paper's (Vicuna-7b on a GPU); see ``PRESETS``."""
+
+    teachers: int = 205  # J
+    shots: int = 5  # m: expected demonstrations per teacher
+    candidates: int = 40  # K
+    max_new_tokens: int = 50
+    min_new_tokens: int = 5
+    temperature: float = 1.1
+    token_epsilon: float = 1.8  # eps0 of one token release
+    token_delta: float = 5e-7  # delta0 of one token release
+    k_bar: int = 10
+    target_epsilon: float = 8.0
+    delta: float | None = None  # default 1/(2n), n = generation examples (as for DP-SGD here)
+    selection_epsilon: float | None = None  # default: target_epsilon (disjoint data: the run costs the max)
+    holdout_fraction: float = 0.01
+    retries_per_token: int = 1
+    max_failures: int = 5  # per candidate
+    max_demo_tokens: int = 64
+    teacher_batch_size: int = 64
+    private: bool = True  # False: plain majority vote, no noise, no budget (a comparison, never released)
+    seed: int | None = None  # tests only: seeds the sampling and the noise; otherwise the OS CSPRNG
+
+    def __post_init__(self) -> None:
+        for name in ("teachers", "shots", "candidates", "max_new_tokens", "k_bar", "max_demo_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.teacher_batch_size, int) or self.teacher_batch_size < 1:
+            raise ValueError(f"teacher_batch_size must be a positive integer, got {self.teacher_batch_size!r}")
+        for name in ("min_new_tokens", "retries_per_token", "max_failures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("token_epsilon", "target_epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy teachers), got {self.temperature!r}")
+        if not 0 < self.token_delta < 1:
+            raise ValueError(f"token_delta must be in (0, 1), got {self.token_delta!r}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.selection_epsilon is not None and not self.selection_epsilon > 0:
+            raise ValueError(f"selection_epsilon must be positive, got {self.selection_epsilon!r}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
+
+
+PRESETS: dict[str, DPOPTConfig] = {
+    "paper": DPOPTConfig(),
+    # 2 CPU cores, a 135M model: about 5 s per token. Fewer teachers need a larger eps0 for the release
+    # threshold (1 + 2 ln(2/delta0)/eps0 votes above the 11th count) to be reachable.
+    # Small teacher batches: the demonstrations' lengths vary, and on the CPU padding costs as much as text.
+    "cpu": DPOPTConfig(
+        teachers=24,
+        shots=3,
+        candidates=4,
+        max_new_tokens=20,
+        temperature=0.7,
+        token_epsilon=3.0,
+        teacher_batch_size=4,
+    ),
+    "quick": DPOPTConfig(
+        teachers=16,
+        shots=2,
+        candidates=2,
+        max_new_tokens=12,
+        temperature=0.5,
+        token_epsilon=4.0,
+        teacher_batch_size=4,
+    ),
+}
+
+
+@dataclass
+class DPOPTResult:
+    candidates: list[str]
+    chosen: str | None
+    chosen_index: int | None
+    queries: int
+    failures: int
+    tokens: int
+    budget_exhausted: bool
+    sample_rate: float
+    delta: float
+    epsilon_generation: float
+    epsilon_selection: float
+    generation_examples: int
+    holdout_examples: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def epsilon(self) -> float:
+        return max(self.epsilon_generation, self.epsilon_selection)
+
+
+# ------------------------------------------------------------------ randomness and data
+
+
+class Draws:
+    """The run's randomness: the OS CSPRNG unless a seed is given (tests)."""
+
+    def __init__(self, seed: int | None) -> None:
+        if seed is None:
+            from fedprompt.dp.secure_rng import urandom_uniform
+
+            self.py: random.Random = random.SystemRandom()
+            self.uniform: Callable[[int], np.ndarray] = lambda n: 1.0 - urandom_uniform(n)  # [0, 1)
+            torch_seed = int.from_bytes(os.urandom(8), "little") >> 1
+        else:
+            self.py = random.Random(seed)
+            np_rng = np.random.default_rng(seed)
+            self.uniform = np_rng.random
+            torch_seed = seed
+        self.torch = torch.Generator().manual_seed(torch_seed)
+
+
+def sample_groups(n: int, *, sample_rate: float, teachers: int, draws: Draws) -> list[list[int]]:
+    """A Poisson subsample of ``range(n)``, each sampled index in one teacher chosen uniformly at random."""
+    chosen = np.flatnonzero(draws.uniform(n) < sample_rate)
+    which = np.minimum((draws.uniform(len(chosen)) * teachers).astype(np.int64), teachers - 1)
+    return [chosen[which == j].tolist() for j in range(teachers)]
+
+
+def split_holdout(examples: Sequence[Example], fraction: float, key: bytes) -> tuple[list[Example], list[Example]]:
+    """(generation, holdout): each example's side is a keyed hash of the example itself."""
+    gen, hold = [], []
+    for e in examples:
+        digest = hmac.new(key, f"{e.label}\x00{e.text}".encode(), hashlib.sha256).digest()
+        (hold if int.from_bytes(digest[:8], "big") < fraction * 2**64 else gen).append(e)
+    return gen, hold
+
+
+# ------------------------------------------------------------------ the teachers
+
+
+class TeacherEnsemble:
+    """J in-context learners that share a head: one batched forward per token.
+
+    With ``reuse_head`` the head's keys and values are computed once and every batch attends to them;
+    each teacher's own tokens follow, left-padded inside their block, with position ids counted over real
+    tokens. Without it every forward recomputes the whole meta-prompt (the benchmark's baseline); both give
+    the same logits (a test holds them to it).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        runtime: Runtime,
+        head_ids: list[int],
+        *,
+        reuse_head: bool = True,
+        batch_size: int = 64,
+    ) -> None:
+        if not head_ids:
+            raise ValueError("the shared head is empty")
+        self.model = loaded.model
+        self.runtime = runtime
+        self.head_ids = list(head_ids)
+        self.batch_size = batch_size
+        pad = loaded.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (loaded.tokenizer.eos_token_id or 0)
+        self._head_cache = None
+        if reuse_head:
+            with torch.inference_mode(), runtime.autocast():
+                ids = torch.tensor([self.head_ids], device=runtime.device)
+                self._head_cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+    @torch.inference_mode()
+    def next_token_logits(self, bodies: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(J, V) float32 logits of the next token after ``head + body`` for each teacher's body."""
+        if not bodies or any(len(b) == 0 for b in bodies):
+            raise ValueError("every teacher needs a non-empty body")
+        # batches of similar lengths waste little on padding
+        order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
+        logits = torch.empty(0)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            part = self._forward([bodies[i] for i in idx])
+            if logits.numel() == 0:
+                logits = part.new_empty((len(bodies), part.shape[-1]))
+            logits[idx] = part
+        return logits
+
+    def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(list(s))
+            mask[i, width - len(s) :] = 1
+        return ids.to(self.runtime.device), mask.to(self.runtime.device)
+
+    def _forward(self, bodies: Sequence[Sequence[int]]) -> torch.Tensor:
+        kw: dict = {}
+        if self._head_cache is None:
+            ids, mask = self._left_padded([self.head_ids + list(b) for b in bodies])
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            kw["use_cache"] = False
+        else:
+            ids, body_mask = self._left_padded(bodies)
+            head = len(self.head_ids)
+            mask = torch.cat([body_mask.new_ones(len(bodies), head), body_mask], dim=1)
+            position_ids = (head + body_mask.cumsum(-1) - 1).clamp(min=head)
+            cache = copy.deepcopy(self._head_cache)
+            cache.batch_repeat_interleave(len(bodies))
+            kw.update(cache=cache, use_cache=True)
+        with self.runtime.autocast():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **kw)
+        return out.logits[:, -1].float()
+
+
+# ------------------------------------------------------------------ generation
+
+
+class DPOPTGenerator:
+    """Writes candidate instructions from ``examples`` (the generation part of a holder's data)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        runtime: Runtime,
+        verbalizer: Verbalizer,
+        task_template: str,
+        label_words: Sequence[str],
+        instruction: str,
+        examples: Sequence[Example],
+        cfg: DPOPTConfig,
+        *,
+        reuse_head: bool = True,
+    ) -> None:
+        if len(examples) < cfg.teachers:
+            raise ValueError(f"{len(examples)} generation examples cannot feed {cfg.teachers} teachers")
+        self.loaded, self.runtime, self.verbalizer, self.cfg = loaded, runtime, verbalizer, cfg
+        self.examples = list(examples)
+        self.label_words = [w.strip() for w in label_words]
+        self.student_template = instruction_template(instruction, task_template)
+        self.meta = MetaPrompt(loaded.tokenizer, instruction, max_demo_tokens=cfg.max_demo_tokens)
+        self.ensemble = TeacherEnsemble(
+            loaded, runtime, self.meta.head_ids, reuse_head=reuse_head, batch_size=cfg.teacher_batch_size
+        )
+        self.draws = Draws(cfg.seed)
+        self.sample_rate = min(1.0, cfg.teachers * cfg.shots / len(self.examples))
+        self.delta = cfg.delta if cfg.delta is not None else 1.0 / (2 * len(self.examples))
+        self.stop_ids = sorted(self.meta.stop_ids())
+        self._predictions = np.full(len(self.examples), -1, dtype=np.int64)
+        self._demo_ids: dict[int, tuple[bool, list[int]]] = {}
+        self.queries = 0
+        self.failures = 0
+        self.query_limit = (
+            max_queries(cfg.target_epsilon, **self._accounting()) if cfg.private else cfg.candidates * 10**6
+        )
+        if cfg.private and self.query_limit == 0:
+            raise ValueError(
+                f"not one token release fits in target epsilon {cfg.target_epsilon:g} at token epsilon "
+                f"{cfg.token_epsilon:g}, sample rate {self.sample_rate:.4f} and delta {self.delta:.3g}"
+            )
+        self.mechanism: LimitedDomain | None = None
+
+    def _accounting(self) -> dict:
+        return {
+            "sample_rate": self.sample_rate,
+            "eps0": self.cfg.token_epsilon,
+            "delta0": self.cfg.token_delta,
+            "delta": self.delta,
+        }
+
+    def epsilon_spent(self, queries: int | None = None) -> float:
+        if not self.cfg.private:
+            return math.inf
+        return dpopt_epsilon(self.queries if queries is None else queries, **self._accounting())
+
+    def projected_queries(self) -> int:
+        """An upper bound on the queries this run can make (what the ledger reserves)."""
+        per_candidate = self.cfg.max_new_tokens + self.cfg.max_failures
+        return min(self.query_limit, self.cfg.candidates * per_candidate)
+
+    # -------------------------------------------------------------- one query
+
+    def _label(self, indices: Sequence[int]) -> None:
+        missing = [i for i in indices if self._predictions[i] < 0]
+        if missing:
+            texts = [self.examples[i].text for i in missing]
+            predicted = predict(self.loaded, self.runtime, self.verbalizer, self.student_template, texts)
+            self._predictions[missing] = predicted
+
+    def _demo(self, i: int) -> tuple[bool, list[int]]:
+        if i not in self._demo_ids:
+            e = self.examples[i]
+            demo = Demo(e.text, self.label_words[e.label], self.label_words[int(self._predictions[i])])
+            self._demo_ids[i] = (demo.correct, self.meta.demo_ids(demo))
+        return self._demo_ids[i]
+
+    @torch.inference_mode()
+    def votes(self, generated: Sequence[int]) -> Counter:
+        """One query's teacher votes: a fresh subsample, one token sampled by each teacher."""
+        groups = sample_groups(
+            len(self.examples), sample_rate=self.sample_rate, teachers=self.cfg.teachers, draws=self.draws
+        )
+        self._label([i for g in groups for i in g])
+        bodies = []
+        for g in groups:
+            message = IMPROVE_MESSAGES[self.draws.py.randrange(len(IMPROVE_MESSAGES))]
+            bodies.append(self.meta.body_ids([self._demo(i) for i in g], message) + list(generated))
+        logits = self.ensemble.next_token_logits(bodies).cpu()
+        if len(generated) < self.cfg.min_new_tokens:
+            logits[:, self.stop_ids] = -math.inf
+        if self.cfg.temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / self.cfg.temperature, dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=self.draws.torch).squeeze(1)
+        return Counter(tokens.tolist())
+
+    def release(self, votes: Counter, vocab_size: int) -> int | None:
+        if not self.cfg.private:
+            top = max(votes.values())
+            return self.draws.py.choice(sorted(t for t, c in votes.items() if c == top))
+        if self.mechanism is None:
+            self.mechanism = LimitedDomain(
+                self.cfg.token_epsilon, self.cfg.token_delta, vocab_size=vocab_size, k_bar=self.cfg.k_bar
+            )
+        return self.mechanism.release(votes, self.draws.py)
+
+    # -------------------------------------------------------------- candidates
+
+    def candidate(self, progress: tqdm | None = None) -> tuple[list[int], bool]:
+        """One candidate's token ids, and whether the budget ran out while writing it."""
+        generated: list[int] = []
+        failures, retries = 0, self.cfg.retries_per_token
+        vocab = len(self.loaded.tokenizer)
+        while len(generated) < self.cfg.max_new_tokens:
+            if self.queries >= self.query_limit:
+                return generated, True
+            token = self.release(self.votes(generated), vocab)
+            self.queries += 1
+            if progress is not None:
+                progress.update(1)
+                eps = self.epsilon_spent() if self.cfg.private else float("nan")
+                progress.set_postfix(tokens=len(generated), epsilon=f"{eps:.2f}", failed=self.failures)
+            if token is None:
+                self.failures += 1
+                failures += 1
+                if retries > 0 and failures <= self.cfg.max_failures:
+                    retries -= 1
+                    continue
+                break
+            retries = self.cfg.retries_per_token
+            if token in self.stop_ids:
+                break
+            generated.append(token)
+        return generated, False
+
+    def generate(self, on_candidate: Callable[[int, str], None] | None = None) -> tuple[list[str], bool, int]:
+        """Up to K non-empty candidates; (texts, budget exhausted, tokens released)."""
+        texts, tokens, exhausted = [], 0, False
+        total = self.projected_queries()
+        with tqdm(total=total, desc="DP-OPT queries" if self.cfg.private else "ensemble queries", unit="q") as bar:
+            for k in range(self.cfg.candidates):
+                ids, exhausted = self.candidate(bar)
+                tokens += len(ids)
+                text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                if text:
+                    texts.append(text)
+                    if on_candidate is not None:
+                        on_candidate(k, text)
+                if exhausted:
+                    break
+        return texts, exhausted, tokens
+
+
+# ------------------------------------------------------------------ the whole run
+
+
+def score_candidates(
+    loaded: LoadedModel,
+    runtime: Runtime,
+    verbalizer: Verbalizer,
+    task_template: str,
+    candidates: Sequence[str],
+    examples: Sequence[Example],
+) -> list[int]:
+    """Correct answers of each candidate on ``examples`` (private: release only through a mechanism)."""
+    return [
+        correct_count(loaded, runtime, verbalizer, instruction_template(c, task_template), examples)
+        for c in tqdm(candidates, desc="scoring candidates", unit="cand", leave=False)
+    ]
+
+
+def prepare(
+    loaded: LoadedModel,
+    runtime: Runtime,
+    verbalizer: Verbalizer,
+    task_template: str,
+    label_words: Sequence[str],
+    instruction: str,
+    train: Sequence[Example],
+    cfg: DPOPTConfig,
+    *,
+    holdout_key: bytes | None = None,
+) -> tuple[DPOPTGenerator, list[Example]]:
+    """Split ``train`` into generation examples and a holdout, and set up the generator on the former."""
+    key = holdout_key or (cfg.seed.to_bytes(8, "big") if cfg.seed is not None else os.urandom(32))
+    gen_part, holdout = split_holdout(train, cfg.holdout_fraction, key)
+    if not holdout:
+        raise ValueError(f"holdout_fraction {cfg.holdout_fraction:g} of {len(train)} examples left no holdout")
+    gen = DPOPTGenerator(loaded, runtime, verbalizer, task_template, label_words, instruction, gen_part, cfg)
+    return gen, holdout
+
+
+def projected_epsilon(gen: DPOPTGenerator) -> float:
+    """The most this run can spend: what a ledger reserves before it starts."""
+    cfg = gen.cfg
+    return max(gen.epsilon_spent(gen.projected_queries()), cfg.selection_epsilon or cfg.target_epsilon)
+
+
+def finish(
+    gen: DPOPTGenerator,
+    holdout: Sequence[Example],
+    task_template: str,
+    *,
+    on_candidate: Callable[[int, str], None] | None = None,
+) -> DPOPTResult:
+    """Generate the candidates and select one on the holdout (see the module doc)."""
+    started = time.perf_counter()
+    cfg = gen.cfg
+    candidates, exhausted, tokens = gen.generate(on_candidate)
+    eps_sel = 0.0
+    chosen_index = None
+    if candidates:
+        correct = score_candidates(gen.loaded, gen.runtime, gen.verbalizer, task_template, candidates, holdout)
+        if cfg.private:
+            eps_sel = cfg.selection_epsilon or cfg.target_epsilon
+            chosen_index = select_candidate(correct, eps_sel, gen.draws.py)
+        else:
+            chosen_index = max(range(len(correct)), key=correct.__getitem__)
+    return DPOPTResult(
+        candidates=candidates,
+        chosen=candidates[chosen_index] if chosen_index is not None else None,
+        chosen_index=chosen_index,
+        queries=gen.queries,
+        failures=gen.failures,
+        tokens=tokens,
+        budget_exhausted=exhausted,
+        sample_rate=gen.sample_rate,
+        delta=gen.delta,
+        epsilon_generation=gen.epsilon_spent() if cfg.private else math.inf,
+        epsilon_selection=eps_sel if cfg.private else math.inf,
+        generation_examples=len(gen.examples),
+        holdout_examples=len(holdout),
+        seconds=time.perf_counter() - started,
+        settings=asdict(replace(cfg, seed=None)),
+    )
