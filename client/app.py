@@ -15,6 +15,7 @@ This module imports no torch: in the worker mode the per-message process stays l
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -53,6 +54,9 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
             prompt = None
             config = dict(message.content["config"])
             config["message"] = base64.b64encode(bytes(message.content["secagg"]["message"])).decode()
+        elif kind.startswith("dpopt_"):
+            prompt = None
+            config = dict(message.content["config"])
         else:
             prompt = from_record(message.content["prompt"], "weight")
             config = dict(message.content["config"])
@@ -83,6 +87,10 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
         records["update"] = to_record(delta=np.asarray(arr))
     if kind == "secagg":
         records["secagg"] = ConfigRecord({"message": base64.b64decode(header["message"])})
+    if kind == "dpopt_generate":
+        records["dpopt"] = ConfigRecord({"candidates_json": json.dumps(header["candidates"])})
+    if kind == "dpopt_score":
+        records["dpopt"] = ConfigRecord({"scores_json": json.dumps(header["scores"])})
     return Message(RecordDict(records), reply_to=message)
 
 
@@ -95,6 +103,18 @@ def train(message: Message, context: Context) -> Message:
 def secagg(message: Message, context: Context) -> Message:
     """One stage of SecAgg+ for the update this holder kept from the round's training."""
     return _handle("secagg", message, context)
+
+
+@app.query("dpopt_generate")
+def dpopt_generate(message: Message, context: Context) -> Message:
+    """Federated DP-OPT, step 1: write DP candidate instructions from this holder's data."""
+    return _handle("dpopt_generate", message, context)
+
+
+@app.query("dpopt_score")
+def dpopt_score(message: Message, context: Context) -> Message:
+    """Federated DP-OPT, step 2: every candidate's correct answers on this holder's holdout, with noise."""
+    return _handle("dpopt_score", message, context)
 
 
 @app.evaluate()

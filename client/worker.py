@@ -36,7 +36,8 @@ from fedprompt.errors import BudgetExceededError, FedPromptError
 
 log = logging.getLogger("fedprompt.client")
 
-KINDS = ("train", "evaluate", "secagg")
+KINDS = ("train", "evaluate", "secagg", "dpopt_generate", "dpopt_score")
+_NO_PROMPT = ("secagg", "dpopt_generate", "dpopt_score")  # requests that carry no prompt array
 
 
 def _npy(arr: np.ndarray | None) -> bytes:
@@ -93,6 +94,9 @@ class HolderService:
         self._holder_key: tuple | None = None
         self._pending: dict[tuple[str, int], np.ndarray] = {}  # (run, round) -> update awaiting secure aggregation
         self._secagg: dict[tuple[str, int], object] = {}  # (run, round) -> its SecAggClient
+        from fedprompt.client.dpopt_holder import DPOPTJobs
+
+        self._dpopt = DPOPTJobs()  # federated DP-OPT runs between their generation and their scoring
 
     # ------------------------------------------------------------------ requests
 
@@ -130,12 +134,15 @@ class HolderService:
         from fedprompt.rounds import LocalSettings
 
         kind, config = header.get("kind"), header.get("config")
-        if kind not in KINDS or not isinstance(config, dict) or (prompt is None) != (kind == "secagg"):
+        if kind not in KINDS or not isinstance(config, dict) or (prompt is None) != (kind in _NO_PROMPT):
             return {"ok": False, "code": "refused", "reason": f"malformed request (kind={kind!r})"}, None
         try:
             if kind == "secagg":
                 return self._secagg_step(config), None
             holder = self.holder(config)
+            if kind in ("dpopt_generate", "dpopt_score"):
+                job = self._dpopt.generate if kind == "dpopt_generate" else self._dpopt.score
+                return {"ok": True, "holder": self.name, **job(holder, config)}, None
             weight = torch.from_numpy(np.array(prompt, dtype=np.float32))
             if kind == "train":
                 settings = LocalSettings.from_config(config)

@@ -354,4 +354,9 @@ def _pct(x: float | None) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = FederationConfig.from_run_config(dict(context.run_config))
+    if cfg.method == "dpopt":
+        from fedprompt.server.dpopt_federation import run_dpopt
+
+        run_dpopt(grid, cfg, run_id=str(context.run_id))
+        return
     Federation(grid, cfg, run_id=str(context.run_id)).run()

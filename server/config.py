@@ -13,6 +13,7 @@ from fedprompt.server.aggregate import STRATEGIES
 from fedprompt.training import DEFAULT_INIT_TEXT
 
 _ROUND_IDENTITY = ("run_id", "server_round")
+METHODS = ("prompt-tuning", "dpopt")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class FederationConfig:
     secure_aggregation: bool = False
     # each update value is clipped to [-secagg_clip_range, secagg_clip_range] before quantisation
     secagg_clip_range: float = 1.0
+    # "prompt-tuning" (rounds of DP soft-prompt tuning) or "dpopt" (every holder writes DP text candidates,
+    # every holder scores them with noise, the best sum wins); dpopt_settings: JSON overrides of the preset
+    method: str = "prompt-tuning"
+    dpopt_preset: str = "cpu"
+    dpopt_settings: str = ""
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_absolute():
@@ -89,6 +95,18 @@ class FederationConfig:
             )
         if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
             raise ValueError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "dpopt":
+            from fedprompt.client.dpopt_holder import dpopt_config
+
+            dpopt_config(
+                {
+                    "dpopt_preset": self.dpopt_preset,
+                    "dpopt_settings": self.dpopt_settings,
+                    "target_epsilon": self.target_epsilon,
+                }
+            )  # the holders would refuse what fails here
         self.local_settings(run_id="check", server_round=1)  # validates the holders' settings up front
 
     @classmethod

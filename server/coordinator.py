@@ -257,6 +257,9 @@ _FLAGS = {
     "min_train_nodes": int,
     "min_available_nodes": int,
     "round_timeout_s": float,
+    "method": str,
+    "dpopt_preset": str,
+    "dpopt_settings": str,
 }
 
 
@@ -340,6 +343,8 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
             values[key] = raw  # a bare string
+        if isinstance(values[key], dict | list):
+            values[key] = raw  # a JSON object setting (dpopt_settings) travels as its text
     try:
         return FederationConfig(**values)
     except (TypeError, ValueError) as exc:
@@ -369,8 +374,14 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)
         coord.follow(run_id, cfg)
         where = "on the SuperLink's machine" if args.superlink else ""
-        final = Path(cfg.checkpoint_dir) / f"round-{cfg.num_rounds:04d}"
-        print(f"federation complete: global prompt {final} {where}".rstrip(), flush=True)
+        if cfg.method == "dpopt":
+            from fedprompt.server.dpopt_federation import ARTIFACT_DIR
+
+            final = Path(cfg.checkpoint_dir) / ARTIFACT_DIR
+            print(f"DP-OPT complete: text prompt {final} {where}".rstrip(), flush=True)
+        else:
+            final = Path(cfg.checkpoint_dir) / f"round-{cfg.num_rounds:04d}"
+            print(f"federation complete: global prompt {final} {where}".rstrip(), flush=True)
         if args.keep_running and coord.superlink is not None:
             print("SuperLink keeps running (Ctrl-C to stop)", flush=True)
             while coord.superlink.poll() is None:

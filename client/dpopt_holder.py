@@ -1,0 +1,142 @@
+"""A data holder's part of a federated DP-OPT run: write candidates from its data, then score everyone's.
+
+1. ``generate``: the holder splits its training data into generation examples and a holdout (keyed hash per
+   example, the key kept in memory only), charges its ledger the run's projected spend, and writes DP
+   candidates (``dpopt.DPOPTGenerator``). The candidates are DP releases: they go to the coordinator as text.
+2. ``score``: the holder scores every holder's candidates on its holdout and releases the counts of correct
+   answers through the Gaussian mechanism. One holdout example changes each of the K counts by at most 1,
+   so the vector's L2 sensitivity is sqrt(K); the noise's standard deviation is z * sqrt(K) with z calibrated
+   by the RDP accountant to the selection epsilon. The coordinator adds the noisy vectors and picks the
+   largest sum: post-processing, which costs nothing more.
+
+The holdout and the generation examples are disjoint per example, so the holder's whole spend is
+max(epsilon of generation, epsilon of the noisy scores) at its delta; the ledger is settled with that after
+scoring. A run whose scoring never comes stays reserved at its projection (counted as spent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fedprompt.errors import FedPromptError
+
+MECHANISM = "dp-opt-federated"
+SCORE_ACCOUNTANT = "rdp"
+
+
+def dpopt_config(config: dict):
+    """The DP-OPT settings a coordinator sent: a preset plus JSON overrides (seeds are never accepted)."""
+    from dataclasses import replace
+
+    from fedprompt.client.dpopt import PRESETS, DPOPTConfig
+
+    preset = str(config.get("dpopt_preset", "cpu"))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DP-OPT preset {preset!r}; known: {sorted(PRESETS)}")
+    overrides = json.loads(str(config.get("dpopt_settings") or "{}"))
+    known = {f.name for f in fields(DPOPTConfig)} - {"seed", "private"}
+    if not isinstance(overrides, dict) or set(overrides) - known:
+        raise ValueError(f"DP-OPT settings must be a JSON object with keys among {sorted(known)}; got {overrides!r}")
+    return replace(PRESETS[preset], target_epsilon=float(config["target_epsilon"]), **overrides)
+
+
+@dataclass
+class _Pending:
+    holdout: list
+    release: int
+    epsilon_generation: float
+    delta: float
+    queries: int
+    selection_epsilon: float
+
+
+class DPOPTJobs:
+    """The federated DP-OPT work of one holder; ``holder`` is its loaded :class:`~fedprompt.client.trainer.Holder`."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _Pending] = {}
+
+    def generate(self, holder, config: dict) -> dict:
+        from fedprompt.client import dpopt
+
+        run_id = str(config["run_id"])
+        if run_id in self._pending:
+            raise FedPromptError(f"DP-OPT run {run_id} already generated here; a second generation is refused")
+        cfg = dpopt_config(config)
+        s, task = holder.session, holder.task
+        words = [w[0] for w in task.label_words]
+        train = s.dataset.split("train")
+        gen, holdout = dpopt.prepare(
+            s.loaded, s.runtime, s.verbalizer, task.template, words, task.init_text, train, cfg
+        )
+        eps_sel = cfg.selection_epsilon or cfg.target_epsilon
+        release = holder.ledger.reserve(
+            task=task.name, run_id=run_id, mechanism=MECHANISM, delta=gen.delta, epsilon=dpopt.projected_epsilon(gen)
+        )
+        try:
+            candidates, exhausted, tokens = gen.generate()
+        except BaseException:
+            if gen.queries == 0:
+                holder.ledger.cancel(release)
+            else:
+                holder.ledger.commit(release, steps=gen.queries, epsilon=gen.epsilon_spent())
+            raise
+        eps_gen = gen.epsilon_spent()
+        if not candidates:  # nothing to score: settle now
+            holder.ledger.commit(release, steps=gen.queries, epsilon=eps_gen)
+        else:
+            self._pending[run_id] = _Pending(holdout, release, eps_gen, gen.delta, gen.queries, eps_sel)
+        return {
+            "candidates": candidates,
+            "metrics": {
+                "epsilon_generation": eps_gen,
+                "queries": gen.queries,
+                "tokens": tokens,
+                "budget_exhausted": int(exhausted),
+            },
+        }
+
+    def score(self, holder, config: dict) -> dict:
+        from fedprompt.client.dpopt import score_candidates
+        from fedprompt.dp.accounting import calibrate_noise, epsilon
+        from fedprompt.dp.secure_rng import secure_gaussian
+
+        run_id = str(config["run_id"])
+        pending = self._pending.pop(run_id, None)  # one scoring per generation: a replay is refused
+        if pending is None:
+            raise FedPromptError(f"no DP-OPT generation of run {run_id} awaits scoring here")
+        candidates = json.loads(str(config["candidates_json"]))
+        if not (isinstance(candidates, list) and candidates and all(isinstance(c, str) and c for c in candidates)):
+            raise ValueError("candidates_json must be a non-empty JSON list of non-empty strings")
+        try:
+            s, task = holder.session, holder.task
+            correct = score_candidates(s.loaded, s.runtime, s.verbalizer, task.template, candidates, pending.holdout)
+            z = calibrate_noise(
+                target_epsilon=pending.selection_epsilon,
+                delta=pending.delta,
+                sample_rate=1.0,
+                steps=1,
+                accountant=SCORE_ACCOUNTANT,
+            )
+            noise = secure_gaussian((len(candidates),), z * math.sqrt(len(candidates))).numpy()
+            eps_score = epsilon(SCORE_ACCOUNTANT, [(z, 1.0, 1)], delta=pending.delta)
+        except BaseException:
+            # nothing about the holdout left this process: the generation's spend is what was released
+            holder.ledger.commit(pending.release, steps=pending.queries, epsilon=pending.epsilon_generation)
+            raise
+        total = max(pending.epsilon_generation, eps_score)
+        holder.ledger.commit(pending.release, steps=pending.queries, epsilon=total)
+        noisy = (np.asarray(correct, dtype=np.float64) + noise).tolist()
+        return {
+            "scores": noisy,
+            "metrics": {
+                "epsilon": total,
+                "delta": pending.delta,
+                "epsilon_generation": pending.epsilon_generation,
+                "epsilon_scores": eps_score,
+            },
+        }

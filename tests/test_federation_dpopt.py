@@ -1,0 +1,69 @@
+"""Federated DP-OPT through real processes: a coordinator with its aggregation server and three holder daemons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedprompt import text_prompt
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.local_federation import HolderSpec, LocalFederation
+from fedprompt.server.dpopt_federation import ARTIFACT_DIR, RESULT_FILE
+from tests.conftest import make_sentiment_rows
+
+DPOPT = {
+    "teachers": 6,
+    "shots": 2,
+    "candidates": 2,
+    "max_new_tokens": 4,
+    "min_new_tokens": 1,
+    "temperature": 0.0,
+    "token_epsilon": 6.0,
+    "token_delta": 1e-3,
+    "holdout_fraction": 0.1,
+}
+
+
+def test_holders_write_candidates_score_them_with_noise_and_the_winner_is_registered(tmp_path):
+    from fedprompt.server.registry import Registry
+    from fedprompt.server.store import open_store
+
+    holders = []
+    for i in range(1, 4):
+        path = tmp_path / f"holder-{i}.jsonl"
+        rows = make_sentiment_rows(300, seed=20 + i)
+        path.write_text("".join(json.dumps({**r, "text": f"{r['text']} ({i}-{k})"}) + "\n" for k, r in enumerate(rows)))
+        holders.append(HolderSpec(f"holder-{i}", path, 20.0))
+    with LocalFederation(tmp_path / "fed", holders) as fed:
+        fed.start(
+            "--model", "tiny-llama",
+            "--task", "rotten-tomatoes",
+            "--method", "dpopt",
+            "--target-epsilon", "20",
+            "--min-available-nodes", "3",
+            "--set", "dpopt_preset=quick",
+            "--set", f"dpopt_settings={json.dumps(DPOPT)}",
+            "--set", "wait_for_nodes_s=120",
+        )  # fmt: skip
+        fed.wait(400)
+    result = json.loads((fed.checkpoints / RESULT_FILE).read_text())
+    assert result["failed"] == {} and result["scorers"] == 3
+    assert set(result["holders"]) == {"holder-1", "holder-2", "holder-3"}
+    assert result["chosen"] in result["candidates"]
+    assert result["noisy_score_sums"][result["candidates"].index(result["chosen"])] == max(result["noisy_score_sums"])
+    text, meta = text_prompt.load(fed.checkpoints / ARTIFACT_DIR)
+    assert text == result["chosen"]
+    for name, h in result["holders"].items():
+        # each holder paid max(generation, noisy scores) for disjoint data, and its ledger says the same
+        assert h["epsilon"] == pytest.approx(max(h["epsilon_generation"], h["epsilon_scores"]))
+        assert h["epsilon_scores"] <= 20.0 + 1e-6
+        releases = PrivacyLedger(fed.state_dir(name)).releases()
+        assert [(r.mechanism, r.status) for r in releases] == [("dp-opt-federated", "committed")]
+        assert releases[0].epsilon == pytest.approx(h["epsilon"])
+    assert meta.privacy["epsilon"] == pytest.approx(max(h["epsilon"] for h in result["holders"].values()))
+    # the winner is a text version in the aggregation server's registry
+    with open_store(str(tmp_path / "fed" / "coordinator" / "registry.sqlite")) as store:
+        version = Registry(store).get_version(result["version_id"])
+    assert version.text == text and version.embeddings is None
+    assert version.metadata["privacy"]["mechanism"] == "dp-opt-federated"
