@@ -288,26 +288,26 @@ class DPOPTGenerator:
         self.examples = list(examples)
         self.label_words = [w.strip() for w in label_words]
         self.student_template = instruction_template(instruction, task_template)
+        self.sample_rate = min(1.0, cfg.teachers * cfg.shots / len(self.examples))
+        self.delta = cfg.delta if cfg.delta is not None else 1.0 / (2 * len(self.examples))
+        self.query_limit = (
+            max_queries(cfg.target_epsilon, **self._accounting()) if cfg.private else cfg.candidates * 10**6
+        )
+        if cfg.private and self.query_limit == 0:  # before any model work
+            raise ValueError(
+                f"not one token release fits in target epsilon {cfg.target_epsilon:g} at token epsilon "
+                f"{cfg.token_epsilon:g}, sample rate {self.sample_rate:.4f} and delta {self.delta:.3g}"
+            )
         self.meta = MetaPrompt(loaded.tokenizer, instruction, max_demo_tokens=cfg.max_demo_tokens)
         self.ensemble = TeacherEnsemble(
             loaded, runtime, self.meta.head_ids, reuse_head=reuse_head, batch_size=cfg.teacher_batch_size
         )
         self.draws = Draws(cfg.seed)
-        self.sample_rate = min(1.0, cfg.teachers * cfg.shots / len(self.examples))
-        self.delta = cfg.delta if cfg.delta is not None else 1.0 / (2 * len(self.examples))
         self.stop_ids = sorted(self.meta.stop_ids())
         self._predictions = np.full(len(self.examples), -1, dtype=np.int64)
         self._demo_ids: dict[int, tuple[bool, list[int]]] = {}
         self.queries = 0
         self.failures = 0
-        self.query_limit = (
-            max_queries(cfg.target_epsilon, **self._accounting()) if cfg.private else cfg.candidates * 10**6
-        )
-        if cfg.private and self.query_limit == 0:
-            raise ValueError(
-                f"not one token release fits in target epsilon {cfg.target_epsilon:g} at token epsilon "
-                f"{cfg.token_epsilon:g}, sample rate {self.sample_rate:.4f} and delta {self.delta:.3g}"
-            )
         self.mechanism: LimitedDomain | None = None
 
     def _accounting(self) -> dict:
@@ -325,7 +325,9 @@ class DPOPTGenerator:
 
     def projected_queries(self) -> int:
         """An upper bound on the queries this run can make (what the ledger reserves)."""
-        per_candidate = self.cfg.max_new_tokens + self.cfg.max_failures
+        # a candidate releases at most max_new_tokens tokens (a stop token included) and fails at most
+        # max_failures + 1 times (the failure that ends it)
+        per_candidate = self.cfg.max_new_tokens + self.cfg.max_failures + 1
         return min(self.query_limit, self.cfg.candidates * per_candidate)
 
     # -------------------------------------------------------------- one query

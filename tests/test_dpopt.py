@@ -145,6 +145,10 @@ def test_failed_releases_are_queries_too(tiny_llama):
     assert texts == [] and tokens == 0 and not exhausted
     assert gen.failures == gen.queries == 3 * 2  # one retry per candidate, then the candidate stops
     assert gen.epsilon_spent() == pytest.approx(dpopt_epsilon(6, **gen._accounting()))
+    # with retries to spare, a candidate stops after max_failures + 1 failures: the ledger's projection holds
+    gen = _generator(tiny_llama, replace(cfg, retries_per_token=10, max_failures=2))
+    gen.generate()
+    assert gen.queries == 3 * 3 <= gen.projected_queries()
 
 
 def test_the_nonprivate_ensemble_releases_the_plurality(tiny_llama):
@@ -172,7 +176,7 @@ def test_a_run_selects_a_candidate_and_accounts_generation_and_selection(tiny_ll
     assert result.epsilon_selection == TESTS_CFG.target_epsilon
     assert result.epsilon == max(result.epsilon_generation, result.epsilon_selection)
     assert result.epsilon_generation == dpopt_epsilon(result.queries, **gen._accounting())
-    assert dpopt.projected_epsilon(gen) >= result.epsilon
+    assert dpopt.projected_epsilon(gen) >= result.epsilon and result.queries <= gen.projected_queries()
 
 
 def test_meta_prompt_sections(tiny_llama):
