@@ -82,7 +82,9 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         record["holders"][name] = {"candidates": len(own), **dict(msg.content["metrics"])}
         if own:
             writers.append(node)
-        candidates += [c for c in own if c not in candidates]
+        for c in own:  # each distinct text once, however many holders (or candidates of one) wrote it
+            if c not in candidates:
+                candidates.append(c)
     record["generation_seconds"] = time.monotonic() - started
     log(INFO, "DP-OPT: %d candidates from %d holders", len(candidates), len(writers))
     if not candidates:

@@ -51,6 +51,7 @@ def test_holders_write_candidates_score_them_with_noise_and_the_winner_is_regist
     assert result["failed"] == {} and result["scorers"] == 3
     assert set(result["holders"]) == {"holder-1", "holder-2", "holder-3"}
     assert result["chosen"] in result["candidates"]
+    assert len(set(result["candidates"])) == len(result["candidates"])  # each distinct text is scored once
     assert result["noisy_score_sums"][result["candidates"].index(result["chosen"])] == max(result["noisy_score_sums"])
     text, meta = text_prompt.load(fed.checkpoints / ARTIFACT_DIR)
     assert text == result["chosen"]
