@@ -43,7 +43,8 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
         "--allow-model",
         action="append",
         default=None,
-        help="a model the coordinator may ask for (repeatable; default: the zoo's names, never a path)",
+        help="a model the coordinator may ask for (repeatable; default: the zoo's names and the models registered "
+        "here with fedprompt models add; never a path)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])

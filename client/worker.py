@@ -104,11 +104,12 @@ class HolderService:
         from fedprompt.client.trainer import Holder  # torch and transformers load here, once
         from fedprompt.rounds import TaskSpec
         from fedprompt.runtime import Runtime
-        from fedprompt.zoo import ZOO
+        from fedprompt.zoo import known_names
 
         task = TaskSpec.from_config(config)
-        # by default only the zoo's names: a coordinator must not make a holder open paths of its choosing
-        allowed = self.allowed_models if self.allowed_models is not None else set(ZOO)
+        # by default only the zoo's names and the models this holder registered itself (a student from the
+        # provider): a coordinator must not make a holder open paths of its choosing
+        allowed = self.allowed_models if self.allowed_models is not None else known_names()
         if task.model not in allowed:
             raise FedPromptError(
                 f"the coordinator asked for model {task.model!r}; this holder allows {sorted(allowed)}"

@@ -98,6 +98,16 @@ class AggregatorClient:
             req.text = text
         return convert.version_from_proto(self._call(self.registry, "PublishVersion", req))
 
+    def publish_artifact(self, weight: np.ndarray, meta: dict, *, parent_id: str | None = None) -> Version:
+        """Store a soft-prompt artifact (its weight and ``asdict(ArtifactMeta)``) as a version."""
+        return self.publish_version(
+            task=meta["task"],
+            base_model=ModelRef(meta["base_model_id"], meta["base_model_sha256"]),
+            embeddings=weight,
+            parent_id=parent_id,
+            metadata=meta,
+        )
+
     def get_version(self, version_id: str) -> Version:
         msg = self._call(self.registry, "GetVersion", pb.GetVersionRequest(version_id=version_id))
         return convert.version_from_proto(msg)

@@ -38,10 +38,34 @@ def cmd_models(args: argparse.Namespace) -> int:
         folder = zoo.pull(args.name)
         print(f"{args.name}: {folder}")
         return 0
+    if args.action == "add":
+        name = zoo.register(args.name, args.as_name)
+        print(f"registered {args.name} as {name!r}")
+        return 0
+    if args.action == "remove":
+        zoo.unregister(args.name)
+        print(f"unregistered {args.name!r} (its folder is kept)")
+        return 0
     for name, entry in zoo.ZOO.items():
         folder = zoo.model_folder(name)
         state = "cached" if (folder / zoo.MANIFEST).exists() else "not pulled"
         print(f"{name:16} {state:11} {entry.description}")
+    for name, folder in sorted(zoo.registered().items()):
+        m = zoo.read_manifest(folder) if folder.is_dir() else {}
+        if not folder.is_dir():
+            print(f"{name:16} {'missing':11} {folder}")
+            continue
+        weights = (m.get("weights_sha256") or "?")[:12]
+        line = f"{name:16} {'registered':11} {folder}; weights {weights}"
+        if m.get("kind") == "distilled":
+            t = m.get("teacher", {})
+            d = m.get("distillation", {})
+            line += (
+                f"\n{'':28} distilled from {t.get('id')} (weights {str(t.get('weights_sha256'))[:12]}), "
+                f"layers {m.get('layers_kept')} of {m.get('teacher_layers')}, {d.get('tokens', 0):,} tokens "
+                f"of {m.get('corpus', {}).get('name')}"
+            )
+        print(line)
     return 0
 
 
@@ -240,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list or pull zoo models")
-    p.add_argument("action", choices=["list", "pull"])
-    p.add_argument("name", nargs="?")
+    p = sub.add_parser("models", help="list or pull zoo models; add or remove a local model folder (a student)")
+    p.add_argument("action", choices=["list", "pull", "add", "remove"])
+    p.add_argument("name", nargs="?", help="pull/remove: a model name; add: a model folder")
+    p.add_argument("--as", dest="as_name", default=None, help="add: the name to register (default: its manifest's)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("datasets", help="list the bundled datasets, or split one among holders (label skew)")
@@ -320,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedprompt.demo import add_demo_parser
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
     from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
+    from fedprompt.server.post_cli import add_post_parser
 
     add_server_parser(sub)
     add_superlink_parser(sub)
@@ -329,13 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_parser(sub)
     add_dpopt_parser(sub)
     add_demo_parser(sub)
+    add_post_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "models" and args.action == "pull" and not args.name:
-        print("error: models pull needs a NAME", file=sys.stderr)
+    if args.command == "models" and args.action != "list" and not args.name:
+        print(f"error: models {args.action} needs a {'FOLDER' if args.action == 'add' else 'NAME'}", file=sys.stderr)
         return 2
     if args.command == "budget" and (args.action == "backup") != bool(args.path):
         print("error: budget backup takes a destination PATH (and only backup does)", file=sys.stderr)

@@ -43,12 +43,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _llama(vocab: int) -> torch.nn.Module:
+def _llama(vocab: int, layers: int = 2) -> torch.nn.Module:
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -78,7 +78,7 @@ def _gpt2(vocab: int) -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-TINY_BUILDERS = {"tiny-llama": _llama, "tiny-gpt2": _gpt2}
+TINY_BUILDERS = {"tiny-llama": _llama, "tiny-gpt2": _gpt2, "tiny-llama-4l": lambda vocab: _llama(vocab, layers=4)}
 
 
 def build_tiny(name: str, out: Path, seed: int = 0) -> None:

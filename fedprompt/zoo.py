@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,7 @@ ZOO: dict[str, ZooEntry] = {
     ),
     "tiny-llama": ZooEntry("tiny-llama", "2-layer random Llama, hidden 32 (tests)", "tiny"),
     "tiny-gpt2": ZooEntry("tiny-gpt2", "2-layer random GPT-2 with dropout, hidden 32 (tests)", "tiny"),
+    "tiny-llama-4l": ZooEntry("tiny-llama-4l", "4-layer random Llama, hidden 32 (tests: a POST teacher)", "tiny"),
 }
 
 
@@ -98,6 +100,68 @@ class LoadedModel:
 
 def model_folder(name: str) -> Path:
     return cache_dir() / "models" / name
+
+
+# ------------------------------------------------------------------ registered local models (POST students)
+
+REGISTERED = "registered.json"
+
+
+def _registered_path() -> Path:
+    return cache_dir() / "models" / REGISTERED
+
+
+def registered() -> dict[str, Path]:
+    """Names registered on this machine for local model folders (distilled students), name -> folder."""
+    path = _registered_path()
+    if not path.exists():
+        return {}
+    return {name: Path(rec["folder"]) for name, rec in json.loads(path.read_text()).items()}
+
+
+def known_names() -> set[str]:
+    """Every name ``load`` resolves without a path: the zoo's and the registered ones."""
+    return set(ZOO) | set(registered())
+
+
+def read_manifest(folder: Path) -> dict:
+    manifest = folder / MANIFEST
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
+
+
+def register(folder: str | Path, name: str | None = None) -> str:
+    """Register a model folder (a distilled student, say) under a name, so that ``load``, ``fedprompt tune
+    --model NAME`` and a holder's daemon accept it like a zoo model. The folder must load and match the
+    weights hash its manifest records (a student shipped by the provider arrives intact or is refused)."""
+    folder = Path(folder).expanduser().resolve()
+    manifest = read_manifest(folder)
+    name = name or manifest.get("name")
+    if not name:
+        raise ModelError(f"{folder} has no {MANIFEST} naming it; give a name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or name == REGISTERED:
+        raise ModelError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (up to 64)")
+    if name in ZOO:
+        raise ModelError(f"{name!r} is a zoo model's name; choose another")
+    loaded = load(str(folder))
+    recorded = manifest.get("weights_sha256")
+    if recorded and recorded != loaded.weights_sha256:
+        raise ModelError(
+            f"{folder}: weights hash {loaded.weights_sha256[:12]} differs from the {recorded[:12]} its manifest records"
+        )
+    with cache_lock("registered-models"):
+        current = json.loads(_registered_path().read_text()) if _registered_path().exists() else {}
+        current[name] = {"folder": str(folder), "weights_sha256": loaded.weights_sha256}
+        write_json_atomic(_registered_path(), current)
+    return name
+
+
+def unregister(name: str) -> None:
+    with cache_lock("registered-models"):
+        current = json.loads(_registered_path().read_text()) if _registered_path().exists() else {}
+        if name not in current:
+            raise ModelError(f"no registered model named {name!r}")
+        del current[name]
+        write_json_atomic(_registered_path(), current)
 
 
 def _convert_gguf(entry: ZooEntry, out: Path) -> None:
@@ -194,8 +258,13 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: st
     suits inference only, e.g. DP-OPT's teachers). Remote code is never trusted, whatever the folder's
     config asks for.
     """
+    local_models = registered()
     if name_or_path in ZOO:
         folder, model_id, local = pull(name_or_path), name_or_path, True
+    elif name_or_path in local_models:
+        folder, model_id, local = local_models[name_or_path], name_or_path, True
+        if not folder.is_dir():
+            raise ModelError(f"registered model {name_or_path!r}: its folder {folder} is gone")
     elif Path(name_or_path).expanduser().is_dir():
         folder = Path(name_or_path).expanduser().resolve()
         manifest = folder / MANIFEST

@@ -108,7 +108,6 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     import torch
 
     from fedprompt import artifact
-    from fedprompt.server.records import ModelRef
 
     with _client(args) as c:
         if args.action == "list":
@@ -158,13 +157,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
             print(f"exported {v.version_id[:16]} to {out}")
         elif args.action == "publish":
             weight, meta = artifact.load(args.prompt)
-            v = c.publish_version(
-                task=meta.task,
-                base_model=ModelRef(meta.base_model_id, meta.base_model_sha256),
-                embeddings=weight.numpy(),
-                parent_id=args.parent,
-                metadata=asdict(meta),
-            )
+            v = c.publish_artifact(weight.numpy(), asdict(meta), parent_id=args.parent)
             print(f"published {args.prompt} as {v.version_id}")
         elif args.action == "vector":
             t = c.publish_task_vector(task=args.task, tuned_id=args.tuned, origin_id=args.origin)

@@ -311,6 +311,11 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
         help="SecAgg+ through the aggregation server: the coordinator sees only the mean of the updates",
     )
     p.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the federation")
+    g = p.add_argument_group("POST (the federation tuned a prompt on a distilled student)")
+    g.add_argument("--post-teacher", default=None, help="afterwards, transfer the global prompt to this large model")
+    g.add_argument("--post-public", default=None, help="the public dataset the transfer reads inputs from")
+    g.add_argument("--post-alpha", type=float, default=None, help="weight of the shift term (default 0.5)")
+    g.add_argument("--post-steps", type=int, default=None, help="transfer steps (default 200)")
     p.set_defaults(func=cmd_server)
 
 
@@ -351,8 +356,42 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         raise FedPromptError(f"invalid federation settings: {exc}") from exc
 
 
+def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
+    """The transfer to run after the federation, or None; checked before anything starts."""
+    if not (args.post_teacher or args.post_public):
+        if args.post_alpha is not None or args.post_steps is not None:
+            raise FedPromptError("--post-alpha/--post-steps belong to a transfer: add --post-teacher and --post-public")
+        return None
+    if not (args.post_teacher and args.post_public):
+        raise FedPromptError("a transfer needs both --post-teacher and --post-public")
+    if cfg.method != "prompt-tuning":
+        raise FedPromptError("POST transfers a soft prompt; --method dpopt writes a text prompt, usable on any model")
+    from fedprompt.server.post_transfer import TransferConfig
+
+    values = {"alpha": args.post_alpha, "steps": args.post_steps}
+    return TransferConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_cfg, final: Path) -> None:
+    """Transfer the federation's global prompt (tuned on the student) to the teacher; store it in the registry."""
+    from fedprompt.server.post_cli import transfer_and_save
+
+    out = Path(cfg.checkpoint_dir) / "post-transfer"
+    print(f"POST: transferring {final} to {args.post_teacher} with public inputs of {args.post_public}", flush=True)
+    report = transfer_and_save(
+        final, args.post_teacher, args.post_public, out, transfer_cfg,
+        aggregator=cfg.aggregator or None, certs=cfg.aggregator_certs or None,
+    )  # fmt: skip
+    write_json_atomic(Path(cfg.checkpoint_dir) / "post-transfer.json", report)
+    where = f"; registry version {report['version_id']}" if "version_id" in report else ""
+    print(f"POST complete: teacher prompt {out} (checkpoint of step {report['chosen_step']}){where}", flush=True)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    transfer_cfg = post_transfer_settings(args, cfg)
+    if transfer_cfg is not None and args.superlink:
+        raise FedPromptError("--post-teacher needs the global prompt here: run the transfer where the SuperLink runs")
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
     coord = Coordinator(
@@ -382,6 +421,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         else:
             final = Path(cfg.checkpoint_dir) / f"round-{cfg.num_rounds:04d}"
             print(f"federation complete: global prompt {final} {where}".rstrip(), flush=True)
+            if transfer_cfg is not None:
+                run_post_transfer(args, cfg, transfer_cfg, final)
         if args.keep_running and coord.superlink is not None:
             print("SuperLink keeps running (Ctrl-C to stop)", flush=True)
             while coord.superlink.poll() is None:

@@ -1,0 +1,480 @@
+"""POST, the provider's first step: distil a small student from the large model on public text.
+
+The student keeps the teacher's tokenizer, embeddings and LM head (frozen, so a prompt lives in the same
+input space on both) and a subset of its decoder layers, and is trained to imitate the teacher:
+
+    loss = kl_weight · T² · KL(teacher_T ‖ student_T)     next-token distributions at temperature T (= 2)
+         + lm_weight · cross-entropy of the next token     (the corpus itself)
+         + cos_weight · (1 − cos(student_h, teacher_h))    final hidden states
+
+with the weights of POST (5, 2, 1; Wang et al. 2025, after DistilBERT). Only public text is read
+(:mod:`fedprompt.corpora`). The run checkpoints every N steps and on Ctrl-C/SIGTERM (between steps, never
+mid-update), and ``resume`` continues to the same result as an uninterrupted run: the batch of step s is a
+function of the seed and s alone, and the optimiser, learning-rate schedule and RNG states are restored.
+
+Layout of ``out``::
+
+    config.json, model.safetensors, tokenizer files   the student, an ordinary Hugging Face folder
+    fedprompt-model.json                               written last: teacher id + hash, layers, budget
+    distill-history.json                               per-step losses
+    checkpoint/                                        while running (removed when done)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from fedprompt import corpora, zoo
+from fedprompt.cache import atomic_dir, write_json_atomic
+from fedprompt.errors import FedPromptError
+from fedprompt.runtime import Runtime
+from fedprompt.student import build_student, decoder_layers, embedding_parameters, parse_keep_layers, tokenizer_sha256
+from fedprompt.zoo import LoadedModel
+
+CHECKPOINT = "checkpoint"
+STATE = "state.json"
+HISTORY = "distill-history.json"  # the per-step losses
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one distillation run; the defaults are POST's loss weights and learning rate."""
+
+    keep_layers: str = "first3,last3"
+    corpus: str = "public-mix"
+    steps: int = 400
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 2.5e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
+    temperature: float = 2.0
+    kl_weight: float = 5.0
+    lm_weight: float = 2.0
+    cos_weight: float = 1.0
+    checkpoint_every: int = 50
+    heldout_blocks: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 (next-token targets), got {self.seq_len}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or self.heldout_blocks < 0:
+            raise ValueError("warmup_steps and heldout_blocks must be non-negative integers")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("kl_weight", "lm_weight", "cos_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.kl_weight + self.lm_weight + self.cos_weight == 0:
+            raise ValueError("at least one of kl_weight, lm_weight, cos_weight must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_ratio · lr`` at the last step (``step`` from 1)."""
+        if step <= self.warmup_steps:
+            return self.lr * step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------ data
+
+
+def pack(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """The documents as one token stream (EOS between documents) cut into (N, seq_len) blocks."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise FedPromptError("the teacher's tokenizer has no end-of-sequence token to separate documents")
+    stream: list[int] = []
+    for start in range(0, len(docs), 1024):
+        for ids in tokenizer(docs[start : start + 1024], add_special_tokens=False).input_ids:
+            stream.extend(ids)
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise FedPromptError(f"the corpus has {len(stream)} tokens, fewer than one block of {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The blocks of step ``step`` (from 1): a fixed function of (seed, step), whatever ran before.
+
+    Epoch e visits the blocks in the order of a permutation seeded by (seed, e); steps walk through the
+    concatenation of those orders, so a resumed run draws exactly the batches an uninterrupted one would."""
+    first = (step - 1) * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(first + len(out), num_blocks)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_blocks, generator=gen)
+        out.extend(order[offset : offset + batch_size - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ------------------------------------------------------------------ loss
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    kl: float
+    lm: float
+    cos: float
+
+
+class _SoftTargetLoss(torch.autograd.Function):
+    """``kl_scale · Σ_rows KL(softmax(t/T) ‖ softmax(s/T)) + lm_scale · Σ_rows CE(s, target)`` for (N, V)
+    student logits ``s`` and teacher logits ``t``, with its gradient computed in the same pass.
+
+    Over smollm2's 49,152-word vocabulary every elementwise pass over a (1,024, V) float32 tensor costs
+    50-100 ms here (memory-bound), and autograd through two log-softmaxes made about a dozen of them:
+    1.1 s per 1,024 tokens, more than the student's forward and backward. Rows are processed a few at a
+    time instead, so each chunk stays in cache while the loss and its gradient,
+    ``kl_scale·(softmax(s/T) − softmax(t/T))/T + lm_scale·(softmax(s) − onehot(target))``, are computed:
+    0.2 s. The backward only scales the stored gradient.
+    """
+
+    ROWS = 16
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, target, has_target, temperature, kl_scale, lm_scale):
+        n = s_logits.shape[0]
+        grad = torch.empty_like(s_logits)
+        kl_rows = torch.empty(n, device=s_logits.device)
+        ce_rows = torch.empty(n, device=s_logits.device)
+        for i in range(0, n, _SoftTargetLoss.ROWS):
+            rows = slice(i, i + _SoftTargetLoss.ROWS)
+            s = s_logits[rows].float()
+            s_scaled = s / temperature
+            lse_t = torch.logsumexp(s_scaled, dim=-1, keepdim=True)
+            t_log = torch.log_softmax(t_logits[rows].float() / temperature, dim=-1)
+            p = t_log.exp()
+            kl_rows[rows] = (p * (t_log - s_scaled)).sum(-1) + lse_t.squeeze(1)
+            lse_1 = torch.logsumexp(s, dim=-1, keepdim=True)
+            tgt = target[rows].unsqueeze(1)
+            ce_rows[rows] = (lse_1.squeeze(1) - s.gather(1, tgt).squeeze(1)) * has_target[rows]
+            g = s_scaled.sub_(lse_t).exp_().sub_(p).mul_(kl_scale / temperature)
+            q = s.sub_(lse_1).exp_()
+            q.scatter_add_(1, tgt, torch.full_like(lse_1, -1.0))
+            g.add_(q.mul_((lm_scale * has_target[rows]).unsqueeze(1)))
+            grad[rows] = g
+        ctx.save_for_backward(grad)
+        total = kl_rows.sum() * kl_scale + ce_rows.sum() * lm_scale
+        return total, kl_rows, ce_rows
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kl, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    cfg: DistillConfig,
+) -> LossParts:
+    """POST's distillation loss over every position of a (B, L) batch (see the module docstring): the KL
+    averaged over all B·L positions, the next-token loss over the B·(L−1) that have a next token."""
+    b, length, _ = student_logits.shape
+    t = cfg.temperature
+    target = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
+    target[:, :-1] = input_ids[:, 1:]
+    has_target = torch.ones(b, length, device=input_ids.device)
+    has_target[:, -1] = 0
+    n_kl, n_lm = b * length, b * (length - 1)
+    total, kl_rows, ce_rows = _SoftTargetLoss.apply(
+        student_logits.flatten(0, 1),
+        teacher_logits.detach().flatten(0, 1),
+        target.flatten(),
+        has_target.flatten(),
+        t,
+        cfg.kl_weight * t * t / n_kl,
+        cfg.lm_weight / n_lm,
+    )
+    cos = (1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)).mean()
+    kl = float(kl_rows.detach().sum()) * t * t / n_kl
+    lm = float(ce_rows.detach().sum()) / n_lm
+    return LossParts(total + cfg.cos_weight * cos, kl, lm, float(cos.detach()))
+
+
+def _forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=0)
+    return out.logits, out.hidden_states[-1]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _trainable(student) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in student.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out: Path, student, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Trainable weights, Adam's moments and the RNG state as safetensors (no pickle), ``state.json`` last;
+    the folder is replaced atomically, so a kill at any moment leaves the previous checkpoint intact."""
+    params = _trainable(student)
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    for n, p in params.items():
+        st = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"adam.{key}.{n}"] = st[key].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"adam.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    with atomic_dir(out / CHECKPOINT) as scratch:
+        save_file(tensors, str(scratch / "train.safetensors"))
+        write_json_atomic(scratch / STATE, state)
+
+
+def _load_checkpoint(out: Path, student, optimizer: torch.optim.Optimizer) -> dict:
+    folder = out / CHECKPOINT
+    state = json.loads((folder / STATE).read_text())
+    tensors = load_file(str(folder / "train.safetensors"))
+    params = _trainable(student)
+    missing = [n for n in params if f"param.{n}" not in tensors]
+    if missing:
+        raise FedPromptError(f"{folder}: the checkpoint lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"].to(p.device))
+            if f"adam.exp_avg.{n}" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"adam.step.{n}"].reshape(()).clone(),
+                    "exp_avg": tensors[f"adam.exp_avg.{n}"].to(p.device),
+                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{n}"].to(p.device),
+                }
+    torch.set_rng_state(tensors["rng.cpu"])
+    return state
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM set a flag that the loop reads between steps, so a checkpoint never holds a
+    half-applied update."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class DistillResult:
+    folder: Path
+    name: str
+    manifest: dict
+
+
+def _fingerprint(cfg: DistillConfig, teacher: LoadedModel, corpus: corpora.Corpus, keep: list[int]) -> dict:
+    return {
+        "config": asdict(cfg),
+        "teacher": {"id": teacher.model_id, "weights_sha256": teacher.weights_sha256},
+        "corpus_sha256": corpus.sha256,
+        "layers_kept": keep,
+    }
+
+
+@torch.no_grad()
+def heldout_losses(teacher, student, blocks: torch.Tensor, cfg: DistillConfig, runtime: Runtime) -> dict:
+    """Next-token loss of teacher and student, and their KL, on held-out corpus blocks (never trained on)."""
+    if len(blocks) == 0:
+        return {}
+    sums = {"teacher_lm": 0.0, "student_lm": 0.0, "kl": 0.0}
+    student.eval()
+    for i in range(0, len(blocks), cfg.batch_size):
+        ids = blocks[i : i + cfg.batch_size].to(runtime.device)
+        with runtime.autocast():
+            t_logits, t_h = _forward(teacher, ids)
+            s_logits, s_h = _forward(student, ids)
+        parts = distillation_loss(s_logits, t_logits, s_h, t_h, ids, cfg)
+        t_lm = F.cross_entropy(t_logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        n = len(ids)
+        sums["teacher_lm"] += float(t_lm) * n
+        sums["student_lm"] += parts.lm * n
+        sums["kl"] += parts.kl * n
+    return {k: v / len(blocks) for k, v in sums.items()} | {"blocks": len(blocks)}
+
+
+def distill(
+    teacher: LoadedModel | str,
+    cfg: DistillConfig,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    runtime: Runtime | None = None,
+    resume: bool = False,
+    register: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> DistillResult:
+    """Distil a student of ``teacher`` into ``out`` (see the module docstring); register it in the zoo.
+
+    ``resume`` continues from ``out/checkpoint``; without it ``out`` must be empty or absent.
+    """
+    runtime = runtime or Runtime.create()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FedPromptError(f"{out} is a file; --out must name a folder")
+    has_ckpt = (out / CHECKPOINT / STATE).exists()
+    if resume and not has_ckpt:
+        raise FedPromptError(f"{out} holds no checkpoint to resume from")
+    if not resume and out.exists() and any(out.iterdir()):
+        hint = " (it holds a checkpoint: add --resume)" if has_ckpt else ""
+        raise FedPromptError(f"{out} exists and is not empty{hint}")
+    teacher = teacher if isinstance(teacher, LoadedModel) else zoo.load(teacher, device=runtime.device)
+    teacher.model.to(runtime.device).eval()
+    keep = parse_keep_layers(cfg.keep_layers, len(decoder_layers(teacher.model)[1]))
+    corpus = corpora.load(cfg.corpus)
+    name = name or f"{teacher.model_id}-student-{len(keep)}l"
+    blocks = pack(teacher.tokenizer, corpus.train, cfg.seq_len)
+    heldout = pack(teacher.tokenizer, corpus.heldout, cfg.seq_len)[: cfg.heldout_blocks] if cfg.heldout_blocks else None
+
+    student = build_student(teacher.model, keep).to(runtime.device)
+    frozen = {id(p) for p in embedding_parameters(student)}
+    for p in student.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    params = list(_trainable(student).values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    fingerprint = _fingerprint(cfg, teacher, corpus, keep)
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "fingerprint": fingerprint, "name": name}
+    if resume:
+        saved = _load_checkpoint(out, student, optimizer)
+        if saved["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
+            raise FedPromptError(
+                f"{out}: the checkpoint was made with other settings ({', '.join(changed)}); not resuming"
+            )
+        state = saved
+        name = state["name"]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"distil {name}", unit="step")
+    started = time.monotonic() - state["seconds"]
+    window = (time.monotonic(), state["tokens"])
+    with _StopRequest() as stop:
+        for step in range(state["step"] + 1, cfg.steps + 1):
+            student.train()
+            ids = blocks[batch_indices(len(blocks), cfg.batch_size, step, cfg.seed)].to(runtime.device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            with runtime.autocast():
+                with torch.no_grad():
+                    t_logits, t_h = _forward(teacher.model, ids)
+                s_logits, s_h = _forward(student, ids)
+                parts = distillation_loss(s_logits, t_logits, s_h, t_h, ids, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            optimizer.step()
+            del t_logits, s_logits, t_h, s_h
+            state["step"], state["tokens"] = step, state["tokens"] + ids.numel()
+            state["seconds"] = time.monotonic() - started
+            record = {
+                "step": step,
+                "loss": float(parts.total.detach()),
+                "kl": parts.kl,
+                "lm": parts.lm,
+                "cos": parts.cos,
+            }
+            state["history"].append(record)
+            now = time.monotonic()
+            tok_s = (state["tokens"] - window[1]) / max(1e-9, now - window[0])
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", kl=f"{parts.kl:.3f}", lm=f"{parts.lm:.3f}", tok_s=f"{tok_s:.0f}"
+            )
+            bar.update()
+            if on_step is not None:
+                on_step(step, record)
+            if step % cfg.checkpoint_every == 0 or stop.requested:
+                _save_checkpoint(out, student, optimizer, state)
+            if stop.requested and step < cfg.steps:
+                bar.close()
+                raise KeyboardInterrupt(f"distillation stopped after step {step}; continue with --resume")
+    bar.close()
+    student.eval()
+    report = heldout_losses(teacher.model, student, heldout, cfg, runtime) if heldout is not None else {}
+    manifest = {
+        "name": name,
+        "kind": "distilled",
+        "source": "distilled by fedprompt post distill",
+        "teacher": fingerprint["teacher"],
+        "tokenizer_sha256": tokenizer_sha256(teacher.tokenizer),
+        "layers_kept": keep,
+        "teacher_layers": len(decoder_layers(teacher.model)[1]),
+        "corpus": {"name": corpus.name, "sha256": corpus.sha256, "description": corpus.description},
+        "distillation": {
+            **asdict(cfg),
+            "steps_done": state["step"],
+            "tokens": state["tokens"],
+            "seconds": round(state["seconds"], 1),
+            "precision": runtime.precision,
+            "device": runtime.device.type,
+            "final_losses": state["history"][-1] if state["history"] else None,
+            "heldout": report,
+        },
+    }
+    write_json_atomic(out / HISTORY, state["history"])
+    _write_student(out, student, teacher, manifest)
+    if register:
+        zoo.register(out, name)
+    return DistillResult(out, name, json.loads((out / zoo.MANIFEST).read_text()))
+
+
+def _write_student(out: Path, student, teacher: LoadedModel, manifest: dict) -> None:
+    """The student's files go into ``out`` next to the checkpoint, the manifest last: a folder without a
+    manifest is an unfinished student, never loaded by name."""
+    scratch = out / ".student-partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    student.requires_grad_(False)
+    cpu = student.to("cpu")
+    manifest["weights_sha256"] = zoo.state_dict_sha256(cpu)
+    cpu.save_pretrained(scratch)
+    teacher.tokenizer.save_pretrained(scratch)
+    for f in scratch.iterdir():
+        os.replace(f, out / f.name)
+    scratch.rmdir()
+    write_json_atomic(out / zoo.MANIFEST, manifest)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
