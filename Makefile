@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean images
+.PHONY: install demo demo-post test lint bench clean images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/fedprompt demo --out $(DEMO_DIR)
+
+# POST: distil a student from smollm2-135m (or reuse the cached one), a private federation of 3 holders on the
+# student, the transfer of its prompt back to the teacher; the report lands in $(DEMO_POST_DIR)/report.md.
+DEMO_POST_DIR ?= runs/demo-post
+demo-post: $(STAMP)
+	rm -rf $(DEMO_POST_DIR)
+	$(BIN)/fedprompt demo-post --out $(DEMO_POST_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
     from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
     from fedprompt.server.post_cli import add_post_parser
+    from fedprompt.server.post_demo import add_demo_post_parser
 
     add_server_parser(sub)
     add_superlink_parser(sub)
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dpopt_parser(sub)
     add_demo_parser(sub)
     add_post_parser(sub)
+    add_demo_post_parser(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -241,7 +242,8 @@ def transfer(
     bs = cfg.batch_size
     tqdm.write(
         f"transfer: {len(train)} public inputs, {len(validation)} validation examples ({public.name}), "
-        f"{dropped} texts of {meta.task} dropped from the public set"
+        f"{dropped} texts of {meta.task} dropped from the public set",
+        file=sys.stderr,
     )
     # The student's side and the teacher's unprompted logits are constants of the loss: computed once.
     s_p = answer_logits(student, source_weight, enc_train + enc_val, encoder.pad_id, runtime, bs)

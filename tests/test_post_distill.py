@@ -197,3 +197,42 @@ def test_public_corpora_hold_no_text_of_an_evaluation_dataset():
     assert len(mix.train) + len(mix.heldout) == parts > 60_000
     assert not {norm(d) for d in mix.train + mix.heldout} & evaluation
     assert not set(mix.train) & set(mix.heldout)
+
+
+def test_the_command_line_from_distillation_to_the_registered_transfer(own_cache, corpus_file, tmp_path, capsys):
+    """fedprompt post distill -> models list -> tune --dp on the student by name -> post transfer -> eval."""
+    from fedprompt.cli import main
+    from tests.conftest import make_sentiment_rows
+
+    student_dir = tmp_path / "student"
+    assert main(["post", "distill", "--teacher", "tiny-llama-4l", "--keep-layers", "0,3", "--corpus", str(corpus_file),
+                 "--out", str(student_dir), "--steps", "6", "--batch-size", "2", "--seq-len", "16",
+                 "--name", "tiny-cli-student", "--precision", "fp32"]) == 0  # fmt: skip
+    assert "registered as 'tiny-cli-student'" in capsys.readouterr().out
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    teacher_sha = zoo.load("tiny-llama-4l").weights_sha256
+    assert "tiny-cli-student" in listing and f"distilled from tiny-llama-4l (weights {teacher_sha[:12]})" in listing
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(120, seed=2)))
+    public = tmp_path / "public.jsonl"
+    public.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(120, seed=4)))
+    source = tmp_path / "source"
+    assert main(["tune", "--model", "tiny-cli-student", "--dataset", str(data), "--out", str(source), "--steps", "3",
+                 "--batch-size", "8", "--dp", "--target-epsilon", "8", "--state", str(tmp_path / "ledger"),
+                 "--budget-epsilon", "10", "--precision", "fp32", "--eval-every", "0"]) == 0  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "teacher-prompt"
+    args = ["post", "transfer", "--prompt", str(source), "--teacher", "tiny-llama-4l", "--public", str(public),
+            "--out", str(out), "--steps", "3", "--public-examples", "16", "--eval-every", "3", "--precision", "fp32",
+            "--eval-dataset", str(data)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "transferred to tiny-llama-4l" in printed and "teacher_zero_shot" in printed and "transferred" in printed
+    assert main(args) == 2  # a second run refuses to overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(["eval", "--prompt", str(out), "--dataset", str(data), "--precision", "fp32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["privacy"]["mechanism"] == "dp-sgd" and report["examples"] == 12
+    assert main(["post", "distill", "--out", str(student_dir), "--resume", "--steps", "9"]) == 2
+    assert "drop --steps" in capsys.readouterr().err
