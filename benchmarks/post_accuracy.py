@@ -2,15 +2,16 @@
 
     python benchmarks/post_accuracy.py --student NAME_OR_DIR [--teacher smollm2-135m] [--dataset rotten-tomatoes]
         [--public vader-amazon] [--dp-steps 200] [--transfer-steps 200] [--alpha 0.5[,1.0...]]
-        [--source DIR] [--teacher-dp] [--out runs/post-accuracy]
+        [--source DIR] [--teacher-dp] [--study-checkpoints] [--out runs/post-accuracy]
 
 On the dataset's 500 test examples: the teacher zero-shot (the dataset's template, the baseline of every
 figure in the README), the student zero-shot, the student with a prompt DP-tuned on it (epsilon = 8, the
 README's single-holder settings: 20 tokens from the instruction text, Adam lr 3e-3, batch 32), that prompt
 put on the teacher as it is, and the prompt POST-transferred to the teacher (one run per --alpha) with
 public inputs of --public; optionally DP tuning directly on the teacher with the same settings
-(--teacher-dp). --source reuses a DP prompt saved by an earlier run instead of tuning a new one. Prints
-one JSON object; the artifacts land in --out.
+(--teacher-dp), and the test accuracy of every transfer checkpoint (--study-checkpoints: shows what the
+choice on public validation data gains or loses; never used to choose). --source reuses a DP prompt saved
+by an earlier run instead of tuning a new one. Prints one JSON object; the artifacts land in --out.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def main() -> None:
     ap.add_argument("--alpha", default="0.5", help="comma-separated: one transfer per value")
     ap.add_argument("--source", default=None, help="a DP prompt already tuned on the student")
     ap.add_argument("--teacher-dp", action="store_true", help="also DP-tune directly on the teacher")
+    ap.add_argument(
+        "--study-checkpoints",
+        action="store_true",
+        help="also report the test accuracy of every evaluated transfer checkpoint (a diagnostic: the choice "
+        "itself is made on public validation data only)",
+    )
     ap.add_argument("--out", default="runs/post-accuracy")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
@@ -94,7 +101,10 @@ def main() -> None:
     for alpha in (float(a) for a in args.alpha.split(",")):
         cfg = TransferConfig(alpha=alpha, steps=args.transfer_steps, lr=args.transfer_lr)
         started = time.monotonic()
-        result = transfer(str(source), teacher.loaded, args.public, cfg, student=student.loaded, runtime=runtime)
+        result = transfer(
+            str(source), teacher.loaded, args.public, cfg, student=student.loaded, runtime=runtime,
+            keep_checkpoints=args.study_checkpoints,
+        )  # fmt: skip
         seconds[f"transfer_alpha_{alpha:g}"] = time.monotonic() - started
         artifact.save(out / f"post-alpha-{alpha:g}", result.weight, result.meta)
         chosen = next(r for r in result.report["history"] if r["step"] == result.report["chosen_step"])
@@ -104,6 +114,11 @@ def main() -> None:
             "public_validation_accuracy": chosen["val_accuracy"],
             "history": result.report["history"],
         }
+        if args.study_checkpoints:  # diagnostic only: the test set never chooses the checkpoint
+            transfers[f"{alpha:g}"]["test_accuracy_by_step"] = {
+                step: teacher.evaluate(teacher.prompted(w), test, desc=f"step {step}")
+                for step, w in result.checkpoints.items()
+            }
     if args.teacher_dp:
         tdp, seconds["teacher_dp_tuning"] = dp_prompt(teacher, tune_cfg, args.epsilon, out / "teacher-dp")
         acc["teacher_dp"] = teacher.evaluate(teacher.prompted(artifact.load(tdp)[0]), test, desc="teacher DP")

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--prompt-length", type=int, default=20)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--transfer-steps", type=int, default=200)
+    ap.add_argument("--transfer-steps", type=int, default=200, help="0: no transfer timing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
@@ -107,19 +107,27 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     # the provider's side: one transfer of a (here untuned) student prompt to the teacher
-    with tempfile.TemporaryDirectory() as tmp:
-        initial, init = student.initial_prompt(tune_cfg)
-        meta = artifact.ArtifactMeta(
-            task=teacher.dataset.name, template=teacher.template, label_names=teacher.dataset.label_names,
-            label_words=teacher.label_words, base_model_id=student.loaded.model_id,
-            base_model_sha256=student.loaded.weights_sha256, origin_id="", init=init,
-        )  # fmt: skip
-        artifact.save(Path(tmp) / "source", initial, meta)
-        cfg = TransferConfig(steps=args.transfer_steps)
-        t0 = time.perf_counter()
-        result = transfer(str(Path(tmp) / "source"), teacher.loaded, args.public, cfg, student=student.loaded,
-                          runtime=runtime)  # fmt: skip
-        transfer_seconds = time.perf_counter() - t0
+    transfer_report = None
+    if args.transfer_steps > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            initial, init = student.initial_prompt(tune_cfg)
+            meta = artifact.ArtifactMeta(
+                task=teacher.dataset.name, template=teacher.template, label_names=teacher.dataset.label_names,
+                label_words=teacher.label_words, base_model_id=student.loaded.model_id,
+                base_model_sha256=student.loaded.weights_sha256, origin_id="", init=init,
+            )  # fmt: skip
+            artifact.save(Path(tmp) / "source", initial, meta)
+            cfg = TransferConfig(steps=args.transfer_steps)
+            t0 = time.perf_counter()
+            result = transfer(str(Path(tmp) / "source"), teacher.loaded, args.public, cfg, student=student.loaded,
+                              runtime=runtime)  # fmt: skip
+            transfer_report = {
+                "seconds": time.perf_counter() - t0,
+                "steps": args.transfer_steps,
+                "public_inputs": cfg.public_examples,
+                "validation_examples": result.report["public"]["validation"],
+                "evaluations": len(result.report["history"]),
+            }
 
     layers = len(decoder_layers(student.loaded.model)[1])
     emit(
@@ -131,13 +139,7 @@ def main() -> None:
             "runs": times,
             "student_layers": layers,
             "teacher_layers": len(decoder_layers(teacher.loaded.model)[1]),
-            "transfer": {
-                "seconds": transfer_seconds,
-                "steps": args.transfer_steps,
-                "public_inputs": cfg.public_examples,
-                "validation_examples": result.report["public"]["validation"],
-                "evaluations": len(result.report["history"]),
-            },
+            "transfer": transfer_report,
             "settings": {**vars(args), "runtime": runtime.describe()},
         }
     )

@@ -366,8 +366,13 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
         raise FedPromptError("a transfer needs both --post-teacher and --post-public")
     if cfg.method != "prompt-tuning":
         raise FedPromptError("POST transfers a soft prompt; --method dpopt writes a text prompt, usable on any model")
+    from fedprompt import datasets as ds_mod
+    from fedprompt import zoo
     from fedprompt.server.post_transfer import TransferConfig
 
+    ds_mod.load(args.post_public)  # a bad public set or teacher fails now, not after the federation
+    if args.post_teacher not in zoo.known_names() and not Path(args.post_teacher).is_dir():
+        raise FedPromptError(f"--post-teacher {args.post_teacher!r} is neither a known model name nor a folder")
     values = {"alpha": args.post_alpha, "steps": args.post_steps}
     return TransferConfig(**{k: v for k, v in values.items() if v is not None})
 
@@ -378,10 +383,16 @@ def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_
 
     out = Path(cfg.checkpoint_dir) / "post-transfer"
     print(f"POST: transferring {final} to {args.post_teacher} with public inputs of {args.post_public}", flush=True)
-    report = transfer_and_save(
-        final, args.post_teacher, args.post_public, out, transfer_cfg,
-        aggregator=cfg.aggregator or None, certs=cfg.aggregator_certs or None,
-    )  # fmt: skip
+    try:
+        report = transfer_and_save(
+            final, args.post_teacher, args.post_public, out, transfer_cfg,
+            aggregator=cfg.aggregator or None, certs=cfg.aggregator_certs or None,
+        )  # fmt: skip
+    except FedPromptError as exc:
+        raise FedPromptError(
+            f"the federation completed (global prompt {final}) but its transfer failed: {exc}; "
+            f"retry with fedprompt post transfer --prompt {final} --teacher {args.post_teacher} ..."
+        ) from exc
     write_json_atomic(Path(cfg.checkpoint_dir) / "post-transfer.json", report)
     where = f"; registry version {report['version_id']}" if "version_id" in report else ""
     print(f"POST complete: teacher prompt {out} (checkpoint of step {report['chosen_step']}){where}", flush=True)

@@ -133,11 +133,15 @@ def transfer_and_save(
     artifact.save(out, result.weight, result.meta)
     report = dict(result.report)
     if aggregator:
-        from fedprompt.aggregator_client import AggregatorClient
+        from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 
-        with AggregatorClient(aggregator, certs, identity) as client:
-            v = client.publish_artifact(result.weight.numpy(), asdict(result.meta))
-        report["version_id"] = v.version_id
+        try:
+            with AggregatorClient(aggregator, certs, identity) as client:
+                v = client.publish_artifact(result.weight.numpy(), asdict(result.meta))
+            report["version_id"] = v.version_id
+        except AggregatorError as exc:  # the artifact is saved; `fedprompt prompts publish` can store it later
+            report["registry_error"] = str(exc)
+            print(f"warning: not stored in the prompt registry: {exc}", file=sys.stderr)
     return report
 
 

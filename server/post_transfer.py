@@ -84,6 +84,8 @@ class TransferResult:
     weight: torch.Tensor
     meta: ArtifactMeta
     report: dict[str, Any] = field(default_factory=dict)
+    # every evaluated checkpoint's prompt, by step, when asked for (benchmarks study the choice)
+    checkpoints: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ checks
@@ -208,8 +210,11 @@ def transfer(
     *,
     student: LoadedModel | str | None = None,
     runtime: Runtime | None = None,
+    keep_checkpoints: bool = False,
 ) -> TransferResult:
-    """Transfer the prompt artifact ``source`` (tuned on a student) to ``teacher`` with the public set ``public``."""
+    """Transfer the prompt artifact ``source`` (tuned on a student) to ``teacher`` with the public set ``public``.
+
+    ``keep_checkpoints`` also returns the prompt of every evaluated step (for studying the choice)."""
     runtime = runtime or Runtime.create()
     source_weight, meta = artifact.load(source)
     if student is None:
@@ -272,6 +277,8 @@ def transfer(
     def evaluate(step: int, train_loss: float) -> dict:
         rec = {"step": step, "train_loss": train_loss, "val_loss": val_loss(), "val_accuracy": val_accuracy()}
         history.append(rec)
+        if keep_checkpoints:
+            checkpoints[step] = prompt.weight.detach().cpu().clone()
         return rec
 
     def score(rec: dict) -> float:
@@ -280,6 +287,7 @@ def transfer(
         return -rec["val_loss"] if select == "loss" else rec["step"]
 
     history: list[dict] = []
+    checkpoints: dict[int, torch.Tensor] = {}
     started = time.monotonic()
     best = evaluate(0, float("nan"))
     best_weight = prompt.weight.detach().cpu().clone()
@@ -347,4 +355,4 @@ def transfer(
     )
     if prompt_sha256(best_weight) == prompt_sha256(initial):
         report["note"] = "the untrained initialisation scored best on the public validation split"
-    return TransferResult(best_weight, out_meta, report)
+    return TransferResult(best_weight, out_meta, report, checkpoints)

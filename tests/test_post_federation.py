@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from fedprompt import artifact, zoo
@@ -70,3 +71,27 @@ def test_a_federation_on_the_student_ends_with_the_prompt_on_the_teacher(tmp_pat
     assert torch.equal(torch.from_numpy(np.array(version.embeddings)), weight)
     assert version.metadata["lineage"]["method"] == "post-transfer"
     assert "POST complete" in (fed.logs / "server.log").read_text()
+
+
+def test_the_coordinator_refuses_a_bad_transfer_before_the_federation_starts(tmp_path):
+    from fedprompt.cli import build_parser
+    from fedprompt.errors import FedPromptError
+    from fedprompt.server.coordinator import config_from_args, post_transfer_settings
+
+    def settings(*extra: str):
+        args = build_parser().parse_args(
+            ["server", "--certs", str(tmp_path), "--state", str(tmp_path), "--model", "tiny-llama-4l", *extra]
+        )
+        return post_transfer_settings(args, config_from_args(args))
+
+    assert settings() is None
+    cfg = settings("--post-teacher", "tiny-llama-4l", "--post-public", "vader-amazon", "--post-alpha", "0.25")
+    assert (cfg.alpha, cfg.steps) == (0.25, 200)
+    for extra, message in [
+        (("--post-teacher", "tiny-llama-4l"), "needs both"),
+        (("--post-alpha", "0.5"), "belong to a transfer"),
+        (("--post-teacher", "no-such-model", "--post-public", "vader-amazon"), "neither a known model"),
+        (("--post-teacher", "tiny-llama-4l", "--post-public", "no-such-set"), "no-such-set"),
+    ]:
+        with pytest.raises(FedPromptError, match=message):
+            settings(*extra)
