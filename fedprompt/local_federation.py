@@ -111,7 +111,8 @@ class LocalFederation:
         log = self.logs / "server.log"
         if not log.exists():
             return shown
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(("round ", "federation"))]
+        text = log.read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith(("round ", "federation", "POST"))]
         for ln in lines[shown:]:
             print(ln, flush=True)
         return len(lines)

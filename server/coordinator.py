@@ -382,7 +382,11 @@ def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_
     from fedprompt.server.post_cli import transfer_and_save
 
     out = Path(cfg.checkpoint_dir) / "post-transfer"
-    print(f"POST: transferring {final} to {args.post_teacher} with public inputs of {args.post_public}", flush=True)
+    print(
+        f"POST: transferring {final} to {args.post_teacher} with public inputs of {args.post_public} "
+        f"({transfer_cfg.steps} steps; progress on stderr)",
+        flush=True,
+    )
     try:
         report = transfer_and_save(
             final, args.post_teacher, args.post_public, out, transfer_cfg,

@@ -104,11 +104,7 @@ def run_federation(a: argparse.Namespace, out: Path, student: str, data_files: l
             *transfer,
         )  # fmt: skip
         print(f"coordinator on 127.0.0.1:{fed.port}; {a.holders} holder daemons; logs in {fed.logs}", flush=True)
-        history = fed.wait(a.timeout, echo=True)
-        post_lines = [ln for ln in (fed.logs / "server.log").read_text().splitlines() if ln.startswith("POST")]
-        for ln in post_lines:
-            print(ln, flush=True)
-        return history
+        return fed.wait(a.timeout, echo=True)  # echoes the rounds, then the coordinator's POST lines
 
 
 def evaluate(a: argparse.Namespace, student: str, checkpoints: Path) -> dict[str, float]:
