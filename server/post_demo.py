@@ -162,6 +162,16 @@ def write_report(out: Path, results: dict) -> Path:
         f"inputs only ({results['transfer']['public']['name']}: {results['transfer']['public']['inputs']} inputs, "
         f"checkpoint of step {results['transfer']['chosen_step']} chosen on "
         f"{results['transfer']['public']['validation']} public validation examples).",
+        *(
+            [f"Stored in the aggregation server's prompt registry as version {results['transfer']['version_id']}."]
+            if "version_id" in results["transfer"]
+            else []
+        ),
+        *(
+            [f"Note: {results['transfer']['note']} (the transferred prompt is its starting point)."]
+            if results["transfer"].get("note")
+            else []
+        ),
         "",
         "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()) + ".",
         "",
