@@ -42,6 +42,7 @@ from fedprompt import corpora, zoo
 from fedprompt.cache import atomic_dir, write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.runtime import Runtime
+from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.student import build_student, decoder_layers, embedding_parameters, parse_keep_layers, tokenizer_sha256
 from fedprompt.zoo import LoadedModel
 
@@ -59,7 +60,7 @@ class DistillConfig:
     steps: int = 400
     batch_size: int = 8
     seq_len: int = 128
-    lr: float = 2.5e-4
+    lr: float = 1e-3  # measured: 300 steps at 1e-3 reached a held-out KL of 2.44, at 2.5e-4 3.05 (README, POST)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     temperature: float = 2.0
@@ -71,22 +72,13 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_ints(self, "steps", "batch_size", "seq_len", "checkpoint_every")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (next-token targets), got {self.seq_len}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or self.heldout_blocks < 0:
             raise ValueError("warmup_steps and heldout_blocks must be non-negative integers")
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("kl_weight", "lm_weight", "cos_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        finite_numbers(self, "lr", "temperature", positive=True)
+        finite_numbers(self, "kl_weight", "lm_weight", "cos_weight", positive=False)
         if self.kl_weight + self.lm_weight + self.cos_weight == 0:
             raise ValueError("at least one of kl_weight, lm_weight, cos_weight must be positive")
         if not 0 <= self.min_lr_ratio <= 1:

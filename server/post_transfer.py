@@ -16,7 +16,6 @@ whose privacy spend is the source's, unchanged: the transfer reads no private da
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import sys
@@ -36,6 +35,7 @@ from fedprompt.errors import ArtifactError, DatasetError, ModelError
 from fedprompt.prompt import SoftPrompt, origin_id, prompt_sha256
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
+from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.student import tokenizer_sha256, vocab_size
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
 from fedprompt.training import TuneConfig, initial_prompt
@@ -65,16 +65,10 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, float | int) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        for name in ("steps", "batch_size", "public_examples", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_ints(self, "steps", "batch_size", "public_examples", "max_length")
         if not isinstance(self.eval_every, int) or self.eval_every < 1 or self.validation_examples < 0:
             raise ValueError("eval_every must be positive and validation_examples non-negative")
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        finite_numbers(self, "lr", "temperature", positive=True)
         if self.select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
 

@@ -1,0 +1,23 @@
+"""Checks for the numeric fields of settings dataclasses, with errors that name the field."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def positive_ints(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def finite_numbers(obj: Any, *names: str, positive: bool) -> None:
+    """Each field is a finite number, > 0 when ``positive``, else >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):
+            kind = "positive" if positive else "non-negative"
+            raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
