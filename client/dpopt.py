@@ -41,6 +41,7 @@ from fedprompt.client.dpopt_text import IMPROVE_MESSAGES, Demo, MetaPrompt, corr
 from fedprompt.datasets import Example
 from fedprompt.dp.limited_domain import LimitedDomain, dpopt_epsilon, max_queries, select_candidate
 from fedprompt.runtime import Runtime
+from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.task import Verbalizer
 from fedprompt.zoo import LoadedModel
 
@@ -72,20 +73,11 @@ class DPOPTConfig:
     seed: int | None = None  # tests only: seeds the sampling and the noise; otherwise the OS CSPRNG
 
     def __post_init__(self) -> None:
-        for name in ("teachers", "shots", "candidates", "max_new_tokens", "k_bar", "max_demo_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.teacher_batch_size, int) or self.teacher_batch_size < 1:
-            raise ValueError(f"teacher_batch_size must be a positive integer, got {self.teacher_batch_size!r}")
-        for name in ("min_new_tokens", "retries_per_token", "max_failures"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("token_epsilon", "target_epsilon"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        positive_ints(
+            self, "teachers", "shots", "candidates", "max_new_tokens", "k_bar", "max_demo_tokens", "teacher_batch_size"
+        )
+        non_negative_ints(self, "min_new_tokens", "retries_per_token", "max_failures")
+        finite_numbers(self, "token_epsilon", "target_epsilon", positive=True)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy teachers), got {self.temperature!r}")
         if not 0 < self.token_delta < 1:

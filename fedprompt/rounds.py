@@ -7,10 +7,10 @@ ConfigRecord); lists go as JSON strings.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, check_accountant
+from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.training import OPTIMIZERS
 
 
@@ -71,16 +71,10 @@ class LocalSettings:
     def __post_init__(self) -> None:
         if isinstance(self.server_round, bool) or not isinstance(self.server_round, int) or self.server_round < 0:
             raise ValueError(f"server_round must be a round number >= 0, got {self.server_round!r}")
-        for name in ("num_rounds", "local_steps", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_ints(self, "num_rounds", "local_steps", "batch_size", "max_length")
         if self.server_round > self.num_rounds:
             raise ValueError(f"round {self.server_round} is past the run's {self.num_rounds} rounds")
-        for name in ("lr", "target_epsilon", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        finite_numbers(self, "lr", "target_epsilon", "max_grad_norm", positive=True)
         if not 0 <= self.delta < 1:
             raise ValueError(f"delta must be in [0, 1), got {self.delta!r}")
         check_accountant(self.accountant)

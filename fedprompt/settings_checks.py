@@ -6,11 +6,22 @@ import math
 from typing import Any
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def positive_ints(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def non_negative_ints(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 def finite_numbers(obj: Any, *names: str, positive: bool) -> None:

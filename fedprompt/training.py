@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from fedprompt.datasets import Dataset, Example
 from fedprompt.prompt import INIT_METHODS, SoftPrompt, init_from_token_ids, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
+from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
 from fedprompt.zoo import LoadedModel
 
@@ -55,13 +55,8 @@ class TuneConfig:
     optimizer: str = "adam"
 
     def __post_init__(self) -> None:
-        positive = ("prompt_length", "steps", "batch_size", "max_length", "eval_batch_size")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        positive_ints(self, "prompt_length", "steps", "batch_size", "max_length", "eval_batch_size")
+        finite_numbers(self, "lr", positive=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.init not in INIT_METHODS:

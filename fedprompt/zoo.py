@@ -251,6 +251,26 @@ def _attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
+def locate(name_or_path: str) -> tuple[Path | str, str, bool]:
+    """Where ``load`` reads a model from: (folder or hub id, model id, whether it is local). A zoo model is
+    pulled first (once); a registered model's folder must still exist."""
+    local_models = registered()
+    if name_or_path in ZOO:
+        return pull(name_or_path), name_or_path, True
+    if name_or_path in local_models:
+        folder = local_models[name_or_path]
+        if not folder.is_dir():
+            raise ModelError(f"registered model {name_or_path!r}: its folder {folder} is gone")
+        return folder, name_or_path, True
+    if Path(name_or_path).expanduser().is_dir():
+        folder = Path(name_or_path).expanduser().resolve()
+        manifest = folder / MANIFEST
+        return folder, json.loads(manifest.read_text())["name"] if manifest.exists() else str(folder), True
+    if Path(name_or_path).expanduser().exists():
+        raise ModelError(f"{name_or_path} is a file; a model is a zoo name, a model folder or a hub id")
+    return name_or_path, name_or_path, False
+
+
 def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: str | None = None) -> LoadedModel:
     """Load a zoo name, a local Hugging Face folder or (where a hub is reachable) a hub id, frozen.
 
@@ -258,22 +278,7 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: st
     suits inference only, e.g. DP-OPT's teachers). Remote code is never trusted, whatever the folder's
     config asks for.
     """
-    local_models = registered()
-    if name_or_path in ZOO:
-        folder, model_id, local = pull(name_or_path), name_or_path, True
-    elif name_or_path in local_models:
-        folder, model_id, local = local_models[name_or_path], name_or_path, True
-        if not folder.is_dir():
-            raise ModelError(f"registered model {name_or_path!r}: its folder {folder} is gone")
-    elif Path(name_or_path).expanduser().is_dir():
-        folder = Path(name_or_path).expanduser().resolve()
-        manifest = folder / MANIFEST
-        model_id = json.loads(manifest.read_text())["name"] if manifest.exists() else str(folder)
-        local = True
-    elif Path(name_or_path).expanduser().exists():
-        raise ModelError(f"{name_or_path} is a file; a model is a zoo name, a model folder or a hub id")
-    else:
-        folder, model_id, local = name_or_path, name_or_path, False
+    folder, model_id, local = locate(name_or_path)
     try:
         hf_logging.disable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)

@@ -371,7 +371,7 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
     from fedprompt.server.post_transfer import TransferConfig
 
     ds_mod.load(args.post_public)  # a bad public set or teacher fails now, not after the federation
-    if args.post_teacher not in zoo.known_names() and not Path(args.post_teacher).is_dir():
+    if not zoo.locate(args.post_teacher)[2]:
         raise FedPromptError(f"--post-teacher {args.post_teacher!r} is neither a known model name nor a folder")
     values = {"alpha": args.post_alpha, "steps": args.post_steps}
     return TransferConfig(**{k: v for k, v in values.items() if v is not None})
@@ -399,6 +399,8 @@ def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_
         ) from exc
     write_json_atomic(Path(cfg.checkpoint_dir) / "post-transfer.json", report)
     where = f"; registry version {report['version_id']}" if "version_id" in report else ""
+    if "registry_error" in report:
+        where = f"; {report['registry_error']}"
     print(f"POST complete: teacher prompt {out} (checkpoint of step {report['chosen_step']}){where}", flush=True)
 
 

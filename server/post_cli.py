@@ -139,9 +139,11 @@ def transfer_and_save(
             with AggregatorClient(aggregator, certs, identity) as client:
                 v = client.publish_artifact(result.weight.numpy(), asdict(result.meta))
             report["version_id"] = v.version_id
-        except AggregatorError as exc:  # the artifact is saved; `fedprompt prompts publish` can store it later
-            report["registry_error"] = str(exc)
-            print(f"warning: not stored in the prompt registry: {exc}", file=sys.stderr)
+        except AggregatorError as exc:  # the artifact is saved: the transfer's work is not lost
+            report["registry_error"] = (
+                f"not stored in the prompt registry ({exc}); store it later with "
+                f"fedprompt prompts publish --prompt {out}"
+            )
     return report
 
 
@@ -170,9 +172,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     print(f"prompt artifact: {out}")
     if "version_id" in report:
         print(f"stored in the prompt registry as version {report['version_id']}")
+    if "registry_error" in report:
+        print(f"error: {report['registry_error']}", file=sys.stderr)
     if args.evaluate or args.eval_dataset:
         evaluate_transfer(args.prompt, out, args.teacher, runtime, dataset=args.eval_dataset)
-    return 0
+    return 1 if "registry_error" in report else 0
 
 
 def evaluate_transfer(

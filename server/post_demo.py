@@ -139,6 +139,18 @@ ROWS = (
 )
 
 
+def transfer_notes(transfer: dict) -> list[str]:
+    """The report's lines on where the teacher's prompt went and what the checkpoint choice kept."""
+    notes = []
+    if "version_id" in transfer:
+        notes.append(f"Stored in the aggregation server's prompt registry as version {transfer['version_id']}.")
+    if "registry_error" in transfer:
+        notes.append(f"The teacher's prompt was {transfer['registry_error']}.")
+    if transfer.get("note"):
+        notes.append(f"Note: {transfer['note']} (the transferred prompt is its starting point).")
+    return notes
+
+
 def write_report(out: Path, results: dict) -> Path:
     acc = results["accuracy"]
     base = acc["teacher_zero_shot"]
@@ -162,16 +174,7 @@ def write_report(out: Path, results: dict) -> Path:
         f"inputs only ({results['transfer']['public']['name']}: {results['transfer']['public']['inputs']} inputs, "
         f"checkpoint of step {results['transfer']['chosen_step']} chosen on "
         f"{results['transfer']['public']['validation']} public validation examples).",
-        *(
-            [f"Stored in the aggregation server's prompt registry as version {results['transfer']['version_id']}."]
-            if "version_id" in results["transfer"]
-            else []
-        ),
-        *(
-            [f"Note: {results['transfer']['note']} (the transferred prompt is its starting point)."]
-            if results["transfer"].get("note")
-            else []
-        ),
+        *transfer_notes(results["transfer"]),
         "",
         "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()) + ".",
         "",

@@ -42,7 +42,7 @@ from fedprompt import corpora, zoo
 from fedprompt.cache import atomic_dir, write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.runtime import Runtime
-from fedprompt.settings_checks import finite_numbers, positive_ints
+from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.student import build_student, decoder_layers, embedding_parameters, parse_keep_layers, tokenizer_sha256
 from fedprompt.zoo import LoadedModel
 
@@ -75,8 +75,7 @@ class DistillConfig:
         positive_ints(self, "steps", "batch_size", "seq_len", "checkpoint_every")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (next-token targets), got {self.seq_len}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or self.heldout_blocks < 0:
-            raise ValueError("warmup_steps and heldout_blocks must be non-negative integers")
+        non_negative_ints(self, "warmup_steps", "heldout_blocks")
         finite_numbers(self, "lr", "temperature", positive=True)
         finite_numbers(self, "kl_weight", "lm_weight", "cos_weight", positive=False)
         if self.kl_weight + self.lm_weight + self.cos_weight == 0:

@@ -35,7 +35,7 @@ from fedprompt.errors import ArtifactError, DatasetError, ModelError
 from fedprompt.prompt import SoftPrompt, origin_id, prompt_sha256
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
-from fedprompt.settings_checks import finite_numbers, positive_ints
+from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.student import tokenizer_sha256, vocab_size
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
 from fedprompt.training import TuneConfig, initial_prompt
@@ -65,9 +65,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, float | int) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        positive_ints(self, "steps", "batch_size", "public_examples", "max_length")
-        if not isinstance(self.eval_every, int) or self.eval_every < 1 or self.validation_examples < 0:
-            raise ValueError("eval_every must be positive and validation_examples non-negative")
+        positive_ints(self, "steps", "batch_size", "public_examples", "max_length", "eval_every")
+        non_negative_ints(self, "validation_examples")
         finite_numbers(self, "lr", "temperature", positive=True)
         if self.select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
