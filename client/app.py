@@ -1,15 +1,15 @@
-"""The Flower ClientApp on a data holder: a thin adapter from Flower messages to the holder's code.
+"""Flower messages in and out of the holder's service.
 
-Node config, set by ``fedprompt client``:
+``fedprompt client`` runs its SuperNode in Flower's ``process`` isolation, and its own runner
+(``client/runner.py``) takes each message from the SuperNode and calls :func:`answer` here, in the daemon's
+process, with the code of this installed version. Nothing a run's app bundle holds is imported or executed.
 
-- ``worker`` and ``worker-key``: the Unix socket and key file of the holder's worker process
-  (:mod:`fedprompt.client.worker`), which keeps the model loaded. The usual mode.
-- or ``data`` and ``state`` (plus optional ``holder``, ``device``, ``precision``): load everything in
-  this process. Flower starts a new ClientApp process per message, so this pays the model load every
-  message; it exists for SuperNodes started by hand and for measuring that cost. Secure aggregation
-  needs the worker (the masked update's secrets must outlive one message).
+The Flower App that ``fedprompt server`` submits still names ``fedprompt.client.app:app`` as its ClientApp,
+because a Flower App must name one. That ClientApp refuses every message: it would only ever run on a stock
+SuperNode in ``subprocess`` isolation, and fedprompt's holder side is its daemon, which owns the privacy ledger
+and the holder's policy, not a ClientApp process.
 
-This module imports no torch: in the worker mode the per-message process stays light.
+This module imports no torch; the service loads it when it first trains.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,62 +28,61 @@ REFUSED = 101
 FAILED = 102
 _CODES = {"budget": BUDGET_EXCEEDED, "refused": REFUSED, "error": FAILED}
 
-app = ClientApp()
+# Flower message type -> the service's kind of request
+KINDS = {
+    "train": "train",
+    "train.secagg": "secagg",
+    "evaluate": "evaluate",
+    "query.dpopt_generate": "dpopt_generate",
+    "query.dpopt_score": "dpopt_score",
+}
+MAX_CONFIG_ENTRIES = 256
 
 
-def _in_process_service(context: Context):
-    from fedprompt.client.worker import HolderService
+def request_of(message: Message) -> tuple[str, dict, object]:
+    """(kind, config, prompt or None) of a message; ValueError when it is not a request fedprompt knows."""
+    kind = KINDS.get(message.metadata.message_type)
+    if kind is None:
+        raise ValueError(f"unknown message type {message.metadata.message_type!r}")
+    content = message.content
+    if "config" not in content.config_records:
+        raise ValueError("the message has no config record")
+    config = dict(content.config_records["config"])
+    if len(config) > MAX_CONFIG_ENTRIES:
+        raise ValueError(f"the config record has {len(config)} entries")
+    prompt = None
+    if kind == "secagg":
+        if "secagg" not in content.config_records:
+            raise ValueError("a secure aggregation message without its secagg record")
+        raw = content.config_records["secagg"]["message"]
+        if not isinstance(raw, bytes):
+            raise ValueError("the secagg record's message is not bytes")
+        config["message"] = base64.b64encode(raw).decode()
+    elif kind in ("train", "evaluate"):
+        if "prompt" not in content.array_records:
+            raise ValueError("the message has no prompt")
+        prompt = from_record(content.array_records["prompt"], "weight")
+    return kind, config, prompt
 
-    nc = context.node_config
-    missing = [k for k in ("data", "state") if not str(nc.get(k, ""))]
-    if missing:
-        raise ValueError(f"the node config has no 'worker' and no {missing}; start the SuperNode with fedprompt client")
-    return HolderService(
-        data=str(nc["data"]),
-        state_dir=str(nc["state"]),
-        name=str(nc.get("holder", "holder")),
-        device=str(nc.get("device", "auto")),
-        precision=str(nc.get("precision", "auto")),
-    )
 
-
-def _handle(kind: str, message: Message, context: Context) -> Message:
+def answer(service, message: Message) -> Message:
+    """The holder's reply to one Flower message: a result, or an error that says why."""
     try:
-        if kind == "secagg":
-            prompt = None
-            config = dict(message.content["config"])
-            config["message"] = base64.b64encode(bytes(message.content["secagg"]["message"])).decode()
-        elif kind.startswith("dpopt_"):
-            prompt = None
-            config = dict(message.content["config"])
-        else:
-            prompt = from_record(message.content["prompt"], "weight")
-            config = dict(message.content["config"])
+        kind, config, prompt = request_of(message)
     except (KeyError, ValueError, TypeError) as exc:
         return Message(Error(code=REFUSED, reason=f"malformed message: {exc}"), reply_to=message)
-    nc = context.node_config
-    if str(nc.get("worker", "")):
-        from fedprompt.client.worker import request
-
-        try:
-            header, arr = request(str(nc["worker"]), str(nc["worker-key"]), kind, prompt, config)
-        except (OSError, EOFError) as exc:
-            return Message(Error(code=FAILED, reason=f"the holder's worker is unreachable: {exc}"), reply_to=message)
-    else:
-        try:
-            service = _in_process_service(context)
-        except ValueError as exc:
-            return Message(Error(code=REFUSED, reason=str(exc)), reply_to=message)
-        header, arr = service.handle({"kind": kind, "config": config}, prompt)
+    header, arr = service.handle(kind, config, prompt)
     if not header.get("ok"):
         code = _CODES.get(header.get("code"), FAILED)
-        return Message(Error(code=code, reason=str(header.get("reason", ""))), reply_to=message)
+        # Flower's error replies carry no records: the holder's name leads the reason (see server.app.holder_of)
+        reason = f"{header.get('holder', '')}: {header.get('reason', '')}"
+        return Message(Error(code=code, reason=reason), reply_to=message)
     records: dict = {
         "metrics": MetricRecord(header["metrics"]),
         "info": ConfigRecord({"holder": str(header.get("holder", ""))}),
     }
     if kind == "train" and not header.get("secure"):
-        records["update"] = to_record(delta=np.asarray(arr))
+        records["update"] = to_record(delta=arr)
     if kind == "secagg":
         records["secagg"] = ConfigRecord({"message": base64.b64decode(header["message"])})
     if kind == "dpopt_generate":
@@ -94,29 +92,21 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     return Message(RecordDict(records), reply_to=message)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    return _handle("train", message, context)
+# ------------------------------------------------------------------ the Flower App's ClientApp
+
+app = ClientApp()
+NOT_HERE = (
+    "fedprompt's holder side runs inside `fedprompt client` (Flower's process isolation with fedprompt's own "
+    "runner); this ClientApp does not train or release anything"
+)
 
 
-@app.train("secagg")
-def secagg(message: Message, context: Context) -> Message:
-    """One stage of SecAgg+ for the update this holder kept from the round's training."""
-    return _handle("secagg", message, context)
+def _refuse(message: Message, context: Context) -> Message:
+    return Message(Error(code=REFUSED, reason=NOT_HERE), reply_to=message)
 
 
-@app.query("dpopt_generate")
-def dpopt_generate(message: Message, context: Context) -> Message:
-    """Federated DP-OPT, step 1: write DP candidate instructions from this holder's data."""
-    return _handle("dpopt_generate", message, context)
-
-
-@app.query("dpopt_score")
-def dpopt_score(message: Message, context: Context) -> Message:
-    """Federated DP-OPT, step 2: every candidate's correct answers on this holder's holdout, with noise."""
-    return _handle("dpopt_score", message, context)
-
-
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
-    return _handle("evaluate", message, context)
+app.train()(_refuse)
+app.train("secagg")(_refuse)
+app.evaluate()(_refuse)
+app.query("dpopt_generate")(_refuse)
+app.query("dpopt_score")(_refuse)

@@ -1,9 +1,10 @@
 """``fedprompt client``: the daemon on a data holder's machine.
 
-It opens the holder's privacy ledger (setting the budget when asked), checks that the data loads, starts
-the holder's worker (model and data stay loaded between rounds) and a Flower SuperNode that connects to
-the coordinator with TLS and the holder's node key. The data never leaves this machine: only prompt
-updates computed under DP do, each charged to the ledger before it is computed.
+It opens the holder's privacy ledger (setting the budget when asked), reads the holder's policy, checks that
+the data loads, and starts a Flower SuperNode in ``process`` isolation that connects to the coordinator with TLS
+and the holder's node key, plus fedprompt's own ClientApp runner in this process (``client/runner.py``): the
+model and data stay loaded between rounds, and no code from a run's bundle ever runs here. The data never
+leaves this machine: only what the holder's policy allows does, each DP release charged to the ledger first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from fedprompt import certs as certs_mod
 from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
-from fedprompt.client.worker import HolderService, HolderWorker
+from fedprompt.client.policy import HolderPolicy
 from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
 
@@ -46,19 +47,71 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
         help="a model the coordinator may ask for (repeatable; default: the zoo's names and the models registered "
         "here with fedprompt models add; never a path)",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16: autocast on fp32 weights"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
-        "--in-process",
-        action="store_true",
-        help="no worker: every ClientApp process loads the model itself (slow; for measuring that cost)",
+        "--port", type=int, default=0, help="the SuperNode's local runtime port, on 127.0.0.1 (0: a free one)"
     )
-    p.add_argument("--port", type=int, default=0, help="the SuperNode's local runtime port (0: a free one)")
+    add_policy_arguments(p)
     p.add_argument(
         "--health-listen", default=None, help="HOST:PORT for the SuperNode's plaintext gRPC health service (probes)"
     )
     p.set_defaults(func=cmd_client)
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "the holder's policy (also read from STATE/policy.toml; a flag wins over the file; the coordinator "
+        "can only ask)"
+    )
+    g.add_argument(
+        "--allow-no-dp",
+        action="store_const",
+        const=False,
+        dest="require_dp",
+        default=None,
+        help="take part in runs without DP too (default: refuse them)",
+    )
+    g.add_argument("--max-run-epsilon", type=float, default=None, help="the most epsilon one run may spend here")
+    g.add_argument("--max-delta", type=float, default=None, help="the largest delta a run may use (default 1/(2n))")
+    g.add_argument(
+        "--require-secure-aggregation",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send updates only through secure aggregation",
+    )
+    g.add_argument("--min-secure-cohort", type=int, default=None, help="fewest holders of a secure round (default 3)")
+    g.add_argument(
+        "--allow-evaluations",
+        type=int,
+        default=None,
+        dest="max_evaluations_per_run",
+        metavar="N",
+        help="answer up to N evaluation requests per run, each a DP release charged to the ledger (default 0: off)",
+    )
+    g.add_argument(
+        "--evaluation-noise",
+        type=float,
+        default=None,
+        help="standard deviation of the noise on each released count, in examples (default 20)",
+    )
+
+
+def policy_from_args(args: argparse.Namespace, state: Path) -> HolderPolicy:
+    names = (
+        "require_dp",
+        "max_run_epsilon",
+        "max_delta",
+        "require_secure_aggregation",
+        "min_secure_cohort",
+        "max_evaluations_per_run",
+        "evaluation_noise",
+    )
+    return HolderPolicy.load(state, **{name: getattr(args, name) for name in names})
 
 
 def _identity(args: argparse.Namespace) -> tuple[str, Path, Path]:
@@ -77,22 +130,16 @@ def _identity(args: argparse.Namespace) -> tuple[str, Path, Path]:
     return name, ca.resolve(), key.resolve()
 
 
-def _node_config(**values: str) -> str:
-    """Flower's ``--node-config`` syntax: space-separated key="value" pairs (no quotes inside values)."""
-    bad = {k: v for k, v in values.items() if '"' in v or "\n" in v}
-    if bad:
-        raise FedPromptError(f"these values cannot be passed to the SuperNode (quote or newline): {bad}")
-    return " ".join(f'{k}="{v}"' for k, v in values.items())
-
-
 def cmd_client(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the runner polls the SuperNode every 0.2 s
     name, ca, key = _identity(args)
     state = Path(args.state).resolve()
     data = args.dataset or str(Path(args.data).resolve())
     dataset = ds_mod.load(data)  # fail here, not in the first round, when the data is unusable
     n = len(dataset.split("train"))
     args.state = str(state)
+    policy = policy_from_args(args, state)
     ledger = open_ledger(args, default_delta=1.0 / (2 * n))
     if ledger.budget() is None:
         raise FedPromptError(f"{ledger.path}: no privacy budget yet; pass --budget-epsilon")
@@ -102,35 +149,40 @@ def cmd_client(args: argparse.Namespace) -> int:
         f"spent {spent.epsilon:.3f}; ledger {ledger.path}",
         flush=True,
     )
+    print(f"holder {name} policy: {policy.resolved(n).describe()}", flush=True)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
+    from fedprompt.client.runner import ClientAppRunner, installed_app_sha256, write_secret
+    from fedprompt.client.service import HolderService
+
     service = HolderService(
         data=data,
         state_dir=state,
         name=name,
+        num_examples=n,
+        policy=policy,
         device=args.device,
         precision=args.precision,
         allowed_models=set(args.allow_model) if args.allow_model else None,
         signing_key=key,
     )
-    if args.in_process:
-        worker = None
-        node_config = _node_config(data=data, state=str(state), holder=name, device=args.device)
-    else:
-        worker = HolderWorker(service)
-        worker.start()
-        node_config = _node_config(**{"worker": worker.address, "worker-key": worker.key_file, "holder": name})
+    port = args.port or fp.free_port()
+    secret = write_secret(state)
+    runner = ClientAppRunner(service, f"127.0.0.1:{port}", secret, app_sha256=installed_app_sha256())
+    runner.start()
     log = state / "logs" / "supernode.log"
     cmd = [
         fp.flower_bin("flower-supernode"),
         "--superlink", args.superlink,
         "--root-certificates", ca,
         "--auth-supernode-private-key", key,
-        "--port", str(args.port or fp.free_port()),
-        "--isolation", "subprocess",
-        "--node-config", node_config,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        # the SuperNode runs no ClientApp itself: the runner above answers its tasks, with this version's code
+        "--isolation", "process",
+        "--superexec-auth-secret-file", secret,
     ]  # fmt: skip
     if args.health_listen:
         cmd += ["--health-server-address", args.health_listen]
@@ -169,7 +221,6 @@ def cmd_client(args: argparse.Namespace) -> int:
         return 0
     finally:
         fp.stop(supernode)
-        if worker is not None:
-            worker.stop()
+        runner.stop()
         total = ledger.spent()
         print(f"holder {name} stopped; privacy spent: epsilon = {total.epsilon:.3f} ({total.method})", flush=True)

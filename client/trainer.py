@@ -7,6 +7,7 @@ touches private data or the privacy budget lives here and is tested without a Su
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedprompt import datasets as ds_mod
+from fedprompt.client.policy import PolicyViolation
 from fedprompt.dp.accounting import epsilon
-from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, reserve
+from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, release_of
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
 from fedprompt.rounds import LocalSettings, TaskSpec
@@ -27,6 +29,8 @@ from fedprompt.zoo import LoadedModel
 # Under DP the number of examples a holder reports is this constant: the true count is a function of the
 # private data (adding one person changes it), and FedAvg weights must not depend on it.
 DP_NUM_EXAMPLES = 1
+
+log = logging.getLogger("fedprompt.client")
 
 
 @dataclass
@@ -89,8 +93,8 @@ class Holder:
         """This round's share of the run: the noise is calibrated so that all ``num_rounds`` rounds together
         reach ``target_epsilon`` on this holder's data; the plan covers this round's steps only."""
         n = self.num_train
-        if s.batch_size > n:
-            raise DatasetError(f"batch size {s.batch_size} exceeds this holder's {n} training examples")
+        if s.batch_size > n:  # the reason goes to the coordinator: it must not say n
+            raise DatasetError(f"the batch size {s.batch_size} exceeds this holder's training set")
         delta = s.delta or 1.0 / (2 * n)
         full = _run_plan(
             s.target_epsilon, delta, s.accountant, s.max_grad_norm, n, s.batch_size, s.num_rounds * s.local_steps
@@ -101,13 +105,56 @@ class Holder:
 
     # ------------------------------------------------------------------ a round
 
-    def train_round(self, global_weight: torch.Tensor, s: LocalSettings) -> RoundOutcome:
+    def charge(
+        self,
+        *,
+        mechanism: str,
+        run_id: str,
+        round: int,
+        delta: float,
+        epsilon: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        accountant: str = "rdp",
+        run_cap: float | None = None,
+    ) -> int:
+        """Reserve a release in the ledger before it happens; refused past the budget (BudgetExceededError) or,
+        with ``run_cap``, when the run's releases composed with this one would pass the holder's cap per run."""
+        release = {
+            "mechanism": mechanism,
+            "delta": delta,
+            "epsilon": epsilon,
+            "accountant": accountant,
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+        }
+        if run_cap is not None:
+            projected = self.ledger.run_epsilon(run_id, delta, adding=release)
+            if projected > run_cap:
+                log.warning(
+                    "run %s would spend epsilon %.3f on this holder, above its cap %g", run_id, projected, run_cap
+                )
+                raise PolicyViolation(
+                    "max_run_epsilon", "this request would bring the run's spend above this holder's cap"
+                )
+        return self.ledger.reserve(task=self.task.name, run_id=run_id, round=round, **release)
+
+    def train_round(
+        self, global_weight: torch.Tensor, s: LocalSettings, *, run_cap: float | None = None
+    ) -> RoundOutcome:
         """Tune from the global prompt for ``s.local_steps`` steps; under DP, charge the ledger first.
 
-        Raises :class:`~fedprompt.errors.BudgetExceededError` before touching the data when the round would
-        pass the holder's budget.
+        Raises :class:`~fedprompt.errors.BudgetExceededError` (or a PolicyViolation for ``run_cap``) before
+        touching the data when the round would pass the holder's budget.
+
+        Under DP the reply's metrics hold only what the coordinator already knows: the run's ε bound (its target:
+        this holder's examples are (target ε, δ)-DP with respect to everything the run releases), δ when the
+        coordinator set it, and the number of steps. The actual spend depends on the holder's sampling rate,
+        hence on its n: it goes to the holder's log and ledger only.
         """
-        self._check_prompt(global_weight)
+        self.check_prompt(global_weight)
         cfg = TuneConfig(
             prompt_length=global_weight.shape[0],
             steps=s.local_steps,
@@ -126,7 +173,7 @@ class Holder:
             num_examples = self.num_train
         else:
             p = self.privacy_plan(s)
-            release = reserve(self.ledger, p, task=self.task.name, run_id=s.run_id, round=s.server_round)
+            release = self.charge(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p))
             try:
                 weight, spent, steps_done, _ = private_steps(
                     self.session, start, cfg, p, secure_mode=s.secure_mode, desc=desc
@@ -135,15 +182,16 @@ class Holder:
                 self.ledger.cancel(release)  # nothing left this process
                 raise
             self.ledger.commit(release, steps=steps_done, epsilon=spent)
-            total = self.ledger.spent(self.task.name)
-            metrics = {
-                "dp": 1,
-                "round_epsilon": spent,
-                "epsilon": total.epsilon,  # this holder's spend on the task so far, all rounds composed
-                "delta": p.delta,
-                "noise_multiplier": p.noise_multiplier,
-                "sample_rate": p.sample_rate,
-            }
+            run_spend = self.ledger.run_epsilon(s.run_id, p.delta)
+            print(
+                f"{self.name} round {s.server_round}/{s.num_rounds}: epsilon {spent:.3f} this round, "
+                f"{run_spend:.3f} this run (target {s.target_epsilon:g}, delta {p.delta:.3g}); "
+                f"ledger total {self.ledger.spent().epsilon:.3f}",
+                flush=True,
+            )
+            metrics = {"dp": 1, "epsilon": s.target_epsilon}
+            if s.delta:
+                metrics["delta"] = s.delta
             num_examples = DP_NUM_EXAMPLES
         if not torch.isfinite(weight).all():
             raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
@@ -168,15 +216,21 @@ class Holder:
         return prompted.prompt.weight.detach().cpu().clone()
 
     def evaluate(self, weight: torch.Tensor, split: str = "test") -> tuple[float, int]:
-        """Accuracy of the global prompt on this holder's ``split`` and the number of examples."""
-        self._check_prompt(weight)
+        """Accuracy of the global prompt on this holder's ``split`` and the number of examples (for the holder)."""
+        correct, total = self.evaluate_counts(weight, split)
+        return correct / total, total
+
+    def evaluate_counts(self, weight: torch.Tensor, split: str = "test") -> tuple[int, int]:
+        """How many of this holder's ``split`` examples the prompt gets right, and how many there are."""
+        self.check_prompt(weight)
         examples = self.session.dataset.split(split)
         if not examples:
             raise DatasetError(f"{self.name} has no {split} examples to evaluate on")
-        acc = self.session.evaluate(self.session.prompted(weight.to(torch.float32)), examples, desc=f"{self.name} eval")
-        return acc, len(examples)
+        prompted = self.session.prompted(weight.to(torch.float32))
+        acc = self.session.evaluate(prompted, examples, desc=f"{self.name} eval")
+        return round(acc * len(examples)), len(examples)
 
-    def _check_prompt(self, weight: torch.Tensor) -> None:
+    def check_prompt(self, weight: torch.Tensor) -> None:
         hidden = self.session.loaded.hidden_size
         if weight.dim() != 2 or weight.shape[1] != hidden or weight.shape[0] < 1:
             raise FedPromptError(f"the global prompt has shape {tuple(weight.shape)}; expected (n, {hidden})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,16 @@ def cmd_budget(args: argparse.Namespace) -> int:
     print(
         f"total: epsilon = {total.epsilon:.3f}, left = {max(0.0, budget.epsilon - total.epsilon):.3f}  ({total.method})"
     )
+    if releases:
+        print("releases (each epsilon at the delta the release was made with):")
+        head = f"  {'id':>4}  {'when (UTC)':19}  {'task':18} {'run':20} {'round':>5}  {'mechanism':16} {'epsilon':>8}"
+        print(f"{head}  status")
+        for r in releases:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
+            print(
+                f"  {r.id:>4}  {when:19}  {r.task[:18]:18} {r.run_id[:20]:20} {r.round:>5}  {r.mechanism[:16]:16} "
+                f"{r.epsilon:8.3f}  {r.status}"
+            )
     pending = [r for r in releases if r.status == "reserved"]
     if pending:
         print(f"{len(pending)} reservation(s) not yet settled are counted as spent")

@@ -95,20 +95,22 @@ def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> Pri
     return PrivacyPlan(sigma, sample_rate, steps, delta, eps, dp.accountant, dp.max_grad_norm, num_examples)
 
 
+def release_of(p: PrivacyPlan) -> dict:
+    """The ledger's description of the release the plan ``p`` makes (``PrivacyLedger.reserve``'s arguments)."""
+    return {
+        "mechanism": MECHANISM,
+        "delta": p.delta,
+        "epsilon": p.epsilon,
+        "accountant": p.accountant,
+        "noise_multiplier": p.noise_multiplier,
+        "sample_rate": p.sample_rate,
+        "steps": p.steps,
+    }
+
+
 def reserve(ledger, p: PrivacyPlan, *, task: str, run_id: str, round: int = 0) -> int:
     """Charge ``ledger`` with the plan ``p`` before any training (refused over budget); returns the id."""
-    return ledger.reserve(
-        task=task,
-        run_id=run_id,
-        round=round,
-        mechanism=MECHANISM,
-        delta=p.delta,
-        epsilon=p.epsilon,
-        accountant=p.accountant,
-        noise_multiplier=p.noise_multiplier,
-        sample_rate=p.sample_rate,
-        steps=p.steps,
-    )
+    return ledger.reserve(task=task, run_id=run_id, round=round, **release_of(p))
 
 
 def spend_record(p: PrivacyPlan, spent_epsilon: float, steps_done: int, secure_mode: bool) -> dict:

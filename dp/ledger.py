@@ -119,6 +119,25 @@ def compose(releases: list[Release], delta: float) -> Spend:
     return Spend(eps, used_delta, len(releases), method)
 
 
+def _release(
+    *,
+    task: str,
+    run_id: str,
+    mechanism: str,
+    delta: float,
+    epsilon: float,
+    round: int = 0,
+    accountant: str | None = None,
+    noise_multiplier: float | None = None,
+    sample_rate: float | None = None,
+    steps: int | None = None,
+) -> Release:
+    return Release(
+        0, time.time(), task, run_id, round, mechanism, accountant, noise_multiplier, sample_rate, steps, delta,
+        epsilon, "reserved",
+    )  # fmt: skip
+
+
 class PrivacyLedger:
     """The durable record of one data holder's privacy spend."""
 
@@ -197,6 +216,14 @@ class PrivacyLedger:
             raise FedPromptError(f"{self.path}: no budget set (fedprompt budget set --epsilon E --delta D)")
         return compose(self.releases(task), budget.delta)
 
+    def run_epsilon(self, run_id: str, delta: float, *, adding: dict | None = None) -> float:
+        """The ε of one run's releases composed at ``delta`` (plus a projected release given as ``adding``,
+        the keyword arguments of :meth:`reserve` without task and run)."""
+        releases = [r for r in self.releases() if r.run_id == run_id]
+        if adding is not None:
+            releases.append(_release(task="", run_id=run_id, **adding))
+        return compose(releases, delta).epsilon
+
     def reserve(
         self,
         *,
@@ -216,20 +243,17 @@ class PrivacyLedger:
             check_accountant(accountant)
             if noise_multiplier is None or sample_rate is None or steps is None:
                 raise ValueError("an accounted release needs noise_multiplier, sample_rate and steps")
-        new = Release(
-            0,
-            time.time(),
-            task,
-            run_id,
-            round,
-            mechanism,
-            accountant,
-            noise_multiplier,
-            sample_rate,
-            steps,
-            delta,
-            epsilon,
-            "reserved",
+        new = _release(
+            task=task,
+            run_id=run_id,
+            round=round,
+            mechanism=mechanism,
+            accountant=accountant,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            epsilon=epsilon,
         )
         with self._write() as conn:
             budget = self._budget(conn)

@@ -344,12 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     from fedprompt.client.dpopt_cli import add_dpopt_parser
     from fedprompt.demo import add_demo_parser
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
-    from fedprompt.server.coordinator import add_server_parser, add_superlink_parser
+    from fedprompt.server.coordinator import add_front_parser, add_server_parser, add_superlink_parser
     from fedprompt.server.post_cli import add_post_parser
     from fedprompt.server.post_demo import add_demo_post_parser
 
     add_server_parser(sub)
     add_superlink_parser(sub)
+    add_front_parser(sub)
     add_aggregator_parser(sub)
     add_prompts_parser(sub)
     add_registry_parser(sub)

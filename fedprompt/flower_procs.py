@@ -24,6 +24,13 @@ from fedprompt.errors import FedPromptError
 FEDERATION = "fedprompt"
 
 
+def app_dir() -> Path:
+    """The Flower App folder shipped inside the installed package (pyproject.toml + LICENSE only)."""
+    from importlib import resources
+
+    return Path(str(resources.files("fedprompt") / "flower_app"))
+
+
 def flower_bin(name: str) -> str:
     """A Flower executable from the environment fedprompt runs in (not whatever is first on PATH)."""
     here = Path(sys.executable).parent / name
@@ -128,12 +135,13 @@ def tail(path: Path, lines: int = 30) -> str:
         return f"({path} unreadable)"
 
 
-def write_cli_config(home: Path, address: str, root_cert: Path) -> None:
-    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``)."""
+def write_cli_config(home: Path, address: str, root_cert: Path | None) -> None:
+    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``). Without ``root_cert`` the
+    connection is plain HTTP: only for a loopback relay (``server.front.ControlRelay``)."""
     home.mkdir(parents=True, exist_ok=True)
+    tls = f"root-certificates = {json.dumps(str(root_cert))}\n" if root_cert is not None else "insecure = true\n"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(root_cert))}\n"
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = {json.dumps(address)}\n{tls}'
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -47,13 +48,26 @@ class Reply:
     error: str = ""
 
 
+_NAMED = re.compile(r"^([a-z0-9-]{1,64}): ")
+
+
+def holder_of(msg: Message) -> str:
+    """The holder name a reply gives (its info record, or the lead of an error's reason), else its node id.
+    Only for records and logs: nothing is decided by a name a holder claims."""
+    if msg.has_error():
+        m = _NAMED.match(msg.error.reason)
+        return m.group(1) if m else str(msg.metadata.src_node_id)
+    content = msg.content
+    return str(content["info"]["holder"]) if "info" in content else str(msg.metadata.src_node_id)
+
+
 def parse_train_reply(msg: Message, shape: torch.Size, *, secure: bool = False) -> Reply:
     """A holder's training reply; under secure aggregation it carries no update (the holder keeps it)."""
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return Reply(node, str(node), error=f"error {msg.error.code}: {msg.error.reason}")
+        return Reply(node, holder_of(msg), error=f"error {msg.error.code}: {msg.error.reason}")
     content = msg.content
-    holder = str(content["info"]["holder"]) if "info" in content else str(node)
+    holder = holder_of(msg)
     try:
         delta = None
         if secure:
@@ -104,6 +118,7 @@ class Federation:
         self.aggregator = (
             AggregatorClient(cfg.aggregator, cfg.aggregator_certs, "coordinator") if cfg.aggregator else None
         )
+        self.server_eval = ServerEvaluation.create(loaded, self.task, cfg) if cfg.server_eval else None
         self.fingerprint = {
             "task": self.task.name,
             "template": self.task.template,
@@ -224,46 +239,63 @@ class Federation:
         return self.strategy.apply(weight, mean), record
 
     def evaluate(self, rnd: int, weight: torch.Tensor) -> dict:
+        """The round's accuracy: on the coordinator's own evaluation data (``server_eval``) and, when asked,
+        from the holders' DP answers (noisy counts of correct answers and of examples; a holder answers only
+        as often as its policy allows, each answer charged to its ledger)."""
+        record: dict = {}
+        if self.server_eval is not None:
+            record.update(self.server_eval.evaluate(weight))
+        if self.cfg.evaluate:
+            record.update(self.evaluate_on_holders(rnd, weight))
+        if "accuracy" not in record and "holders_accuracy" in record:
+            record["accuracy"] = record["holders_accuracy"]
+        return record
+
+    def evaluate_on_holders(self, rnd: int, weight: torch.Tensor) -> dict:
         nodes = self.wait_for_nodes(1)
         replies = self.grid.send_and_receive(
             self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
         )
         correct = total = 0.0
-        per_holder = {}
+        per_holder, refused = {}, {}
         for m in replies:
+            holder = holder_of(m)
             if m.has_error():
-                log(WARNING, "round %d: evaluation failed on node %s: %s", rnd, m.metadata.src_node_id, m.error.reason)
+                refused[holder] = m.error.reason[:200]
                 continue
-            metrics = m.content["metrics"]
-            holder = str(m.content["info"]["holder"]) if "info" in m.content else str(m.metadata.src_node_id)
+            try:
+                metrics = m.content["metrics"]
+                c, n = float(metrics["correct"]), float(metrics["examples"])
+            except (KeyError, TypeError, ValueError) as exc:
+                refused[holder] = f"malformed evaluation reply: {exc}"
+                continue
+            if not (math.isfinite(c) and math.isfinite(n)):
+                continue
             self.names[m.metadata.src_node_id] = holder
-            acc, n = float(metrics["accuracy"]), int(metrics["num_examples"])
-            if not (0 <= acc <= 1 and n > 0):
-                continue
-            per_holder[holder] = acc
-            correct += acc * n
+            per_holder[holder] = min(1.0, max(0.0, c / n)) if n > 0 else None
+            correct += c
             total += n
-        return {"accuracy": correct / total if total else None, "eval_examples": int(total), "eval_holders": per_holder}
+        if refused:
+            log(WARNING, "round %d: evaluation refused or failed on %s", rnd, refused)
+        acc = min(1.0, max(0.0, correct / total)) if total > 0 else None
+        return {"holders_accuracy": acc, "eval_holders": per_holder, "eval_refused": refused}
 
     # ------------------------------------------------------------------ the run
 
     def artifact_meta(self, rnd: int, history: list[dict]) -> ArtifactMeta:
-        spend: dict[str, dict] = {}
-        for rec in history:
-            for holder, m in rec.get("holders", {}).items():
-                if "epsilon" in m:
-                    spend[holder] = {"epsilon": m["epsilon"], "delta": m.get("delta")}
+        holders = sorted({h for rec in history for h, m in rec.get("holders", {}).items() if m.get("dp")})
         privacy = None
         if self.cfg.dp:
             privacy = {
-                # every holder's per-example guarantee holds for the merged prompt (post-processing);
-                # the artifact carries the largest of them and each one
-                "epsilon": max((s["epsilon"] for s in spend.values()), default=0.0),
-                "delta": max((s["delta"] or 0.0 for s in spend.values()), default=0.0),
+                # each holder's examples are (target_epsilon, delta)-DP for everything the run released (its
+                # noise was calibrated to reach the target over all rounds; its ledger holds the exact spend);
+                # the merged prompt is post-processing
+                "epsilon": self.cfg.target_epsilon,
+                "delta": self.cfg.delta,
                 "accountant": self.cfg.accountant,
                 "mechanism": "dp-sgd, federated",
                 "unit": "example",
-                "per_holder": spend,
+                "per_holder": {h: {"epsilon": self.cfg.target_epsilon, "delta": self.cfg.delta} for h in holders},
             }
             if self.client_dp is not None:
                 privacy["client_level"] = {
@@ -317,14 +349,14 @@ class Federation:
         else:
             weight, history, start = self.initial.clone(), [], 1
             record = {"round": 0, "holders": {}}
-            if cfg.evaluate:
+            if cfg.evaluate or self.server_eval is not None:
                 record.update(self.evaluate(0, weight))
                 log(INFO, "round 0 (initial prompt): accuracy %s", _pct(record.get("accuracy")))
             history.append(record)
             self.save(0, weight, history)
         for rnd in range(start, cfg.num_rounds + 1):
             weight, record = self.train_round(rnd, weight)
-            if cfg.evaluate:
+            if (cfg.evaluate or self.server_eval is not None) and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
                 record.update(self.evaluate(rnd, weight))
             if self.client_dp is not None:
                 record["client_level_epsilon"] = self.client_dp.epsilon(rnd)
@@ -345,6 +377,38 @@ class Federation:
             )
             self.save(rnd, weight, history)
         log(INFO, "federation done: global prompt in %s", cfg.checkpoint_dir)
+
+
+class ServerEvaluation:
+    """The coordinator's own evaluation of each round's prompt, on data it holds itself (a public test set):
+    it costs the holders nothing and releases nothing of theirs."""
+
+    def __init__(self, session, examples) -> None:
+        self.session, self.examples = session, examples
+
+    @classmethod
+    def create(cls, loaded, task: TaskSpec, cfg: FederationConfig) -> ServerEvaluation:
+        from fedprompt import datasets as ds_mod
+        from fedprompt.runtime import Runtime
+        from fedprompt.training import Session
+
+        data = ds_mod.load(cfg.server_eval, label_names=list(task.label_names))
+        session = Session(
+            loaded,
+            data,
+            runtime=Runtime.create(),
+            max_length=cfg.max_length,
+            template=task.template,
+            label_words=[list(w) for w in task.label_words],
+        )
+        examples = data.split(cfg.server_eval_split)
+        if not examples:
+            raise ValueError(f"server_eval {cfg.server_eval!r} has no {cfg.server_eval_split} examples")
+        return cls(session, examples)
+
+    def evaluate(self, weight: torch.Tensor) -> dict:
+        acc = self.session.evaluate(self.session.prompted(weight.to(torch.float32)), self.examples, desc="server eval")
+        return {"accuracy": acc, "eval_examples": len(self.examples)}
 
 
 def _pct(x: float | None) -> str:

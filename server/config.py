@@ -35,7 +35,9 @@ class FederationConfig:
     max_length: int = 128
     dp: bool = True
     target_epsilon: float = 8.0
-    delta: float = 0.0
+    # public: every holder's examples are (target_epsilon, delta)-DP; a holder refuses a delta above its own
+    # ceiling (default 1/(2n) of its data). A delta of 1/(2n) per holder would tell the coordinator each n.
+    delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     secure_mode: bool = False
@@ -46,7 +48,14 @@ class FederationConfig:
     min_available_nodes: int = 2
     wait_for_nodes_s: float = 600.0
     round_timeout_s: float = 1800.0
-    evaluate: bool = True
+    # ask the holders to evaluate each round's prompt; a holder answers only if its policy allows evaluations
+    # (off by default), each answer a DP release (noisy counts) charged to its ledger
+    evaluate: bool = False
+    # the coordinator's own evaluation data (a dataset name or file it holds, e.g. a public test set): each
+    # round's prompt is evaluated here on its server_eval_split, every eval_every rounds and after the last
+    server_eval: str = ""
+    server_eval_split: str = "test"
+    eval_every: int = 1
     # client-level DP on the coordinator (off by default: noise on the sum of a handful of holders
     # swamps the signal; see ClientLevelDP)
     client_dp: bool = False
@@ -76,6 +85,12 @@ class FederationConfig:
             raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
         if self.min_train_nodes < 1 or self.min_available_nodes < self.min_train_nodes:
             raise ValueError("need 1 <= min_train_nodes <= min_available_nodes")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be a positive number of rounds, got {self.eval_every}")
+        if self.server_eval_split not in ("train", "validation", "test"):
+            raise ValueError(f"server_eval_split must be train, validation or test, got {self.server_eval_split!r}")
         if self.prompt_length < 1:
             raise ValueError(f"prompt_length must be positive, got {self.prompt_length}")
         for name in ("wait_for_nodes_s", "round_timeout_s"):

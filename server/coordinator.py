@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,11 +28,6 @@ if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults):
 # checkpoint state (a file) often.
 STATUS_POLL_S = 10.0
 PROGRESS_POLL_S = 1.0
-
-
-def app_dir() -> Path:
-    """The Flower App folder shipped inside the installed package (pyproject.toml + LICENSE only)."""
-    return Path(str(resources.files("fedprompt") / "flower_app"))
 
 
 REMOTE_WAIT_S = 300.0  # how long a federation Job waits for the SuperLink and the aggregation server to come up
@@ -65,23 +59,53 @@ def loopback(address: str) -> str:
 
 
 class Coordinator:
-    """The SuperLink's side of the coordinator. ``superlink=HOST:PORT`` uses one that runs elsewhere (the
-    Kubernetes layout: a SuperLink StatefulSet, the federation as a Job) instead of starting its own."""
+    """The SuperLink's side of the coordinator.
 
-    def __init__(self, *, certs: Path, state: Path, host: str, port: int, superlink: str | None = None) -> None:
+    The SuperLink listens on loopback only (its Control API authenticates nobody); the network reaches it
+    through the front (``server/front.py``), which forwards the Fleet API on ``host:port`` and, with
+    ``operator_listen``, the Control API to the holder of the coordinator's client certificate.
+    ``superlink=HOST:PORT`` submits to the operator listener of a SuperLink that runs elsewhere (the Kubernetes
+    layout: a SuperLink StatefulSet, the federation as a Job), through a loopback relay for the ``flwr`` CLI."""
+
+    def __init__(
+        self,
+        *,
+        certs: Path,
+        state: Path,
+        host: str,
+        port: int,
+        superlink: str | None = None,
+        superlink_port: int = 0,
+        operator_listen: str | None = None,
+    ) -> None:
         self.certs, self.state, self.host, self.port = certs, state, host, port
         self.external = superlink is not None
+        self.operator_listen = operator_listen
         self.aggregator = None
-        for name in ("ca.crt", "server.crt", "server.key"):
+        self.front = None
+        self.relay = None
+        names = (
+            ("ca.crt", "coordinator.crt", "coordinator.key")
+            if self.external
+            else ("ca.crt", "server.crt", "server.key")
+        )
+        for name in names:
             if not (certs / name).is_file():
                 raise FedPromptError(f"{certs / name} is missing; create the material with fedprompt certs")
         self.logs = state / "logs"
         self.superlink = None
-        # the coordinator's own `flwr` calls go over loopback when it listens on every interface
         self.local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.superlink_port = superlink_port or fp.free_port()
         self.cli_env = fp.flower_env(state / "flwr" / "cli")
-        self.address = superlink or f"{self.local_host}:{port}"
-        fp.write_cli_config(state / "flwr" / "cli", self.address, (certs / "ca.crt").resolve())
+        if self.external:
+            from fedprompt.server.front import ControlRelay
+
+            self.relay = ControlRelay(superlink, certs)
+            self.address = f"127.0.0.1:{self.relay.start()}"
+            fp.write_cli_config(state / "flwr" / "cli", self.address, None)
+        else:
+            self.address = f"127.0.0.1:{self.superlink_port}"
+            fp.write_cli_config(state / "flwr" / "cli", self.address, (certs / "ca.crt").resolve())
 
     def start(self, health_listen: str | None = None) -> None:
         log = self.logs / "superlink.log"
@@ -93,14 +117,29 @@ class Coordinator:
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--database", self.state / "superlink.db",
-            "--host", self.host,
-            "--port", str(self.port),
+            "--host", "127.0.0.1",  # never the network: the front is what listens there
+            "--port", str(self.superlink_port),
         ]  # fmt: skip
-        if health_listen:  # a plaintext grpc.health.v1 endpoint for probes that cannot present a certificate
+        if health_listen:  # a plaintext health endpoint for probes that cannot present a certificate
             cmd += ["--health-server-address", health_listen]
         self.superlink = fp.start(cmd, log, fp.flower_env(self.state / "flwr" / "superlink"))
-        fp.wait_for_port(self.local_host, self.port, self.superlink, log)
-        print(f"SuperLink on {self.host}:{self.port} (TLS, node authentication); log: {log}", flush=True)
+        fp.wait_for_port("127.0.0.1", self.superlink_port, self.superlink, log)
+        front_log = self.logs / "front.log"
+        front = [sys.executable, "-m", "fedprompt.cli", "front", "--certs", self.certs]
+        front += ["--superlink", self.address, "--listen", f"{self.host}:{self.port}"]
+        if self.operator_listen:
+            front += ["--operator-listen", self.operator_listen]
+        self.front = fp.start(front, front_log, dict(os.environ))
+        fp.wait_for_port(self.local_host, self.port, self.front, front_log)
+        if self.operator_listen:
+            host, _, port = loopback(self.operator_listen).rpartition(":")
+            fp.wait_for_port(host, int(port), self.front, front_log)
+        operator = f"; operator listener {self.operator_listen} (mutual TLS)" if self.operator_listen else ""
+        print(
+            f"SuperLink on 127.0.0.1:{self.superlink_port} (TLS, node authentication; loopback only); "
+            f"fleet front on {self.host}:{self.port}{operator}; logs: {self.logs}",
+            flush=True,
+        )
 
     def start_aggregator(self, listen: str, store: str, health_listen: str | None = None) -> None:
         """The aggregation server beside the SuperLink, as its own process (``fedprompt aggregator``)."""
@@ -134,7 +173,7 @@ class Coordinator:
     def submit(self, cfg: FederationConfig) -> str:
         toml = self.state / "run-config.toml"
         toml.write_text("".join(f"{k} = {fp.toml_value(v)}\n" for k, v in cfg.to_run_config().items()))
-        out = fp.flwr(["run", str(app_dir()), fp.FEDERATION, "--run-config", str(toml)], self.cli_env)
+        out = fp.flwr(["run", str(fp.app_dir()), fp.FEDERATION, "--run-config", str(toml)], self.cli_env)
         return str(out["run-id"])
 
     def status(self, run_id: str) -> dict:
@@ -153,6 +192,8 @@ class Coordinator:
         while True:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FedPromptError(f"the SuperLink exited:\n{fp.tail(self.logs / 'superlink.log')}")
+            if self.front is not None and self.front.poll() is not None:
+                raise FedPromptError(f"the front exited:\n{fp.tail(self.logs / 'front.log')}")
             if self.aggregator is not None and self.aggregator.poll() is not None:
                 raise FedPromptError(f"the aggregation server exited:\n{fp.tail(self.logs / 'aggregator.log')}")
             if state_file.exists():
@@ -213,12 +254,16 @@ class Coordinator:
         return "\n".join((r.stdout or r.stderr).splitlines()[-40:])
 
     def stop(self) -> None:
+        fp.stop(self.front)
+        self.front = None
         fp.stop(self.superlink)
         self.superlink = None
         fp.stop(self.aggregator)
         self.aggregator = None
+        if self.relay is not None:
+            self.relay.stop()
         if not self.external:  # the ServerApp process is started by Flower outside the SuperLink's process group
-            fp.stop_matching(f"--runtime-api-address {self.host}:{self.port}")
+            fp.stop_matching(f"--runtime-api-address 127.0.0.1:{self.superlink_port}")
 
 
 def format_round(rec: dict, num_rounds: int) -> str:
@@ -263,12 +308,33 @@ _FLAGS = {
 }
 
 
+def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the fleet front, the only listener data holders reach (default: loopback only)",
+    )
+    p.add_argument("--port", type=int, default=9093, help="port of the fleet front (Fleet API only)")
+    p.add_argument(
+        "--superlink-port",
+        type=int,
+        default=0,
+        help="the SuperLink's own port, always on 127.0.0.1 (default: a free one)",
+    )
+    p.add_argument(
+        "--operator-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also forward the Control API here, to the coordinator's client certificate only (mutual TLS); "
+        "for a federation submitted from elsewhere (fedprompt server --superlink)",
+    )
+
+
 def add_server_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="the coordinator: a Flower SuperLink with TLS and node auth, and the federation")
     p.add_argument("--certs", required=True, help="folder made by fedprompt certs")
     p.add_argument("--state", required=True, help="coordinator state: SuperLink database, checkpoints, logs")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=9093)
+    _add_listen_arguments(p)
     p.add_argument("--checkpoint-dir", default=None, help="default: STATE/checkpoints (a restart resumes from it)")
     for name, typ in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
@@ -297,7 +363,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
         "--superlink",
         default=None,
         metavar="HOST:PORT",
-        help="submit to a SuperLink that runs elsewhere (fedprompt superlink) instead of starting one",
+        help="submit to the operator listener of a SuperLink that runs elsewhere (fedprompt superlink "
+        "--operator-listen) instead of starting one; needs coordinator.crt/.key in --certs",
     )
     p.add_argument(
         "--aggregator",
@@ -404,16 +471,27 @@ def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_
     print(f"POST complete: teacher prompt {out} (checkpoint of step {report['chosen_step']}){where}", flush=True)
 
 
+def _coordinator(args: argparse.Namespace, superlink: str | None = None) -> Coordinator:
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return Coordinator(
+        certs=Path(args.certs).resolve(),
+        state=state,
+        host=args.host,
+        port=args.port,
+        superlink=superlink,
+        superlink_port=args.superlink_port,
+        operator_listen=args.operator_listen,
+    )
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     transfer_cfg = post_transfer_settings(args, cfg)
     if transfer_cfg is not None and args.superlink:
         raise FedPromptError("--post-teacher needs the global prompt here: run the transfer where the SuperLink runs")
-    state = Path(args.state).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    coord = Coordinator(
-        certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port, superlink=args.superlink
-    )
+    coord = _coordinator(args, superlink=args.superlink)
+    state = coord.state
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         if args.superlink:
@@ -452,14 +530,38 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_front_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "front",
+        help="the coordinator's network front: forwards only the Fleet API (and, with mutual TLS, the operator's)",
+    )
+    p.add_argument("--certs", required=True, help="the folder of fedprompt certs (ca.crt, server.crt/key)")
+    p.add_argument("--superlink", required=True, help="the SuperLink's loopback HOST:PORT")
+    p.add_argument("--listen", required=True, help="HOST:PORT of the fleet listener (what data holders reach)")
+    p.add_argument(
+        "--operator-listen",
+        default=None,
+        help="HOST:PORT of the operator listener (mutual TLS, CN coordinator; Control API only); default: none",
+    )
+    p.set_defaults(func=cmd_front)
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from fedprompt.server.front import run_front
+
+    run_front(
+        certs=Path(args.certs), superlink=args.superlink, listen=args.listen, operator_listen=args.operator_listen
+    )
+    return 0
+
+
 def add_superlink_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "superlink", help="only the Flower SuperLink (TLS, node auth, the holders' keys registered), in the foreground"
     )
     p.add_argument("--certs", required=True, help="folder made by fedprompt certs (ca.crt, server.crt/key, nodes/)")
     p.add_argument("--state", required=True, help="the SuperLink's database, its runs' checkpoints, logs")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=9093)
+    _add_listen_arguments(p)
     p.add_argument("--health-listen", default=None, help="HOST:PORT of a plaintext gRPC health service (probes)")
     p.set_defaults(func=cmd_superlink)
 
@@ -467,9 +569,7 @@ def add_superlink_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_superlink(args: argparse.Namespace) -> int:
     """The SuperLink of a deployment where the federation is submitted separately (``fedprompt server
     --superlink``); the ServerApp runs here, started by the SuperLink for each run."""
-    state = Path(args.state).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    coord = Coordinator(certs=Path(args.certs).resolve(), state=state, host=args.host, port=args.port)
+    coord = _coordinator(args)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,32 @@ def tiny_gpt2():
     from fedprompt import zoo
 
     return zoo.load("tiny-gpt2")
+
+
+def round_config(model, **settings) -> dict:
+    """A train/evaluate request's config as the ServerApp sends it: the task on ``model`` and the local settings
+    (a 2-round run of 2 local steps of batch 8 unless ``settings`` say otherwise)."""
+    from fedprompt.rounds import LocalSettings, TaskSpec
+
+    task = TaskSpec(
+        "reviews",
+        "{text}\nAnswer:",
+        ("negative", "positive"),
+        ((" negative",), (" positive",)),
+        "Classify.",
+        model.model_id,
+        model.weights_sha256,
+    )
+    base = {"run_id": "r", "server_round": 1, "num_rounds": 2, "local_steps": 2, "batch_size": 8, **settings}
+    return {**task.to_config(), **LocalSettings(**base).to_config()}
+
+
+def wait_for(predicate, timeout: float, what: str, logs: Path, *, poll: float = 0.5) -> None:
+    """Poll ``predicate`` until it holds; on a timeout fail with the tail of every log under ``logs``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    dump = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
+    raise AssertionError(f"timed out waiting for {what}\n{dump}")

@@ -28,6 +28,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from conftest import wait_for  # noqa: E402
 from k8s_render import KUBECTL, containers_of, expanded_args, find, render  # noqa: E402
 
 from fedprompt import flower_procs as fp  # noqa: E402
@@ -154,16 +155,6 @@ def healthy(port: int) -> bool:
     return health(["grpc", f"127.0.0.1:{port}", "--timeout", "2"]) == 0
 
 
-def wait(predicate, timeout: float, what: str, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    dump = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(logs.glob("*.log")))
-    raise AssertionError(f"timed out waiting for {what}\n{dump}")
-
-
 def test_dev_overlay_commands_run_as_local_processes_and_complete_a_round(tmp_path):
     rendered = render(tmp_path, "dev")
     assert rendered["kustomize"].returncode == 0, rendered["kustomize"].stderr
@@ -195,7 +186,7 @@ def test_dev_overlay_commands_run_as_local_processes_and_complete_a_round(tmp_pa
         for name in order[:2]:  # the readiness probes of the manifests, on the mapped ports
             pod = pods[name]
             (c,) = [c for c, init in containers_of(pod.spec) if not init]
-            wait(lambda p=pod, c=c: healthy(probe_port(p, c)), 180, f"{name} readiness", logs)
+            wait_for(lambda p=pod, c=c: healthy(probe_port(p, c)), 180, f"{name} readiness", logs)
         (job,) = [p for p in pods.values() if p.kind == "Job"]
         (job_container,) = job.spec["containers"]
         procs[job.name] = start(job, job_container)

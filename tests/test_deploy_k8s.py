@@ -45,9 +45,9 @@ EXTERNAL_SECRETS = {"fedprompt-postgres"}  # referenced, created by hand (kubect
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
 CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}
 COMPONENTS = {"aggregator", "superlink", "federation", "client"}
-# Ports a NetworkPolicy may open: fleet, aggregation, health; out also DNS and (coordinator) PostgreSQL.
-INGRESS_PORTS = {9093, 9094, 9095, 9096, 9097}
-EGRESS_PORTS = {9093, 9094, 53, 5432}
+# Ports a NetworkPolicy may open: operator, fleet, aggregation, health; out also DNS and (coordinator) PostgreSQL.
+INGRESS_PORTS = {9092, 9093, 9094, 9095, 9096, 9097}
+EGRESS_PORTS = {9092, 9093, 9094, 53, 5432}
 IMAGES = {"fedprompt-aggregator", "fedprompt-coordinator", "fedprompt-client"}
 # Which subcommands each image runs (its Dockerfile target's ENTRYPOINT, given in full in the manifests).
 SUBCOMMANDS = {
@@ -253,6 +253,32 @@ def check_network_policies(objects: list[dict]) -> list[str]:
     return bad
 
 
+OPERATOR_PORT = 9092  # the SuperLink's Control API behind the front: the federation Job's alone
+
+
+def check_operator_port(objects: list[dict]) -> list[str]:
+    """The Control API must reach nobody but the federation Job: no NetworkPolicy opens the operator port to
+    anything else, and no Service that leaves the cluster carries it."""
+    bad = []
+    for o in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        for rule in o["spec"].get("ingress") or []:
+            if not any(p.get("port") == OPERATOR_PORT for p in rule.get("ports") or []):
+                continue
+            for peer in rule.get("from") or [{}]:
+                component = ((peer.get("podSelector") or {}).get("matchLabels") or {}).get(
+                    "app.kubernetes.io/component"
+                )
+                if component != "federation" or "ipBlock" in peer or "namespaceSelector" in peer:
+                    bad.append(f"{name_of(o)}: the operator port is open to {peer or 'everyone'}")
+    for o in (o for o in objects if o["kind"] == "Service"):
+        if o["spec"].get("type") in ("LoadBalancer", "NodePort") and any(
+            p.get("port") == OPERATOR_PORT or p.get("targetPort") in ("operator", OPERATOR_PORT)
+            for p in o["spec"].get("ports") or []
+        ):
+            bad.append(f"{name_of(o)}: a {o['spec']['type']} Service exposes the operator port")
+    return bad
+
+
 def is_subset(selector: dict, labels: dict) -> bool:
     match = selector.get("matchLabels") or {}
     return bool(match) and all(labels.get(k) == v for k, v in match.items()) and not selector.get("matchExpressions")
@@ -315,6 +341,7 @@ def violations(objects: list[dict], namespace: str) -> list[str]:
         *check_references(objects),
         *check_secret_values(objects),
         *check_network_policies(objects),
+        *check_operator_port(objects),
         *check_services(objects),
         *check_labels(objects),
         *check_namespaces(objects, namespace),
@@ -374,8 +401,10 @@ def test_dev_overlay(rendered):
     volumes = {v["name"]: v for v in aggregator["spec"]["template"]["spec"]["volumes"]}
     assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "fedprompt-aggregator-data"
     assert aggregator["spec"]["replicas"] == 1
-    assert find(objects, "StatefulSet", "fedprompt-superlink")
-    assert find(objects, "Job", "fedprompt-federation")
+    superlink = find(objects, "StatefulSet", "fedprompt-superlink")[0]
+    assert flag(container(superlink, "superlink")["args"], "--operator-listen") == "0.0.0.0:9092"
+    job = find(objects, "Job", "fedprompt-federation")[0]
+    assert flag(container(job, "federation")["args"], "--superlink") == "fedprompt-superlink:9092"  # operator front
     clients = {o["metadata"]["name"]: o for o in find(objects, "StatefulSet") if "client" in o["metadata"]["name"]}
     assert sorted(clients) == [f"fedprompt-client-holder-{k}" for k in (1, 2, 3)]
     selectors = set()
@@ -385,7 +414,7 @@ def test_dev_overlay(rendered):
         args = container(obj, "client")["args"]
         assert flag(args, "--name") == f"holder-{k}"
         assert flag(args, "--data") == f"/data/split/holder-{k}.jsonl"
-        assert flag(args, "--superlink") == "fedprompt-superlink:9093"
+        assert flag(args, "--superlink") == "fedprompt-superlink:9093"  # the fleet front
         node = next(v for v in spec["volumes"] if v["name"] == "node")["secret"]["secretName"]
         assert node.startswith(f"fedprompt-node-holder-{k}-")  # the generated Secret's hashed name
         data = next(v for v in spec["volumes"] if v["name"] == "data")
@@ -510,6 +539,9 @@ BREAKAGES = {
     "namespace None": lambda o: find(o, "Job")[0]["metadata"].pop("namespace"),
     "drop ALL": lambda o: container(find(o, "Job")[0], "federation")["securityContext"].pop("capabilities"),
     "opens every port": lambda o: find(o, "NetworkPolicy", "fedprompt-superlink")[0]["spec"]["ingress"][0].pop("ports"),
+    "the operator port is open": lambda o: find(o, "NetworkPolicy", "fedprompt-superlink")[0]["spec"]["ingress"][0][
+        "ports"
+    ].append({"protocol": "TCP", "port": OPERATOR_PORT}),
 }
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 import torch
-from conftest import make_sentiment_rows
+from conftest import make_sentiment_rows, wait_for
 
 from fedprompt import artifact
 from fedprompt import flower_procs as fp
@@ -20,17 +19,6 @@ from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
 
 TARGET_EPS = 8.0
-
-
-def _wait_for(predicate, timeout: float, what: str, fed: LocalFederation) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = sorted(fed.logs.glob("*.log"))
-    dump = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
-    raise AssertionError(f"timed out waiting for {what}\n{dump}")
 
 
 @pytest.fixture
@@ -60,7 +48,7 @@ def test_rounds_go_on_without_a_killed_holder_and_an_over_budget_one(tmp_path, h
     holders[2] = HolderSpec("holder-3", holders[2].data, 1.0)  # cannot afford a single round
     with LocalFederation(tmp_path / "fed", holders) as fed:
         fed.start(*SETTINGS, "--num-rounds", "3", "--min-available-nodes", "4", "--round-timeout-s", "25")
-        _wait_for(lambda: len(fed.history()) >= 2, 240, "round 1", fed)
+        wait_for(lambda: len(fed.history()) >= 2, 240, "round 1", fed.logs)
         fed.clients["holder-4"].send_signal(signal.SIGKILL)  # the daemon dies; its SuperNode follows (PDEATHSIG)
         history = fed.wait(300)
     ckpt = fed.checkpoints
@@ -83,8 +71,10 @@ def test_rounds_go_on_without_a_killed_holder_and_an_over_budget_one(tmp_path, h
     # every ledger holds exactly what was released
     for h in ("holder-1", "holder-2"):
         ledger = PrivacyLedger(fed.state_dir(h))
-        assert [(r.round, r.status) for r in ledger.releases()] == [(k, "committed") for k in (1, 2, 3)]
-        assert ledger.spent().epsilon == pytest.approx(TARGET_EPS, rel=0.02)
+        releases = ledger.releases()
+        assert [(r.round, r.status) for r in releases] == [(k, "committed") for k in (1, 2, 3)]
+        # the run's releases compose to its target at the run's (public) delta
+        assert ledger.run_epsilon(releases[0].run_id, 1e-5) == pytest.approx(TARGET_EPS, rel=0.02)
     assert PrivacyLedger(fed.state_dir("holder-3")).releases() == []
     killed = PrivacyLedger(fed.state_dir("holder-4")).releases()
     assert killed[0].round == 1 and killed[0].status == "committed"
@@ -94,7 +84,7 @@ def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(tmp_path, hold
     settings = (*SETTINGS, "--num-rounds", "3", "--min-available-nodes", "2", "--round-timeout-s", "60")
     with LocalFederation(tmp_path / "fed", holders[:2]) as fed:
         fed.start(*settings)
-        _wait_for(lambda: len(fed.history()) >= 2, 240, "round 1", fed)
+        wait_for(lambda: len(fed.history()) >= 2, 240, "round 1", fed.logs)
         first_server = fed.server
         fp.stop(first_server)  # the coordinator stops (SIGTERM) after round 1
         assert first_server.returncode != 0

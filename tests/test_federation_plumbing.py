@@ -1,5 +1,5 @@
-"""The federation's plumbing without a SuperLink: the Flower App folder, certificates, the holder's worker
-socket, and the ClientApp's handling of Flower messages."""
+"""The federation's plumbing without a SuperLink: the Flower App folder, certificates, the holder's service
+and its handling of Flower messages (what the holder's runner hands it)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,23 @@ import os
 import stat
 import tomllib
 from dataclasses import MISSING, fields
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client
 
 import numpy as np
 import pytest
-from conftest import make_sentiment_rows
+from conftest import make_sentiment_rows, round_config
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedprompt import certs
 from fedprompt.client import app as client_app
-from fedprompt.client.worker import HolderService, HolderWorker, request
+from fedprompt.client.policy import HolderPolicy
+from fedprompt.client.service import HolderService
 from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import FedPromptError
 from fedprompt.flower_io import from_record, to_record
+from fedprompt.flower_procs import app_dir
 from fedprompt.server.config import FederationConfig
-from fedprompt.server.coordinator import app_dir
 
 
 def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_defaults():
@@ -74,44 +73,29 @@ def holder_files(tmp_path):
 
 
 def _config(tiny_llama, **kw) -> dict:
-    from fedprompt.rounds import LocalSettings, TaskSpec
+    return round_config(tiny_llama, **{"local_steps": 2, **kw})
 
-    task = TaskSpec(
-        "reviews",
-        "{text}\nAnswer:",
-        ("negative", "positive"),
-        ((" negative",), (" positive",)),
-        "Classify.",
-        "tiny-llama",
-        tiny_llama.weights_sha256,
+
+def _service(data, state, **kw) -> HolderService:
+    return HolderService(
+        data=str(data), state_dir=state, name="h", num_examples=64, device="cpu", precision="fp32", **kw
     )
-    settings = LocalSettings(run_id="r", server_round=1, num_rounds=2, local_steps=2, batch_size=8, **kw)
-    return {**task.to_config(), **settings.to_config()}
 
 
-def test_worker_answers_only_clients_with_its_key(tiny_llama, holder_files, tmp_path):
+def test_service_trains_and_refuses_without_crashing(tiny_llama, holder_files):
     data, state = holder_files
-    worker = HolderWorker(HolderService(data=str(data), state_dir=state, name="h", device="cpu", precision="fp32"))
-    worker.start()
-    try:
-        assert stat.S_IMODE(os.stat(worker.key_file).st_mode) == 0o600
-        prompt = np.random.default_rng(0).normal(0, 0.02, (4, tiny_llama.hidden_size)).astype(np.float32)
-        header, delta = request(worker.address, worker.key_file, "train", prompt, _config(tiny_llama))
-        assert header["ok"] and header["holder"] == "h" and delta.shape == prompt.shape
-        assert header["metrics"]["num_examples"] == 1 and header["metrics"]["epsilon"] > 0
-        header, none = request(worker.address, worker.key_file, "evaluate", prompt, _config(tiny_llama))
-        assert header["ok"] and none is None and 0 <= header["metrics"]["accuracy"] <= 1
-        bad = tmp_path / "wrong.key"
-        bad.write_bytes(os.urandom(32))
-        with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
-            Client(worker.address, family="AF_UNIX", authkey=bad.read_bytes())
-        # a refusal is an answer, not a crash: the worker goes on serving
-        header, _ = request(worker.address, worker.key_file, "train", prompt[:, :3], _config(tiny_llama))
-        assert not header["ok"] and header["code"] == "refused" and "shape" in header["reason"]
-        assert request(worker.address, worker.key_file, "evaluate", prompt, _config(tiny_llama))[0]["ok"]
-    finally:
-        worker.stop()
-    assert not os.path.exists(worker.address)
+    service = _service(data, state)
+    prompt = np.random.default_rng(0).normal(0, 0.02, (4, tiny_llama.hidden_size)).astype(np.float32)
+    header, delta = service.handle("train", _config(tiny_llama), prompt)
+    assert header["ok"] and header["holder"] == "h" and delta.shape == prompt.shape
+    # under DP only what the coordinator knows leaves: the run's target as the bound, the steps, a constant count
+    assert header["metrics"] == {"num_examples": 1, "dp": 1, "epsilon": 8.0, "steps": 2}
+    # a refusal is an answer, not a crash: the service goes on serving
+    header, _ = service.handle("train", _config(tiny_llama), prompt[:, :3])
+    assert not header["ok"] and header["code"] == "refused" and "shape" in header["reason"]
+    header, _ = service.handle("evaluate", _config(tiny_llama), prompt)
+    assert not header["ok"] and "rule max_evaluations_per_run" in header["reason"]
+    assert service.handle("train", _config(tiny_llama), prompt)[0]["ok"]
 
 
 @pytest.fixture
@@ -123,27 +107,34 @@ def as_serverapp(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
 
-def test_clientapp_turns_refusals_into_error_replies(tiny_llama, holder_files, as_serverapp):
+def test_answer_turns_refusals_into_error_replies(tiny_llama, holder_files, as_serverapp):
     data, state = holder_files
     PrivacyLedger(state).set_budget(Budget(0.5, 1e-3))  # too small for one round
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"data": str(data), "state": str(state), "holder": "h", "device": "cpu"},
-        state=RecordDict(),
-        run_config={},
-    )
+    service = _service(data, state, policy=HolderPolicy(max_evaluations_per_run=2))
     prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
     content = RecordDict({"prompt": to_record(weight=prompt), "config": ConfigRecord(_config(tiny_llama))})
     msg = Message(content, dst_node_id=7, message_type="train")
-    reply = client_app._handle("train", msg, context)
+    reply = client_app.answer(service, msg)
     assert reply.has_error() and reply.error.code == client_app.BUDGET_EXCEEDED
-    assert "refused before any training" in reply.error.reason
+    # the coordinator learns which rule, not the holder's budget or spend
+    assert "rule budget" in reply.error.reason and "0.5" not in reply.error.reason
     assert PrivacyLedger(state).releases() == []
-    ok = client_app._handle("evaluate", msg, context)
-    assert not ok.has_error() and 0 <= ok.content["metrics"]["accuracy"] <= 1
+    # an evaluation is a DP release: noisy counts, charged first, at most as often as the policy allows
+    evaluate = Message(content, dst_node_id=7, message_type="evaluate")
+    for _ in range(2):
+        metrics = client_app.answer(service, evaluate).content["metrics"]
+        assert set(metrics) == {"correct", "examples", "dp", "noise"} and metrics["noise"] == 20.0
+    assert [r.mechanism for r in PrivacyLedger(state).releases()] == ["gaussian-counts"] * 2
+    third = client_app.answer(service, evaluate)
+    assert third.has_error() and "rule max_evaluations_per_run" in third.error.reason
+    assert len(PrivacyLedger(state).releases()) == 2
     wrong = RecordDict({"prompt": to_record(weight=prompt), "config": ConfigRecord({})})
-    assert client_app._handle("train", Message(wrong, dst_node_id=7, message_type="train"), context).has_error()
+    assert client_app.answer(service, Message(wrong, dst_node_id=7, message_type="train")).has_error()
+    unknown = Message(content, dst_node_id=7, message_type="query.run_this")
+    assert "unknown message type" in client_app.answer(service, unknown).error.reason
+    # the ClientApp a stock SuperNode would load from the bundle refuses everything
+    stock = client_app.app(msg, Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={}))
+    assert stock.has_error() and "fedprompt client" in stock.error.reason
 
 
 def test_prompt_records_refuse_other_dtypes():
@@ -156,14 +147,13 @@ def test_prompt_records_refuse_other_dtypes():
         from_record(to_record(weight=np.zeros((2, 3), np.float32)), "delta")
 
 
-def test_worker_refuses_models_that_are_not_allowed(tiny_llama, holder_files, tmp_path):
+def test_service_refuses_models_that_are_not_allowed(tiny_llama, holder_files, tmp_path):
     data, state = holder_files
     config = _config(tiny_llama)
     config["task_model"] = str(tmp_path)  # a path on the holder's machine chosen by the coordinator
     prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
-    service = HolderService(data=str(data), state_dir=state, name="h", device="cpu", precision="fp32")
-    header, _ = service.handle({"kind": "evaluate", "config": config}, prompt)
+    header, _ = _service(data, state).handle("train", config, prompt)
     assert not header["ok"] and "allows" in header["reason"]
-    narrow = HolderService(data=str(data), state_dir=state, name="h", allowed_models={"smollm2-135m"})
-    header, _ = narrow.handle({"kind": "evaluate", "config": _config(tiny_llama)}, prompt)
+    narrow = _service(data, state, allowed_models={"smollm2-135m"})
+    header, _ = narrow.handle("train", _config(tiny_llama), prompt)
     assert not header["ok"] and "tiny-llama" in header["reason"]

@@ -1,0 +1,245 @@
+"""The holder's service: answers the coordinator's requests under the holder's own policy.
+
+``fedprompt client`` keeps one :class:`HolderService` in its process, with the frozen model and the data loaded
+once, and its ClientApp runner (``client/runner.py``) hands it every Flower message of the run. Each request is
+checked against the holder's :class:`~fedprompt.client.policy.HolderPolicy` before any example is read: a
+violation is a refusal naming the rule, and the ledger is unchanged.
+
+A reply is a dict (``ok``, ``holder``, ``metrics``, and per kind ``secure``, ``message``, ``candidates`` or
+``scores``) and an optional array. Refusals carry ``code`` (``refused``, ``budget``, ``error``) and a ``reason``
+written for the coordinator: it names the rule but none of the holder's own numbers, which go to its log.
+
+Secure aggregation: when a round's settings ask for it, the update stays here (``_pending``) and the coordinator
+relays the SecAgg+ stages (kind ``secagg``) to a :class:`SecAggClient` that masks it; the update itself never
+leaves this process. The masking secrets live only in memory and are dropped when the round's protocol ends or
+the next round starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fedprompt.client.policy import HolderPolicy, PolicyViolation
+from fedprompt.errors import BudgetExceededError, FedPromptError
+
+log = logging.getLogger("fedprompt.client")
+
+KINDS = ("train", "evaluate", "secagg", "dpopt_generate", "dpopt_score")
+NO_PROMPT = ("secagg", "dpopt_generate", "dpopt_score")  # requests that carry no prompt array
+EVALUATION_MECHANISM = "gaussian-counts"
+# adding or removing one test example moves the count of correct answers by at most 1 and the count of
+# examples by exactly 1: the pair's L2 sensitivity
+EVALUATION_SENSITIVITY = math.sqrt(2.0)
+
+
+class HolderService:
+    """Answers train/evaluate/secagg/DP-OPT requests for one data holder from a :class:`Holder` loaded on first use."""
+
+    def __init__(
+        self,
+        *,
+        data: str,
+        state_dir: str | Path,
+        name: str,
+        num_examples: int,
+        policy: HolderPolicy | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        allowed_models: set[str] | None = None,
+        signing_key: str | Path | None = None,
+    ) -> None:
+        self.data, self.state_dir, self.name = data, Path(state_dir), name
+        self.device, self.precision = device, precision
+        self.allowed_models = allowed_models
+        self.policy = (policy or HolderPolicy()).resolved(num_examples)
+        self.signing_key = Path(signing_key) if signing_key else None  # the node key signs SecAgg key adverts
+        self._holder = None
+        self._holder_key: tuple | None = None
+        self._pending: dict[tuple[str, int], np.ndarray] = {}  # (run, round) -> update awaiting secure aggregation
+        self._secagg: dict[tuple[str, int], object] = {}  # (run, round) -> its SecAggClient
+        from fedprompt.client.dpopt_holder import DPOPTJobs
+
+        self._dpopt = DPOPTJobs()  # federated DP-OPT runs between their generation and their scoring
+
+    # ------------------------------------------------------------------ requests
+
+    def holder(self, config: dict):
+        from fedprompt.client.trainer import Holder  # torch and transformers load here, once
+        from fedprompt.rounds import TaskSpec
+        from fedprompt.runtime import Runtime
+        from fedprompt.zoo import known_names
+
+        task = TaskSpec.from_config(config)
+        # by default only the zoo's names and the models this holder registered itself (a student from the
+        # provider): a coordinator must not make a holder open paths of its choosing
+        allowed = self.allowed_models if self.allowed_models is not None else known_names()
+        if task.model not in allowed:
+            raise FedPromptError(
+                f"the coordinator asked for model {task.model!r}; this holder allows {sorted(allowed)}"
+            )
+        key = (task, int(config.get("max_length", 128)))
+        if self._holder_key != key:
+            self._holder = None  # free the previous task's model before loading the next
+            self._holder = Holder(
+                data=self.data,
+                state_dir=self.state_dir,
+                name=self.name,
+                model=task.model,
+                task=task,
+                runtime=Runtime.create(self.device, self.precision),
+                max_length=key[1],
+            )
+            self._holder_key = key
+        return self._holder
+
+    def handle(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+        """One request; never raises (a bug is reported as ``code: error`` and logged with its traceback)."""
+        if kind not in KINDS or not isinstance(config, dict) or (prompt is None) != (kind in NO_PROMPT):
+            return _refusal("refused", f"malformed request (kind={kind!r})"), None
+        reply, arr = self._answer(kind, config, prompt)
+        if not reply["ok"]:
+            reply["holder"] = self.name
+        return reply, arr
+
+    def _answer(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+        try:
+            return self._handle(kind, config, prompt)
+        except PolicyViolation as exc:
+            log.warning("%s", exc)
+            return _refusal("refused", str(exc)), None
+        except BudgetExceededError as exc:
+            log.warning("refused: %s", exc)  # the holder's numbers stay in its log
+            reason = "refused by the holder's privacy ledger (rule budget): this request would pass its budget"
+            return _refusal("budget", reason), None
+        except (FedPromptError, ValueError, KeyError, TypeError) as exc:
+            log.warning("refused: %s", exc)
+            return _refusal("refused", f"{type(exc).__name__}: {exc}"), None
+        except Exception as exc:  # reported to the coordinator as a failed reply; the daemon keeps serving
+            log.exception("request failed")
+            return _refusal("error", f"{type(exc).__name__} on the holder (details in its log)"), None
+
+    def _handle(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+        from fedprompt.rounds import LocalSettings
+
+        if kind == "secagg":
+            return self._secagg_step(config), None
+        if kind in ("dpopt_generate", "dpopt_score"):
+            self.policy.check_run(
+                dp=True,
+                target_epsilon=float(config["target_epsilon"]),
+                delta=float(config.get("delta") or self.policy.max_delta),
+                secure_aggregation=False,
+            )
+            holder = self.holder(config)
+            job = self._dpopt.generate if kind == "dpopt_generate" else self._dpopt.score
+            return {"ok": True, "holder": self.name, **job(holder, config)}, None
+        settings = LocalSettings.from_config(config)
+        if kind == "evaluate":
+            return self._evaluate(settings, config, prompt), None
+        self.policy.check_run(
+            dp=settings.dp,
+            target_epsilon=settings.target_epsilon,
+            delta=settings.delta or self.policy.max_delta,
+            secure_aggregation=settings.secure_aggregation,
+        )
+        holder = self.holder(config)
+        outcome = holder.train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
+        metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
+        if settings.secure_aggregation:
+            self._pending = {(settings.run_id, settings.server_round): outcome.delta.numpy().reshape(-1)}
+            self._secagg.clear()
+            return {"ok": True, "holder": self.name, "metrics": metrics, "secure": True}, None
+        return {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
+
+    def _evaluate(self, settings, config: dict, prompt: np.ndarray | None) -> dict:
+        """A noisy count of correct answers and of examples on the holder's test split, charged first."""
+        from fedprompt.dp.accounting import epsilon
+        from fedprompt.dp.secure_rng import secure_gaussian
+
+        ledger_releases = self._run_releases(settings.run_id)
+        done = sum(1 for r in ledger_releases if r.mechanism == EVALUATION_MECHANISM)
+        self.policy.check_evaluation(done)
+        delta = settings.delta or self.policy.max_delta
+        self.policy.check_delta(delta)
+        holder = self.holder(config)
+        weight = _weight(prompt)
+        holder.check_prompt(weight)
+        z = self.policy.evaluation_noise / EVALUATION_SENSITIVITY
+        eps = epsilon("rdp", [(z, 1.0, 1)], delta=delta)
+        release = holder.charge(
+            mechanism=EVALUATION_MECHANISM,
+            run_id=settings.run_id,
+            round=settings.server_round,
+            delta=delta,
+            epsilon=eps,
+            noise_multiplier=z,
+            sample_rate=1.0,
+            steps=1,
+            run_cap=self.policy.max_run_epsilon,
+        )
+        try:
+            correct, total = holder.evaluate_counts(weight)
+            noise = secure_gaussian((2,), self.policy.evaluation_noise).numpy()
+        except BaseException:
+            holder.ledger.cancel(release)  # nothing left this process
+            raise
+        holder.ledger.commit(release, steps=1, epsilon=eps)
+        noisy_correct, noisy_total = float(correct + noise[0]), float(total + noise[1])
+        log.info(
+            "evaluation of run %s round %s released with noise %g: epsilon %.3f charged",
+            settings.run_id,
+            settings.server_round,
+            self.policy.evaluation_noise,
+            eps,
+        )
+        metrics = {"correct": noisy_correct, "examples": noisy_total, "dp": 1, "noise": self.policy.evaluation_noise}
+        return {"ok": True, "holder": self.name, "metrics": metrics}
+
+    def _run_releases(self, run_id: str) -> list:
+        from fedprompt.dp.ledger import PrivacyLedger
+
+        return [r for r in PrivacyLedger(self.state_dir).releases() if r.run_id == run_id]
+
+    def _secagg_step(self, config: dict) -> dict:
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        from fedprompt.protocols import secagg_pb2
+        from fedprompt.protocols.secagg_client import SecAggClient
+
+        key = (str(config["run_id"]), int(config["server_round"]))
+        msg = secagg_pb2.SecAggMessage.FromString(base64.b64decode(config["message"]))
+        stage = msg.WhichOneof("body")
+        if stage == "setup":
+            update = self._pending.get(key)
+            if update is None:
+                raise FedPromptError(f"no update of run {key[0]} round {key[1]} is waiting for secure aggregation")
+            self.policy.check_secure_cohort(msg.setup.num_clients)
+            if msg.setup.vector_length != update.size:
+                n = msg.setup.vector_length
+                raise FedPromptError(f"secure aggregation of {n} values; the update has {update.size}")
+            signer = load_ssh_private_key(self.signing_key.read_bytes(), None) if self.signing_key else None
+            self._secagg[key] = SecAggClient(msg.setup, update, signing_key=signer)
+        client = self._secagg.get(key)
+        if client is None:
+            raise FedPromptError(f"secure aggregation of run {key[0]} round {key[1]} has not started here")
+        reply = client.handle(msg)
+        if stage == "unmask_request":  # the protocol's last message from this holder: forget the secrets
+            self._secagg.pop(key, None)
+            self._pending.pop(key, None)
+        encoded = base64.b64encode(reply.SerializeToString()).decode()
+        return {"ok": True, "holder": self.name, "metrics": {}, "message": encoded}
+
+
+def _weight(prompt: np.ndarray | None):
+    import torch
+
+    return torch.from_numpy(np.array(prompt, dtype=np.float32))
+
+
+def _refusal(code: str, reason: str) -> dict:
+    return {"ok": False, "code": code, "reason": reason}
