@@ -1,15 +1,17 @@
-"""Coordination overhead of a federation round on loopback, and bytes on the wire per holder per round.
+"""Coordination overhead of a federation round on loopback, what the front and the holder's policy cost, and
+bytes on the wire per holder per round.
 
 For 2, 4 and 8 holders (tiny model, real `fedprompt server` + `fedprompt client` processes, TLS and node
 authentication), a round's wall time on the coordinator (send the prompt, wait for every reply) minus the
-slowest holder's training compute is Flower's and fedprompt's overhead. Flower counts the bytes of every
-message of the run (fleet API payloads, before TLS and HTTP framing); divided by holders and rounds, they
-stand beside the size of the prompt itself.
+slowest holder's training compute is Flower's and fedprompt's overhead. Holders report their compute time only
+without DP (under DP it would leak), so the runs are `--no-dp` and the holders opt in with `--allow-no-dp`.
 
-Flower starts a new ClientApp process for every message. fedprompt's daemons keep the model in a worker
-and the ClientApp only forwards to it; `--in-process` holders instead load the model in every ClientApp
-process. Both are measured (the latter at 2 holders), and the cold cost of loading a holder (imports,
-model, data) in a fresh process is measured directly for the tiny model and, when cached, smollm2-135m.
+The front (``server/front.py``) is measured in the same run against holders that connect to the SuperLink's own
+loopback port, bypassing it (possible only on the coordinator's machine: the SuperLink listens on 127.0.0.1).
+The holder's policy checks (the rules, and the composition of the run's releases for its ε cap, over a ledger
+that already holds 50 releases) are timed in-process and set against a round's wall time. Flower counts the
+bytes of every message of the run (fleet API payloads, before TLS and HTTP framing); divided by holders and
+rounds, they stand beside the size of the prompt itself.
 
     python benchmarks/round_overhead.py [--holders 2 4 8] [--rounds 4]
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import emit
 
+from fedprompt import flower_procs as fp
 from fedprompt import zoo
 from fedprompt.local_federation import HolderSpec, LocalFederation
 
@@ -37,31 +40,9 @@ SETTINGS = (
     "--local-steps", "2",
     "--batch-size", "8",
     "--prompt-length", str(PROMPT_LENGTH),
-    "--set", "evaluate=false",
     "--no-dp",  # holders report their compute time only without DP (under DP it would leak)
     "--set", "wait_for_nodes_s=300",
 )  # fmt: skip
-
-COLD_LOAD = """
-import sys, time
-t = time.perf_counter()
-from fedprompt import zoo
-from fedprompt.client.trainer import Holder
-from fedprompt.dp.ledger import Budget, PrivacyLedger
-from fedprompt.rounds import TaskSpec
-loaded = zoo.load(sys.argv[1])
-words = ((" negative",), (" positive",))
-task = TaskSpec("t", "{text}\\nAnswer:", ("negative", "positive"), words, "x", sys.argv[1], loaded.weights_sha256)
-PrivacyLedger(sys.argv[3]).set_budget(Budget(1.0, 1e-5))
-Holder(data=sys.argv[2], state_dir=sys.argv[3], model=loaded, task=task)
-print(time.perf_counter() - t)
-"""
-LIGHT_IMPORT = """
-import time
-t = time.perf_counter()
-import fedprompt.client.app
-print(time.perf_counter() - t)
-"""
 
 
 def write_data(folder: Path, n: int) -> list[Path]:
@@ -77,27 +58,34 @@ def write_data(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def run(n: int, rounds: int, folder: Path, *, in_process: bool = False) -> dict:
+def run(n: int, rounds: int, folder: Path, *, via_front: bool = True) -> dict:
     holders = [HolderSpec(f"holder-{i + 1}", p, 1000.0) for i, p in enumerate(write_data(folder / "data", n))]
+    superlink_port = fp.free_port()
     with LocalFederation(folder / "fed", holders) as fed:
         fed.start_server(
-            *SETTINGS, "--num-rounds", str(rounds), "--min-available-nodes", str(n), "--min-train-nodes", str(n)
-        )
+            *SETTINGS,
+            "--num-rounds", str(rounds),
+            "--min-available-nodes", str(n),
+            "--min-train-nodes", str(n),
+            "--superlink-port", str(superlink_port),
+        )  # fmt: skip
+        direct = None if via_front else f"127.0.0.1:{superlink_port}"
         for h in holders:
-            fed.start_holder(h, *(["--in-process"] if in_process else []))
+            fed.start_holder(h, "--allow-no-dp", superlink=direct)
         history = fed.wait(1800)
         traffic = fed.run_traffic()
     per_round = []
     for rec in history[1:]:
         compute = max(m["train_seconds"] for m in rec["holders"].values())
         per_round.append({"round": rec["round"], "wall_s": rec["train_seconds"], "max_train_s": compute})
-    steady = per_round[1:] or per_round  # round 1 also loads the model into each holder's worker
+    steady = per_round[1:] or per_round  # round 1 also loads the model into each holder's daemon
     prompt_bytes = PROMPT_LENGTH * zoo.load("tiny-llama").hidden_size * 4
     per_holder_round = traffic["total-bytes"] / (n * rounds)
     return {
         "holders": n,
-        "mode": "in-process (model loaded per message)" if in_process else "worker (model loaded once)",
+        "path": "through the fleet front" if via_front else "straight to the SuperLink (front bypassed)",
         "rounds": per_round,
+        "wall_s_median": statistics.median(r["wall_s"] for r in steady),
         "overhead_s_median": statistics.median(r["wall_s"] - r["max_train_s"] for r in steady),
         "first_round_overhead_s": per_round[0]["wall_s"] - per_round[0]["max_train_s"],
         "bytes_per_holder_per_round": per_holder_round,
@@ -106,9 +94,23 @@ def run(n: int, rounds: int, folder: Path, *, in_process: bool = False) -> dict:
     }
 
 
-def cold(code: str, *args: str) -> float:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def policy_check_seconds(folder: Path, repeats: int = 200) -> float:
+    """One training request's policy checks on a ledger of 50 releases: the rules and the run's ε cap."""
+    from fedprompt.client.policy import HolderPolicy
+    from fedprompt.dp.ledger import Budget, PrivacyLedger
+
+    ledger = PrivacyLedger(folder / "policy-state")
+    ledger.set_budget(Budget(1000.0, 1e-5))
+    release = {"mechanism": "dp-sgd", "delta": 1e-5, "epsilon": 1.0, "accountant": "rdp"}
+    release.update(noise_multiplier=1.0, sample_rate=0.01, steps=4)
+    for r in range(50):
+        ledger.commit(ledger.reserve(task="t", run_id=f"run-{r % 5}", round=r, **release), steps=4, epsilon=1.0)
+    policy = HolderPolicy(max_run_epsilon=100.0).resolved(1000)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        policy.check_run(dp=True, target_epsilon=8.0, delta=1e-5, secure_aggregation=False)
+        ledger.run_epsilon("run-1", 1e-5, adding=release)
+    return (time.perf_counter() - started) / repeats
 
 
 def main() -> None:
@@ -120,22 +122,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in a.holders:
-            results.append(run(n, a.rounds, tmp / f"worker-{n}"))
+            results.append(run(n, a.rounds, tmp / f"front-{n}"))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        results.append(run(2, a.rounds, tmp / "in-process-2", in_process=True))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        data = write_data(tmp / "cold", 1)[0]
-        load = {"clientapp_import_s (worker mode)": cold(LIGHT_IMPORT)}
-        for model in ("tiny-llama", "smollm2-135m"):
-            if model == "tiny-llama" or (zoo.model_folder(model) / zoo.MANIFEST).exists():
-                load[f"holder_cold_load_s {model}"] = cold(COLD_LOAD, model, str(data), str(tmp / f"st-{model}"))
-    worker2 = next(r for r in results if r["holders"] == 2 and r["mode"].startswith("worker"))
+        n0 = a.holders[0]
+        direct = run(n0, a.rounds, tmp / f"direct-{n0}", via_front=False)
+        print(json.dumps(direct), file=sys.stderr, flush=True)
+        checks = policy_check_seconds(tmp)
+    front = next(r for r in results if r["holders"] == n0)
     emit(
         {
             "benchmark": "round_overhead",
-            "results": results,
-            "cold_start": load,
-            "in_process_vs_worker_overhead_ratio": results[-1]["overhead_s_median"] / worker2["overhead_s_median"],
+            "results": [*results, direct],
+            "front_seconds_per_round": front["wall_s_median"] - direct["wall_s_median"],
+            "front_share_of_round": (front["wall_s_median"] - direct["wall_s_median"]) / front["wall_s_median"],
+            "policy_check_seconds_per_request": checks,
+            "policy_check_share_of_round": checks / front["wall_s_median"],
+            "target": "front + policy checks under 5 % of a round's wall time",
         }
     )
 

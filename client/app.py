@@ -37,6 +37,8 @@ KINDS = {
     "query.dpopt_score": "dpopt_score",
 }
 MAX_CONFIG_ENTRIES = 256
+MAX_TEXT = 64 << 10  # a config value: a template, label words as JSON, DP-OPT candidates
+MAX_SECAGG_MESSAGE = 1 << 20  # a SecAgg+ request to a holder: a key bundle or share bundle is a few KB
 
 
 def request_of(message: Message) -> tuple[str, dict, object]:
@@ -50,13 +52,18 @@ def request_of(message: Message) -> tuple[str, dict, object]:
     config = dict(content.config_records["config"])
     if len(config) > MAX_CONFIG_ENTRIES:
         raise ValueError(f"the config record has {len(config)} entries")
+    for key, value in config.items():
+        if isinstance(value, str | bytes) and len(value) > MAX_TEXT:
+            raise ValueError(f"config value {key!r} has {len(value)} characters, more than {MAX_TEXT}")
+        if isinstance(value, list):
+            raise ValueError(f"config value {key!r} is a list; fedprompt sends lists as JSON text")
     prompt = None
     if kind == "secagg":
         if "secagg" not in content.config_records:
             raise ValueError("a secure aggregation message without its secagg record")
         raw = content.config_records["secagg"]["message"]
-        if not isinstance(raw, bytes):
-            raise ValueError("the secagg record's message is not bytes")
+        if not isinstance(raw, bytes) or len(raw) > MAX_SECAGG_MESSAGE:
+            raise ValueError("the secagg record's message is not bytes of a bounded size")
         config["message"] = base64.b64encode(raw).decode()
     elif kind in ("train", "evaluate"):
         if "prompt" not in content.array_records:

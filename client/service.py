@@ -118,7 +118,10 @@ class HolderService:
             return _refusal("budget", reason), None
         except (FedPromptError, ValueError, KeyError, TypeError) as exc:
             log.warning("refused: %s", exc)
-            return _refusal("refused", f"{type(exc).__name__}: {exc}"), None
+            return _refusal("refused", f"{type(exc).__name__}: {str(exc)[:500]}"), None
+        except RecursionError:  # JSON nested deeper than Python's parser goes
+            log.warning("refused: a config value nested too deep")
+            return _refusal("refused", "malformed request: a value nested too deep"), None
         except Exception as exc:  # reported to the coordinator as a failed reply; the daemon keeps serving
             log.exception("request failed")
             return _refusal("error", f"{type(exc).__name__} on the holder (details in its log)"), None

@@ -64,6 +64,9 @@ def run_federation(a: argparse.Namespace, out: Path, data_files: list[Path]) -> 
             "--target-epsilon", str(a.target_epsilon),
             "--min-available-nodes", str(a.holders),
             "--min-train-nodes", str(max(1, a.holders - 1)),
+            # the coordinator evaluates each round's prompt on the bundled test split (public data): the
+            # holders, whose evaluation is off by default, release nothing for it
+            "--set", f"server_eval={a.dataset}",
             *([] if a.no_secure_aggregation else ["--secure-aggregation"]),
         )  # fmt: skip
         print(f"coordinator on 127.0.0.1:{fed.port}; {a.holders} holder daemons; logs in {fed.logs}", flush=True)

@@ -48,11 +48,13 @@ class LocalFederation:
         self.server = self._spawn([*args, *settings], self.logs / log)
         return self.server
 
-    def start_holder(self, h: HolderSpec, *extra: str) -> subprocess.Popen:
+    def start_holder(self, h: HolderSpec, *extra: str, superlink: str | None = None) -> subprocess.Popen:
+        """``fedprompt client`` for ``h`` (``extra``: its flags, e.g. its policy), connecting to the coordinator's
+        fleet front (or to ``superlink``, e.g. the SuperLink's own loopback port, for measuring the front)."""
         self.clients[h.name] = self._spawn(
             [
                 "client",
-                "--superlink", f"127.0.0.1:{self.port}",
+                "--superlink", superlink or f"127.0.0.1:{self.port}",
                 "--certs", str(self.certs),
                 "--name", h.name,
                 "--data", str(h.data),

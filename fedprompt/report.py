@@ -69,7 +69,7 @@ def write(folder: Path, *, history: list[dict], results: dict, settings: dict, s
         f"(Dirichlet alpha = {settings['alpha']}), model `{settings['model']}`, {settings['rounds']} rounds of "
         f"{settings['local_steps']} local DP-SGD steps (expected batch {settings['batch_size']}, "
         f"{settings['optimizer']} lr {settings['lr']}), each holder at epsilon = {settings['target_epsilon']:g} "
-        "(delta = 1/(2n)) over the "
+        f"(delta = {settings.get('delta', 1e-5):g}) over the "
         "whole run. "
         + (
             "Updates are merged by secure aggregation (SecAgg+ through the aggregation server): the coordinator "

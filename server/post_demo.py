@@ -170,7 +170,8 @@ def write_report(out: Path, results: dict) -> Path:
         lines.append(f"| {label} | {100 * acc[key]:.1f} % | {delta} |")
     lines += [
         "",
-        f"Privacy: every holder's epsilon = {results['epsilon']:.2f} (delta = 1/(2n)); the transfer read public "
+        f"Privacy: every holder's epsilon = {results['epsilon']:.2f} (delta = {results.get('delta', 1e-5):g}); "
+        "the transfer read public "
         f"inputs only ({results['transfer']['public']['name']}: {results['transfer']['public']['inputs']} inputs, "
         f"checkpoint of step {results['transfer']['chosen_step']} chosen on "
         f"{results['transfer']['public']['validation']} public validation examples).",

@@ -157,3 +157,53 @@ def test_service_refuses_models_that_are_not_allowed(tiny_llama, holder_files, t
     narrow = _service(data, state, allowed_models={"smollm2-135m"})
     header, _ = narrow.handle("train", _config(tiny_llama), prompt)
     assert not header["ok"] and "tiny-llama" in header["reason"]
+
+
+def _npy_claiming(shape: tuple[int, ...], payload: bytes = b"\0" * 16) -> bytes:
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + payload
+
+
+def test_hostile_messages_are_refused_and_the_service_keeps_answering(tiny_llama, holder_files, as_serverapp):
+    """What a malicious coordinator can put in a message (its ServerApp is its own code, whatever the bundle):
+    each is refused with an error reply before anything is allocated or trained, and the next request is served."""
+    import base64
+
+    from flwr.app import Array, ArrayRecord
+
+    data, state = holder_files
+    service = _service(data, state)
+    good = np.zeros((4, tiny_llama.hidden_size), np.float32)
+
+    def message(prompt_record, config=None, kind="train", secagg=None) -> Message:
+        records = {"config": ConfigRecord(config if config is not None else _config(tiny_llama))}
+        if prompt_record is not None:
+            records["prompt"] = prompt_record
+        if secagg is not None:
+            records["secagg"] = ConfigRecord({"message": secagg})
+        return Message(RecordDict(records), dst_node_id=7, message_type=kind)
+
+    def npy(blob: bytes) -> ArrayRecord:
+        return ArrayRecord({"weight": Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=blob)})
+
+    hostile = {
+        "4e12 values claimed": message(npy(_npy_claiming((2_000_000, 2_000_000)))),
+        "a shape the bytes do not hold": message(npy(_npy_claiming((4, tiny_llama.hidden_size)))),
+        "float64": message(ArrayRecord({"weight": Array(good.astype(np.float64))})),
+        "JSON nested 200,000 deep": message(
+            to_record(weight=good), {**_config(tiny_llama), "task_label_names": "[" * 200_000 + "]" * 200_000}
+        ),
+        "JSON nested 30,000 deep": message(
+            to_record(weight=good), {**_config(tiny_llama), "task_label_names": "[" * 30_000 + "]" * 30_000}
+        ),
+        "random bytes as a secure-aggregation message": message(
+            None, {"run_id": "r", "server_round": 1}, "train.secagg", base64.b64encode(os.urandom(64))
+        ),
+        "an unknown message type": message(to_record(weight=good), kind="query.shell"),
+        "no config": Message(RecordDict({"prompt": to_record(weight=good)}), dst_node_id=7, message_type="train"),
+    }
+    for what, msg in hostile.items():
+        reply = client_app.answer(service, msg)
+        assert reply.has_error(), what
+        assert client_app.answer(service, message(to_record(weight=good))).content["metrics"]["dp"] == 1, what
