@@ -4,10 +4,11 @@ The server runs as its own process (`fedprompt aggregator`, mutual TLS, rate lim
 measures the server and not the limiter); the holders are threads of this process, each with its own node
 identity, certificate and channel (its own TLS connection, opened once and kept). Rounds run as a
 synchronous federation runs them: the coordinator opens a round of `--clients` expected updates on the
-current global prompt, every holder submits its update at the same moment (a barrier), and the coordinator
-finalises the round, which stores base + mean as the next global prompt (the base of the next round). An
-update counts once the server has answered: by then it is committed (SQLite WAL with synchronous=FULL;
-PostgreSQL with whatever durability the server was given, recorded in the output). At the end the store
+current global prompt, naming the holders as its participants, every holder submits its update at the same
+moment (a barrier; every update weighs the same), and the coordinator finalises the round, which stores
+base + mean as the next global prompt (the base of the next round). An update counts once the server has
+answered: by then it is committed (SQLite WAL with synchronous=FULL; PostgreSQL with whatever durability
+the server was given, recorded in the output). At the end the store
 is opened directly and the finalised rounds and their counts are checked against what was sent.
 
 Reported per backend: updates/s end to end (opening and finalising included) and during the submission
@@ -181,7 +182,6 @@ def run_backend(store: str, certs_dir: Path, names: list[str], a, folder: Path) 
     shape = tuple(a.shape)
     rng = np.random.default_rng(0)
     deltas = [rng.normal(scale=1e-3, size=shape).astype(np.float32) for _ in names]
-    weights = [float(1 + i % 4) for i in range(len(names))]
     errors: Counter = Counter()
     with aggregator(certs_dir, store, folder / "aggregator.log") as (address, pid), \
             AggregatorClient(address, certs_dir, "coordinator") as coord:  # fmt: skip
@@ -198,7 +198,7 @@ def run_backend(store: str, certs_dir: Path, names: list[str], a, folder: Path) 
                 nonlocal head
                 r, open_s = timed(lambda: coord.open_round(
                     task="bench", base_model=MODEL, shape=shape, expected_clients=len(names),
-                    base_version_id=head.version_id))  # fmt: skip
+                    base_version_id=head.version_id, participants=names))  # fmt: skip
                 t = time.perf_counter()
                 out = holders.phase(lambda i, c: submit(i, c, r.round_id))
                 submit_s = time.perf_counter() - t
@@ -218,14 +218,12 @@ def run_backend(store: str, certs_dir: Path, names: list[str], a, folder: Path) 
                 return open_s, fin_s, submit_s, lat
 
             def warm(i, c, round_id):
-                return timed(lambda: c.submit_update(round_id=round_id, base_model=MODEL, delta=deltas[i],
-                                                     weight=weights[i]))  # fmt: skip
+                return timed(lambda: c.submit_update(round_id=round_id, base_model=MODEL, delta=deltas[i]))
 
             def fresh(i, c, round_id):
                 def call():
                     with AggregatorClient(address, certs_dir, names[i]) as new:
-                        return new.submit_update(round_id=round_id, base_model=MODEL, delta=deltas[i],
-                                                 weight=weights[i])  # fmt: skip
+                        return new.submit_update(round_id=round_id, base_model=MODEL, delta=deltas[i])
 
                 return timed(call)
 

@@ -99,8 +99,7 @@ def policy_check_seconds(folder: Path, repeats: int = 200) -> float:
     from fedprompt.client.policy import HolderPolicy
     from fedprompt.dp.ledger import Budget, PrivacyLedger
 
-    ledger = PrivacyLedger(folder / "policy-state")
-    ledger.set_budget(Budget(1000.0, 1e-5))
+    ledger = PrivacyLedger.create(folder / "policy-state", Budget(1000.0, 1e-5))
     release = {"mechanism": "dp-sgd", "delta": 1e-5, "epsilon": 1.0, "accountant": "rdp"}
     release.update(noise_multiplier=1.0, sample_rate=0.01, steps=4)
     for r in range(50):

@@ -41,6 +41,12 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca", default=None, help="the federation's CA certificate (instead of --certs)")
     p.add_argument("--node-key", default=None, help="this holder's node private key (instead of --certs)")
     p.add_argument(
+        "--peers",
+        default=None,
+        help="the roster: a folder of every node's public key (node.NAME.pub, or NAME/node.pub); secure rounds check "
+        "neighbours against it (default: peers/ beside the node key, the key's own folder, or the --certs nodes)",
+    )
+    p.add_argument(
         "--allow-model",
         action="append",
         default=None,
@@ -130,6 +136,21 @@ def _identity(args: argparse.Namespace) -> tuple[str, Path, Path]:
     return name, ca.resolve(), key.resolve()
 
 
+def _roster(args: argparse.Namespace, key: Path) -> dict[str, Path]:
+    """The holder's own copy of every node's public key (``fedprompt certs`` writes it as ``peers/``)."""
+    # fedprompt certs puts it in peers/ beside the node key; a Kubernetes Secret holds it flat beside the key
+    candidates = [Path(args.peers)] if args.peers else [key.parent / "peers", key.parent]
+    if args.certs and not args.peers:
+        candidates.append(Path(args.certs))
+    for folder in candidates:
+        found = certs_mod.node_public_keys(folder) if folder.is_dir() else {}
+        if found:
+            return found
+    if args.peers:
+        raise FedPromptError(f"--peers {args.peers}: no node.NAME.pub or NAME/node.pub files there")
+    return {}
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the runner polls the SuperNode every 0.2 s
@@ -150,6 +171,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"holder {name} policy: {policy.resolved(n).describe()}", flush=True)
+    peers = _roster(args, key)
+    if peers:  # compare these with the other holders' out of band: a key the coordinator slipped in shows here
+        listed = ", ".join(f"{p} {certs_mod.fingerprint(f)}" for p, f in peers.items())
+        print(f"holder {name} roster ({len(peers)} node keys): {listed}", flush=True)
+    else:
+        print(f"holder {name}: no roster of peer keys (--peers): secure rounds will be refused", flush=True)
     if args.threads > 0:
         import torch
 
@@ -167,6 +194,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         precision=args.precision,
         allowed_models=set(args.allow_model) if args.allow_model else None,
         signing_key=key,
+        peers=peers,
     )
     port = args.port or fp.free_port()
     secret = write_secret(state)

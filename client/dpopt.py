@@ -40,6 +40,7 @@ from fedprompt.client.dpopt_teachers import TeacherEnsemble
 from fedprompt.client.dpopt_text import IMPROVE_MESSAGES, Demo, MetaPrompt, correct_count, instruction_template, predict
 from fedprompt.datasets import Example
 from fedprompt.dp.limited_domain import LimitedDomain, dpopt_epsilon, max_queries, select_candidate
+from fedprompt.errors import ConfigError
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.task import Verbalizer
@@ -79,21 +80,21 @@ class DPOPTConfig:
         non_negative_ints(self, "min_new_tokens", "retries_per_token", "max_failures")
         finite_numbers(self, "token_epsilon", "target_epsilon", positive=True)
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy teachers), got {self.temperature!r}")
+            raise ConfigError(f"temperature must be >= 0 (0: greedy teachers), got {self.temperature!r}")
         if not 0 < self.token_delta < 1:
-            raise ValueError(f"token_delta must be in (0, 1), got {self.token_delta!r}")
+            raise ConfigError(f"token_delta must be in (0, 1), got {self.token_delta!r}")
         if self.delta is not None and not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if self.selection_epsilon is not None and not self.selection_epsilon > 0:
-            raise ValueError(f"selection_epsilon must be positive, got {self.selection_epsilon!r}")
+            raise ConfigError(f"selection_epsilon must be positive, got {self.selection_epsilon!r}")
         if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
+            raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
 
 
 PRESETS: dict[str, DPOPTConfig] = {
     "paper": DPOPTConfig(),
     # 2 CPU cores, a 135M model: about 5 s per token. Fewer teachers need a larger eps0 for the release
-    # threshold (1 + 2 ln(2/delta0)/eps0 votes above the 11th count) to be reachable.
+    # threshold (2 + 2 ln(2/delta0)/eps0 votes above the 11th count) to be reachable.
     # Small teacher batches: the demonstrations' lengths vary, and on the CPU padding costs as much as text.
     "cpu": DPOPTConfig(
         teachers=24,
@@ -127,12 +128,13 @@ class DPOPTResult:
     budget_exhausted: bool
     sample_rate: float
     delta: float
-    epsilon_generation: float
+    epsilon_generation: float  # the guarantee: the projection's (see finish)
     epsilon_selection: float
     generation_examples: int
     holdout_examples: int
     seconds: float
     settings: dict = field(default_factory=dict)
+    epsilon_generation_realised: float = math.nan  # the ε of the queries made: for the holder's eyes only
 
     @property
     def epsilon(self) -> float:
@@ -196,7 +198,7 @@ class DPOPTGenerator:
         reuse_head: bool = True,
     ) -> None:
         if len(examples) < cfg.teachers:
-            raise ValueError(f"{len(examples)} generation examples cannot feed {cfg.teachers} teachers")
+            raise ConfigError(f"{len(examples)} generation examples cannot feed {cfg.teachers} teachers")
         self.loaded, self.runtime, self.verbalizer, self.cfg = loaded, runtime, verbalizer, cfg
         self.examples = list(examples)
         self.label_words = [w.strip() for w in label_words]
@@ -207,7 +209,7 @@ class DPOPTGenerator:
             max_queries(cfg.target_epsilon, **self._accounting()) if cfg.private else cfg.candidates * 10**6
         )
         if cfg.private and self.query_limit == 0:  # before any model work
-            raise ValueError(
+            raise ConfigError(
                 f"not one token release fits in target epsilon {cfg.target_epsilon:g} at token epsilon "
                 f"{cfg.token_epsilon:g}, sample rate {self.sample_rate:.4f} and delta {self.delta:.3g}"
             )
@@ -371,7 +373,7 @@ def prepare(
     key = holdout_key or (cfg.seed.to_bytes(8, "big") if cfg.seed is not None else os.urandom(32))
     gen_part, holdout = split_holdout(train, cfg.holdout_fraction, key)
     if not holdout:
-        raise ValueError(f"holdout_fraction {cfg.holdout_fraction:g} of {len(train)} examples left no holdout")
+        raise ConfigError(f"holdout_fraction {cfg.holdout_fraction:g} of {len(train)} examples left no holdout")
     gen = DPOPTGenerator(loaded, runtime, verbalizer, task_template, label_words, instruction, gen_part, cfg)
     return gen, holdout
 
@@ -412,7 +414,11 @@ def finish(
         budget_exhausted=exhausted,
         sample_rate=gen.sample_rate,
         delta=gen.delta,
-        epsilon_generation=gen.epsilon_spent() if cfg.private else math.inf,
+        # The number of queries a run makes depends on its outputs (failures, stop tokens) and the RDP order is
+        # chosen after the fact, so the ε of the realised count is not a guarantee without a privacy filter; the
+        # projection, a count fixed before the run (the ledger's reservation), is.
+        epsilon_generation=gen.epsilon_spent(gen.projected_queries()) if cfg.private else math.inf,
+        epsilon_generation_realised=gen.epsilon_spent() if cfg.private else math.inf,
         epsilon_selection=eps_sel if cfg.private else math.inf,
         generation_examples=len(gen.examples),
         holdout_examples=len(holdout),

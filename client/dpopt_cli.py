@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedprompt.dp.cli import _add_state_arguments, open_ledger
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 
 MECHANISM = "dp-opt"
 
@@ -87,16 +87,16 @@ def config_from_args(args: argparse.Namespace, device_type: str):
 
 
 def cmd_dpopt(args: argparse.Namespace) -> int:
-    from fedprompt.cli import _check_out
+    from fedprompt.cache import check_out_folder
 
     out = Path(args.out)
-    _check_out(out, args.force)
+    check_out_folder(out, args.force)
     from fedprompt.runtime import Runtime
 
     runtime = Runtime.create(args.device, args.precision)
     preset, cfg = config_from_args(args, runtime.device.type)  # validated before anything loads
     if args.eval_examples < 0:
-        raise ValueError(f"--eval-examples must be >= 0, got {args.eval_examples}")
+        raise ConfigError(f"--eval-examples must be >= 0, got {args.eval_examples}")
     print(f"runtime: {runtime.describe()}; preset {preset}", file=sys.stderr)
 
     from fedprompt import datasets, zoo
@@ -125,28 +125,18 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
         tqdm.write(f"candidate {k + 1}: {text}")
 
     ledger = open_ledger(args, gen.delta)
-    release = ledger.reserve(
-        task=dataset.name,
-        run_id=uuid.uuid4().hex,
-        mechanism=MECHANISM,
-        delta=gen.delta,
-        epsilon=dpopt.projected_epsilon(gen),
-    )
-    try:
+    # charged at the projection (valid under adaptive stopping, see dpopt.finish); a run that fails releases nothing
+    # (candidates are shown to the holder itself only), so its reservation is cancelled
+    reservation = {"mechanism": MECHANISM, "delta": gen.delta, "epsilon": dpopt.projected_epsilon(gen)}
+    with ledger.release(task=dataset.name, run_id=uuid.uuid4().hex, **reservation) as release:
         result = dpopt.finish(gen, holdout, dataset.template, on_candidate=show)
-    except BaseException:
-        if gen.queries == 0:
-            ledger.cancel(release)  # nothing was released
-        else:  # candidates may have been shown: charge what was spent so far
-            ledger.commit(release, steps=gen.queries, epsilon=max(gen.epsilon_spent(), 0.0))
-        raise
-    ledger.commit(
-        release, steps=result.queries, epsilon=result.epsilon if result.candidates else result.epsilon_generation
-    )
+        eps = result.epsilon if result.candidates else result.epsilon_generation
+        release.settle(steps=result.queries, epsilon=eps)
     total = ledger.spent()
     print(
         f"\nDP-OPT: {len(result.candidates)} candidates, {result.tokens} tokens released in {result.queries} queries "
-        f"({result.failures} failed), {result.seconds:.0f} s; epsilon generation {result.epsilon_generation:.3f}, "
+        f"({result.failures} failed), {result.seconds:.0f} s; epsilon generation {result.epsilon_generation:.3f} "
+        f"(the projection; {result.epsilon_generation_realised:.3f} for the queries made), "
         f"selection {result.epsilon_selection:.3f}: the prompt costs epsilon = {result.epsilon:.3f} at delta = "
         f"{result.delta:.3g} ({dpopt.ACCOUNTANT})"
     )

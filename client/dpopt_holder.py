@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 
 MECHANISM = "dp-opt-federated"
 SCORE_ACCOUNTANT = "rdp"
@@ -35,13 +35,16 @@ def dpopt_config(config: dict):
     from fedprompt.client.dpopt import PRESETS, DPOPTConfig
 
     preset = str(config.get("dpopt_preset", "cpu"))
+    public = {"target_epsilon": float(config["target_epsilon"])}
+    if float(config.get("delta") or 0) > 0:  # a federation's public delta (a holder's own 1/(2n) would tell its n)
+        public["delta"] = float(config["delta"])
     if preset not in PRESETS:
-        raise ValueError(f"unknown DP-OPT preset {preset!r}; known: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown DP-OPT preset {preset!r}; known: {sorted(PRESETS)}")
     overrides = json.loads(str(config.get("dpopt_settings") or "{}"))
     known = {f.name for f in fields(DPOPTConfig)} - {"seed", "private"}
     if not isinstance(overrides, dict) or set(overrides) - known:
-        raise ValueError(f"DP-OPT settings must be a JSON object with keys among {sorted(known)}; got {overrides!r}")
-    return replace(PRESETS[preset], target_epsilon=float(config["target_epsilon"]), **overrides)
+        raise ConfigError(f"DP-OPT settings must be a JSON object with keys among {sorted(known)}; got {overrides!r}")
+    return replace(PRESETS[preset], **public, **overrides)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class DPOPTJobs:
     def __init__(self) -> None:
         self._pending: dict[str, _Pending] = {}
 
-    def generate(self, holder, config: dict) -> dict:
+    def generate(self, holder, config: dict, run_cap: float | None = None) -> dict:
         from fedprompt.client import dpopt
 
         run_id = str(config["run_id"])
@@ -74,31 +77,24 @@ class DPOPTJobs:
             s.loaded, s.runtime, s.verbalizer, task.template, words, task.init_text, train, cfg
         )
         eps_sel = cfg.selection_epsilon or cfg.target_epsilon
-        release = holder.ledger.reserve(
-            task=task.name, run_id=run_id, mechanism=MECHANISM, delta=gen.delta, epsilon=dpopt.projected_epsilon(gen)
-        )
+        reservation = {"mechanism": MECHANISM, "delta": gen.delta, "epsilon": dpopt.projected_epsilon(gen)}
+        holder.check_run_cap(run_id, reservation, run_cap)
+        release = holder.ledger.reserve(task=task.name, run_id=run_id, **reservation)
         try:
-            candidates, exhausted, tokens = gen.generate()
+            candidates, _exhausted, tokens = gen.generate()
         except BaseException:
-            if gen.queries == 0:
-                holder.ledger.cancel(release)
-            else:
-                holder.ledger.commit(release, steps=gen.queries, epsilon=gen.epsilon_spent())
+            holder.ledger.cancel(release)  # nothing left this process
             raise
-        eps_gen = gen.epsilon_spent()
+        # the generation's guarantee is its projection (valid under adaptive stopping, see dpopt.finish)
+        eps_gen = gen.epsilon_spent(gen.projected_queries())
+        holder.ledger.mark_releasing(release)  # the candidates leave with this reply
         if not candidates:  # nothing to score: settle now
             holder.ledger.commit(release, steps=gen.queries, epsilon=eps_gen)
         else:
             self._pending[run_id] = _Pending(holdout, release, eps_gen, gen.delta, gen.queries, eps_sel)
-        return {
-            "candidates": candidates,
-            "metrics": {
-                "epsilon_generation": eps_gen,
-                "queries": gen.queries,
-                "tokens": tokens,
-                "budget_exhausted": int(exhausted),
-            },
-        }
+        # the reply holds the candidates (DP outputs) and counts of them; the ε, which depends on the sampling
+        # rate and so on n, stays in the holder's ledger
+        return {"candidates": candidates, "metrics": {"queries": gen.queries, "tokens": tokens}}
 
     def score(self, holder, config: dict) -> dict:
         from fedprompt.client.dpopt import score_candidates
@@ -111,7 +107,7 @@ class DPOPTJobs:
             raise FedPromptError(f"no DP-OPT generation of run {run_id} awaits scoring here")
         candidates = json.loads(str(config["candidates_json"]))
         if not (isinstance(candidates, list) and candidates and all(isinstance(c, str) and c for c in candidates)):
-            raise ValueError("candidates_json must be a non-empty JSON list of non-empty strings")
+            raise ConfigError("candidates_json must be a non-empty JSON list of non-empty strings")
         try:
             s, task = holder.session, holder.task
             correct = score_candidates(s.loaded, s.runtime, s.verbalizer, task.template, candidates, pending.holdout)
@@ -131,12 +127,7 @@ class DPOPTJobs:
         total = max(pending.epsilon_generation, eps_score)
         holder.ledger.commit(pending.release, steps=pending.queries, epsilon=total)
         noisy = (np.asarray(correct, dtype=np.float64) + noise).tolist()
-        return {
-            "scores": noisy,
-            "metrics": {
-                "epsilon": total,
-                "delta": pending.delta,
-                "epsilon_generation": pending.epsilon_generation,
-                "epsilon_scores": eps_score,
-            },
-        }
+        metrics = {"epsilon": float(config["target_epsilon"])}  # the bound; the exact spend is in the ledger
+        if float(config.get("delta") or 0) > 0:
+            metrics["delta"] = float(config["delta"])
+        return {"scores": noisy, "metrics": metrics}

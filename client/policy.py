@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 
 POLICY_FILE = "policy.toml"
 
@@ -42,6 +42,8 @@ class HolderPolicy:
     - ``require_secure_aggregation``: refuse rounds whose update would reach the coordinator in the clear.
     - ``min_secure_cohort``: the fewest holders a secure round may have (with 2, each learns the other's update
       from the mean; 3 is the least that hides one update among others).
+    - ``secagg_colluders``: how many holders may collude with the aggregation server without learning this
+      holder's update; a secure round whose threshold does not resist that many is refused (2t > k + 1 + c).
     - ``max_evaluations_per_run``: evaluation requests answered per run; 0 turns evaluation off. Each answer is a
       noisy count of correct answers and a noisy count of examples (Gaussian, standard deviation
       ``evaluation_noise`` examples), charged to the ledger before the prompt is evaluated.
@@ -52,25 +54,26 @@ class HolderPolicy:
     max_delta: float | None = None
     require_secure_aggregation: bool = False
     min_secure_cohort: int = 3
+    secagg_colluders: int = 1
     max_evaluations_per_run: int = 0
     evaluation_noise: float = 20.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_dp, bool) or not isinstance(self.require_secure_aggregation, bool):
-            raise ValueError("require_dp and require_secure_aggregation are true or false")
+            raise ConfigError("require_dp and require_secure_aggregation are true or false")
         for name in ("max_run_epsilon", "max_delta"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.max_delta is not None and not self.max_delta < 1:
-            raise ValueError(f"max_delta must be below 1, got {self.max_delta!r}")
-        for name, least in (("min_secure_cohort", 3), ("max_evaluations_per_run", 0)):
+            raise ConfigError(f"max_delta must be below 1, got {self.max_delta!r}")
+        for name, least in (("min_secure_cohort", 3), ("secagg_colluders", 0), ("max_evaluations_per_run", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         noise = self.evaluation_noise
         if not (isinstance(noise, int | float) and math.isfinite(noise) and noise > 0):
-            raise ValueError(f"evaluation_noise must be a positive number of examples, got {noise!r}")
+            raise ConfigError(f"evaluation_noise must be a positive number of examples, got {noise!r}")
 
     # ------------------------------------------------------------------ loading
 

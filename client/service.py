@@ -52,16 +52,21 @@ class HolderService:
         precision: str = "auto",
         allowed_models: set[str] | None = None,
         signing_key: str | Path | None = None,
+        peers: dict[str, Path] | None = None,
     ) -> None:
+        """``signing_key``: the holder's node identity key; ``peers``: its roster, node name -> public key file
+        (its own copy of every node's key: secure rounds verify neighbours against it)."""
         self.data, self.state_dir, self.name = data, Path(state_dir), name
         self.device, self.precision = device, precision
         self.allowed_models = allowed_models
         self.policy = (policy or HolderPolicy()).resolved(num_examples)
-        self.signing_key = Path(signing_key) if signing_key else None  # the node key signs SecAgg key adverts
+        self.signing_key = Path(signing_key) if signing_key else None  # signs SecAgg key adverts and survivors
+        self.peers = dict(peers or {})
         self._holder = None
         self._holder_key: tuple | None = None
         self._pending: dict[tuple[str, int], np.ndarray] = {}  # (run, round) -> update awaiting secure aggregation
         self._secagg: dict[tuple[str, int], object] = {}  # (run, round) -> its SecAggClient
+        self._secagg_started: set[tuple[str, int]] = set()  # one protocol instance per update, ever
         from fedprompt.client.dpopt_holder import DPOPTJobs
 
         self._dpopt = DPOPTJobs()  # federated DP-OPT runs between their generation and their scoring
@@ -139,8 +144,11 @@ class HolderService:
                 secure_aggregation=False,
             )
             holder = self.holder(config)
-            job = self._dpopt.generate if kind == "dpopt_generate" else self._dpopt.score
-            return {"ok": True, "holder": self.name, **job(holder, config)}, None
+            if kind == "dpopt_generate":
+                result = self._dpopt.generate(holder, config, run_cap=self.policy.max_run_epsilon)
+            else:
+                result = self._dpopt.score(holder, config)
+            return {"ok": True, "holder": self.name, **result}, None
         settings = LocalSettings.from_config(config)
         if kind == "evaluate":
             return self._evaluate(settings, config, prompt), None
@@ -155,7 +163,7 @@ class HolderService:
         metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
         if settings.secure_aggregation:
             self._pending = {(settings.run_id, settings.server_round): outcome.delta.numpy().reshape(-1)}
-            self._secagg.clear()
+            self._secagg.clear()  # a round's protocol that never finished ends with the next round
             return {"ok": True, "holder": self.name, "metrics": metrics, "secure": True}, None
         return {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
 
@@ -174,24 +182,21 @@ class HolderService:
         holder.check_prompt(weight)
         z = self.policy.evaluation_noise / EVALUATION_SENSITIVITY
         eps = epsilon("rdp", [(z, 1.0, 1)], delta=delta)
-        release = holder.charge(
+        with holder.release(
             mechanism=EVALUATION_MECHANISM,
             run_id=settings.run_id,
             round=settings.server_round,
             delta=delta,
             epsilon=eps,
+            accountant="rdp",
             noise_multiplier=z,
             sample_rate=1.0,
             steps=1,
             run_cap=self.policy.max_run_epsilon,
-        )
-        try:
+        ) as charged:
             correct, total = holder.evaluate_counts(weight)
             noise = secure_gaussian((2,), self.policy.evaluation_noise).numpy()
-        except BaseException:
-            holder.ledger.cancel(release)  # nothing left this process
-            raise
-        holder.ledger.commit(release, steps=1, epsilon=eps)
+            charged.settle(steps=1, epsilon=eps)
         noisy_correct, noisy_total = float(correct + noise[0]), float(total + noise[1])
         log.info(
             "evaluation of run %s round %s released with noise %g: epsilon %.3f charged",
@@ -209,33 +214,55 @@ class HolderService:
         return [r for r in PrivacyLedger(self.state_dir).releases() if r.run_id == run_id]
 
     def _secagg_step(self, config: dict) -> dict:
-        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
         from fedprompt.protocols import secagg_pb2
-        from fedprompt.protocols.secagg_client import SecAggClient
+        from fedprompt.protocols.secagg import SecAggRefused
 
         key = (str(config["run_id"]), int(config["server_round"]))
         msg = secagg_pb2.SecAggMessage.FromString(base64.b64decode(config["message"]))
         stage = msg.WhichOneof("body")
         if stage == "setup":
-            update = self._pending.get(key)
+            if key in self._secagg_started:
+                # a second instance on the same update would let the server difference two protocols' results
+                raise SecAggRefused(f"a second setup for run {key[0]} round {key[1]}: one protocol per update")
+            self._secagg_started.add(key)
+            update = self._pending.pop(key, None)  # from here on the update lives only inside its SecAggClient
             if update is None:
                 raise FedPromptError(f"no update of run {key[0]} round {key[1]} is waiting for secure aggregation")
             self.policy.check_secure_cohort(msg.setup.num_clients)
             if msg.setup.vector_length != update.size:
                 n = msg.setup.vector_length
                 raise FedPromptError(f"secure aggregation of {n} values; the update has {update.size}")
-            signer = load_ssh_private_key(self.signing_key.read_bytes(), None) if self.signing_key else None
-            self._secagg[key] = SecAggClient(msg.setup, update, signing_key=signer)
+            self._secagg[key] = self._secagg_client(msg.setup, update)
         client = self._secagg.get(key)
         if client is None:
-            raise FedPromptError(f"secure aggregation of run {key[0]} round {key[1]} has not started here")
-        reply = client.handle(msg)
+            raise FedPromptError(f"secure aggregation of run {key[0]} round {key[1]} is not running here")
+        try:
+            reply = client.handle(msg)
+        except BaseException:
+            self._secagg.pop(key, None)  # a refused stage ends the protocol here: its secrets go with it
+            raise
         if stage == "unmask_request":  # the protocol's last message from this holder: forget the secrets
             self._secagg.pop(key, None)
-            self._pending.pop(key, None)
+        if not isinstance(reply, secagg_pb2.SecAggMessage):
+            raise SecAggRefused("no reply")
         encoded = base64.b64encode(reply.SerializeToString()).decode()
         return {"ok": True, "holder": self.name, "metrics": {}, "message": encoded}
+
+    def _secagg_client(self, setup, update: np.ndarray):
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+        from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
+
+        if self.signing_key is None or not self.peers:
+            raise FedPromptError("this holder has no node key or no roster of its peers' keys: no secure rounds")
+        identity = ClientIdentity(
+            name=self.name,
+            signing_key=load_ssh_private_key(self.signing_key.read_bytes(), None),
+            roster={name: load_ssh_public_key(path.read_bytes()) for name, path in self.peers.items()},
+            min_cohort=self.policy.min_secure_cohort,
+            colluders=self.policy.secagg_colluders,
+        )
+        return SecAggClient(setup, update, identity)
 
 
 def _weight(prompt: np.ndarray | None):

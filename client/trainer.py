@@ -105,41 +105,21 @@ class Holder:
 
     # ------------------------------------------------------------------ a round
 
-    def charge(
-        self,
-        *,
-        mechanism: str,
-        run_id: str,
-        round: int,
-        delta: float,
-        epsilon: float,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        accountant: str = "rdp",
-        run_cap: float | None = None,
-    ) -> int:
-        """Reserve a release in the ledger before it happens; refused past the budget (BudgetExceededError) or,
-        with ``run_cap``, when the run's releases composed with this one would pass the holder's cap per run."""
-        release = {
-            "mechanism": mechanism,
-            "delta": delta,
-            "epsilon": epsilon,
-            "accountant": accountant,
-            "noise_multiplier": noise_multiplier,
-            "sample_rate": sample_rate,
-            "steps": steps,
-        }
-        if run_cap is not None:
-            projected = self.ledger.run_epsilon(run_id, delta, adding=release)
-            if projected > run_cap:
-                log.warning(
-                    "run %s would spend epsilon %.3f on this holder, above its cap %g", run_id, projected, run_cap
-                )
-                raise PolicyViolation(
-                    "max_run_epsilon", "this request would bring the run's spend above this holder's cap"
-                )
-        return self.ledger.reserve(task=self.task.name, run_id=run_id, round=round, **release)
+    def release(self, *, run_id: str, round: int, run_cap: float | None = None, **release):
+        """The ledger's release context (``PrivacyLedger.release``) for one request of a run: refused past the
+        budget (BudgetExceededError) or, with ``run_cap``, when the run's releases composed with this one would
+        pass the holder's cap per run (PolicyViolation); both before any data is read."""
+        self.check_run_cap(run_id, release, run_cap)
+        return self.ledger.release(task=self.task.name, run_id=run_id, round=round, **release)
+
+    def check_run_cap(self, run_id: str, release: dict, run_cap: float | None) -> None:
+        """Refuse (PolicyViolation) a release that would bring the run's composed spend above ``run_cap``."""
+        if run_cap is None:
+            return
+        projected = self.ledger.run_epsilon(run_id, release["delta"], adding=release)
+        if projected > run_cap:
+            log.warning("run %s would spend epsilon %.3f here, above the cap %g", run_id, projected, run_cap)
+            raise PolicyViolation("max_run_epsilon", "this request would bring the run's spend above the cap")
 
     def train_round(
         self, global_weight: torch.Tensor, s: LocalSettings, *, run_cap: float | None = None
@@ -173,15 +153,13 @@ class Holder:
             num_examples = self.num_train
         else:
             p = self.privacy_plan(s)
-            release = self.charge(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p))
-            try:
+            # settled before the service replies with the delta (or keeps it for secure aggregation): a failure
+            # before that cancels the reservation, nothing having left this process
+            with self.release(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p)) as charged:
                 weight, spent, steps_done, _ = private_steps(
                     self.session, start, cfg, p, secure_mode=s.secure_mode, desc=desc
                 )
-            except BaseException:
-                self.ledger.cancel(release)  # nothing left this process
-                raise
-            self.ledger.commit(release, steps=steps_done, epsilon=spent)
+                charged.settle(steps=steps_done, epsilon=spent)
             run_spend = self.ledger.run_epsilon(s.run_id, p.delta)
             print(
                 f"{self.name} round {s.server_round}/{s.num_rounds}: epsilon {spent:.3f} this round, "

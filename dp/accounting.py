@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from fedprompt.errors import ConfigError
+
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
 
@@ -20,7 +22,7 @@ DEFAULT_ACCOUNTANT = "rdp"
 
 def check_accountant(name: str) -> str:
     if name not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+        raise ConfigError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
     return name
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from fedprompt.dp.ledger import Budget, PrivacyLedger, default_state_dir
+from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, default_state_dir
+from fedprompt.errors import ConfigError, FedPromptError
 
 if TYPE_CHECKING:  # torch and opacus load when a command trains, not to build the command line
     from fedprompt.dp.engine import DPConfig
@@ -47,14 +50,36 @@ def _add_state_arguments(g: argparse._ActionsContainer) -> None:
     )
 
 
-def open_ledger(args: argparse.Namespace, default_delta: float | None) -> PrivacyLedger:
-    ledger = PrivacyLedger(args.state or default_state_dir())
+def open_ledger(args: argparse.Namespace, default_delta: float | None, *, raise_budget: bool = False) -> PrivacyLedger:
+    """The holder's ledger in ``--state``. With ``--budget-epsilon``: a missing ledger is created with that budget;
+    an existing one keeps its budget unless the flags lower it (or ``raise_budget``: ``fedprompt budget set``,
+    the one deliberate way to raise it). Without: the ledger must exist. Reservations left by jobs that died
+    before releasing anything are cancelled, and said so."""
+    state = Path(args.state or default_state_dir()).expanduser()
+    if args.budget_epsilon is not None and not (state / LEDGER_FILE).exists():
+        delta = args.budget_delta or default_delta
+        if delta is None:
+            raise FedPromptError("--budget-delta is needed to set a budget on a new ledger")
+        return PrivacyLedger.create(state, Budget(args.budget_epsilon, delta))
+    ledger = PrivacyLedger(state)
     if args.budget_epsilon is not None:
         current = ledger.budget()
-        delta = args.budget_delta or (current.delta if current else default_delta)
-        if delta is None:
-            raise ValueError("--budget-delta is needed to set a budget")
-        ledger.set_budget(Budget(args.budget_epsilon, delta))
+        wanted = Budget(args.budget_epsilon, args.budget_delta or (current.delta if current else default_delta))
+        higher = current is not None and (wanted.epsilon > current.epsilon or wanted.delta > current.delta)
+        if higher and not raise_budget:
+            raise FedPromptError(
+                f"{ledger.path} has the budget epsilon = {current.epsilon:g}, delta = {current.delta:g}; "
+                f"--budget-epsilon {wanted.epsilon:g} (delta {wanted.delta:g}) would raise it. Raise a budget only "
+                f"on purpose: fedprompt budget set --budget-epsilon {wanted.epsilon:g} --state {state}"
+            )
+        if current != wanted:
+            ledger.set_budget(wanted)
+    for r in ledger.cancel_stale():
+        print(
+            f"ledger {ledger.path}: cancelled reservation {r.id} ({r.task}, run {r.run_id}, round {r.round}, "
+            f"epsilon {r.epsilon:.3f}): its job stopped before releasing anything",
+            file=sys.stderr,
+        )
     return ledger
 
 
@@ -67,7 +92,7 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
     if not args.dp:
         given = [f"--{name.replace('_', '-')}" for name in _DP_ONLY if getattr(args, name) not in (None, False)]
         if given:
-            raise ValueError(f"{', '.join(given)} only make sense with --dp; add --dp (or drop them)")
+            raise ConfigError(f"{', '.join(given)} only make sense with --dp; add --dp (or drop them)")
         return None
     from fedprompt.dp.engine import DPConfig
 
@@ -84,7 +109,7 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
 def run_private_tuning(
     session: Session, cfg: TuneConfig, dp: DPConfig, args: argparse.Namespace
 ) -> tuple[TuneResult, dict]:
-    from fedprompt.dp.engine import plan, private_tune, reserve
+    from fedprompt.dp.engine import plan, private_tune, release_of
 
     n = len(session.dataset.split("train"))
     p = plan(dp, num_examples=n, batch_size=cfg.batch_size, steps=cfg.steps)
@@ -93,20 +118,22 @@ def run_private_tuning(
         f"{p.steps} steps, epsilon = {p.epsilon:.3f} at delta = {p.delta:.3g} ({p.accountant})"
     )
     ledger = open_ledger(args, p.delta)
-    release = reserve(ledger, p, task=session.dataset.name, run_id=uuid.uuid4().hex)
-    try:
+    # nothing leaves before the artifact is written, after the settlement: a failure cancels the reservation
+    with ledger.release(task=session.dataset.name, run_id=uuid.uuid4().hex, **release_of(p)) as release:
         result, spend = private_tune(session, cfg, dp, privacy_plan=p)
-    except BaseException:
-        ledger.cancel(release)  # nothing was released: the prompt never left this process
-        raise
-    ledger.commit(release, steps=spend["steps"], epsilon=spend["epsilon"])
+        release.settle(steps=spend["steps"], epsilon=spend["epsilon"])
     total = ledger.spent()  # printed for the holder, never written into the released artifact
     print(f"ledger {ledger.path}: total spend epsilon = {total.epsilon:.3f} (delta = {total.delta:g}; {total.method})")
     return result, spend
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
-    ledger = open_ledger(args, None)
+    if args.action == "restore":
+        state = Path(args.state or default_state_dir()).expanduser()
+        ledger = PrivacyLedger.restore(args.path, state)
+        print(f"restored {args.path} as {ledger.path}")
+        return 0
+    ledger = open_ledger(args, None, raise_budget=args.action == "set")
     if args.action == "backup":
         print(ledger.backup(args.path))
         return 0
@@ -114,11 +141,12 @@ def cmd_budget(args: argparse.Namespace) -> int:
     if budget is None:
         print(f"{ledger.path}: no budget set yet")
         return 0
-    releases = ledger.releases()
+    releases = ledger.releases(cancelled=True)
+    counted = [r for r in releases if r.status != "cancelled"]
     total = ledger.spent()
     print(f"ledger: {ledger.path}")
     print(f"budget: epsilon = {budget.epsilon:g}, delta = {budget.delta:g}")
-    for task in sorted({r.task for r in releases}):
+    for task in sorted({r.task for r in counted}):
         s = ledger.spent(task)
         print(f"  task {task:24} epsilon = {s.epsilon:8.3f}  ({s.releases} release(s); {s.method})")
     print(
@@ -132,17 +160,25 @@ def cmd_budget(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
             print(
                 f"  {r.id:>4}  {when:19}  {r.task[:18]:18} {r.run_id[:20]:20} {r.round:>5}  {r.mechanism[:16]:16} "
-                f"{r.epsilon:8.3f}  {r.status}"
+                f"{r.epsilon:8.3f}  {STATUS_WORDS.get(r.status, r.status)}"
             )
-    pending = [r for r in releases if r.status == "reserved"]
+    pending = [r for r in releases if r.status in ("reserved", "releasing")]
     if pending:
-        print(f"{len(pending)} reservation(s) not yet settled are counted as spent")
+        print(f"{len(pending)} release(s) not yet settled are counted as spent")
     return 0
 
 
+STATUS_WORDS = {
+    "reserved": "reserved (job running; nothing released yet)",
+    "releasing": "released, not yet settled (counted)",
+    "committed": "released",
+    "cancelled": "cancelled (the job stopped before releasing anything; not counted)",
+}
+
+
 def add_budget_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("budget", help="show or set a data holder's privacy budget; back up the ledger")
-    p.add_argument("action", choices=["show", "set", "backup"])
-    p.add_argument("path", nargs="?", help="backup: destination file")
+    p = sub.add_parser("budget", help="show or set a data holder's privacy budget; back up or restore the ledger")
+    p.add_argument("action", choices=["show", "set", "backup", "restore"])
+    p.add_argument("path", nargs="?", help="backup: destination file; restore: the backup to restore")
     _add_state_arguments(p)
     p.set_defaults(func=cmd_budget)

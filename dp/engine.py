@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from fedprompt.dp import grad_sample as _grad_sample  # noqa: F401  (registers the SoftPrompt grad sampler)
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, check_accountant, epsilon
 from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
+from fedprompt.errors import ConfigError
 from fedprompt.prompt import origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.training import Session, TuneConfig, TuneResult, make_optimizer, run_steps
@@ -40,17 +42,17 @@ class DPConfig:
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+            raise ConfigError("give exactly one of target_epsilon and noise_multiplier")
         if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
-            raise ValueError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
+            raise ConfigError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
         ):
-            raise ValueError(f"noise_multiplier must be positive and finite, got {self.noise_multiplier!r}")
+            raise ConfigError(f"noise_multiplier must be positive and finite, got {self.noise_multiplier!r}")
         if self.delta is not None and not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm!r}")
+            raise ConfigError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm!r}")
         check_accountant(self.accountant)
 
 
@@ -73,9 +75,9 @@ class PrivacyPlan:
 
 def plan(dp: DPConfig, *, num_examples: int, batch_size: int, steps: int) -> PrivacyPlan:
     if num_examples < 2:
-        raise ValueError(f"DP training needs at least 2 examples, got {num_examples}")
+        raise ConfigError(f"DP training needs at least 2 examples, got {num_examples}")
     if batch_size > num_examples:
-        raise ValueError(f"expected batch size {batch_size} exceeds the {num_examples} training examples")
+        raise ConfigError(f"expected batch size {batch_size} exceeds the {num_examples} training examples")
     # Opacus derives Poisson's rate from the non-private loader as 1 / number of batches.
     sample_rate = 1.0 / math.ceil(num_examples / batch_size)
     delta = dp.delta if dp.delta is not None else 1.0 / (2 * num_examples)
@@ -204,9 +206,17 @@ def make_private(
             loss_reduction=loss_reduction,
         )
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=p.sample_rate))
-        dp_loader = DataLoader(
-            train, batch_sampler=SecurePoissonSampler(len(train), p.sample_rate, steps), collate_fn=session.collate
+        sampler = SecurePoissonSampler(len(train), p.sample_rate, steps)
+    else:
+        # Opacus's own Poisson sampling, from a generator seeded with OS entropy, but fedprompt's collate: Opacus's
+        # DPDataLoader builds an empty batch from the first batch's dtypes and fails (TypeError) when the very
+        # first Poisson batch is empty; ours collates an empty list into an empty batch, which takes its step.
+        sampler_rng = torch.Generator()
+        sampler_rng.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(train), sample_rate=p.sample_rate, generator=sampler_rng
         )
+    dp_loader = DataLoader(train, batch_sampler=sampler, collate_fn=session.collate)
     return PrivateTraining(engine, module, dp_optimizer, _batches(dp_loader, session), prompted.prompt.weight)
 
 

@@ -1,15 +1,22 @@
 """A data holder's privacy ledger: every release of a DP mechanism, composed with its accountant.
 
-One SQLite file (WAL mode) in the holder's state folder. A job first *reserves* its projected spend:
-inside one ``BEGIN IMMEDIATE`` transaction the ledger composes everything already recorded with the
-new release and refuses if the total would pass the budget, so two concurrent jobs can never both
-squeeze under it. A reservation counts as spent until it is committed (with the actual steps) or
-cancelled (only when nothing was released). Crashes therefore err on the side of over-counting.
+One SQLite file (WAL mode) in the holder's state folder, made only by ``PrivacyLedger.create`` with its budget
+and never implicitly: an empty, truncated or foreign file is refused, not taken for a fresh ledger
+(``dp/ledger_file.py``). A job first *reserves* its projected spend: inside one ``BEGIN IMMEDIATE`` transaction
+the ledger composes everything already recorded with the new release and refuses if the total would pass the
+budget, so two concurrent jobs can never both squeeze under it. Then, in two phases:
 
-Composition: releases of subsampled-Gaussian mechanisms are composed by their accountant over the
-whole history (RDP or PRV: far tighter than adding epsilons). Releases that only state an (epsilon,
-delta) are added up (basic composition), as are the groups of different accountants; the report
-says when that happened.
+- ``reserved``: nothing has left the holder. A job that fails cancels it; a job killed in this state leaves it
+  behind, and the next start (``cancel_stale``) cancels it once its owner process is gone, and says so.
+- ``releasing``: the result may have left (``mark_releasing`` comes before anything is sent). Counted as spent
+  whatever happens next; ``commit`` settles it with what was actually spent (never more than reserved).
+
+:meth:`PrivacyLedger.release` wraps one job in these steps. Cancelled reservations stay in the file for the
+record (``budget show`` lists them) and are never counted.
+
+Composition: releases of subsampled-Gaussian mechanisms are composed by their accountant over the whole history
+(RDP or PRV: far tighter than adding epsilons). Releases that only state an (epsilon, delta) are added up (basic
+composition), as are the groups of different accountants; the report says when that happened.
 """
 
 from __future__ import annotations
@@ -24,29 +31,12 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from fedprompt.cache import sqlite_backup
+from fedprompt.dp import ledger_file as lf
 from fedprompt.dp.accounting import check_accountant, epsilon
-from fedprompt.errors import BudgetExceededError, FedPromptError
+from fedprompt.errors import BudgetExceededError, ConfigError, FedPromptError
 
-LEDGER_FILE = "privacy-ledger.sqlite3"
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS releases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at REAL NOT NULL,
-    task TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL DEFAULT 0,
-    mechanism TEXT NOT NULL,
-    accountant TEXT,                -- NULL: only (epsilon, delta) is known, composed by adding
-    noise_multiplier REAL,
-    sample_rate REAL,
-    steps INTEGER,
-    delta REAL NOT NULL,            -- the delta this release reported its own epsilon at
-    epsilon REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('reserved', 'committed'))
-);
-"""
+LEDGER_FILE = lf.LEDGER_FILE
+LedgerError = lf.LedgerError
 
 
 def default_state_dir() -> Path:
@@ -72,6 +62,7 @@ class Release:
     delta: float
     epsilon: float
     status: str
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,13 +80,14 @@ class Budget:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"budget epsilon must be positive and finite, got {self.epsilon!r}")
+            raise ConfigError(f"budget epsilon must be positive and finite, got {self.epsilon!r}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"budget delta must be in (0, 1), got {self.delta!r}")
+            raise ConfigError(f"budget delta must be in (0, 1), got {self.delta!r}")
 
 
 def compose(releases: list[Release], delta: float) -> Spend:
-    """The (epsilon, delta) of all ``releases`` together, at total ``delta``."""
+    """The (epsilon, delta) of all ``releases`` together (cancelled ones left out), at total ``delta``."""
+    releases = [r for r in releases if r.status != "cancelled"]
     if not releases:
         return Spend(0.0, 0.0, 0, "nothing released")
     pure = [r for r in releases if r.accountant is None]
@@ -134,32 +126,61 @@ def _release(
 ) -> Release:
     return Release(
         0, time.time(), task, run_id, round, mechanism, accountant, noise_multiplier, sample_rate, steps, delta,
-        epsilon, "reserved",
+        epsilon, "reserved", lf.this_process(),
     )  # fmt: skip
 
 
+def _delta_exhausted(existing: list[Release], new: Release, budget: Budget) -> str:
+    """Why a release that states its own (ε, δ) does not fit, and what to do: its δ and the others' are paid out of
+    the budget's δ, and the accountant-composed releases need some δ left over."""
+    pure = sum(r.delta for r in existing if r.accountant is None and r.status != "cancelled")
+    return (
+        f"refused before any work: this {new.mechanism} release states delta = {new.delta:.3g}, and the releases "
+        f"that state their own delta would then take {pure + new.delta:.3g} of the ledger's budget delta "
+        f"{budget.delta:.3g}, leaving none for the accountant-composed ones (epsilon would be infinite). Give this "
+        f"job a smaller delta (e.g. --delta {budget.delta / 10:.1g}), or raise the budget's delta on purpose "
+        f"(fedprompt budget set --budget-delta D)"
+    )
+
+
 class PrivacyLedger:
-    """The durable record of one data holder's privacy spend."""
+    """The durable record of one data holder's privacy spend. Opening refuses a missing or untrustworthy file:
+    make a new ledger with :meth:`create`."""
 
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / LEDGER_FILE
-        with self._connect() as conn:
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO settings VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = int(conn.execute("SELECT value FROM settings WHERE key='schema_version'").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise FedPromptError(f"{self.path} was written by a newer fedprompt (schema {version})")
+        version = lf.check(self.path)
+        if version < lf.SCHEMA_VERSION:
+            with self._write() as conn:
+                lf.migrate(conn, version)
+
+    @classmethod
+    def create(cls, state_dir: str | Path, budget: Budget) -> PrivacyLedger:
+        """A new ledger with ``budget``, where none is; refuses to write over any file."""
+        path = Path(state_dir).expanduser() / LEDGER_FILE
+        lf.create(path, {"budget_epsilon": repr(budget.epsilon), "budget_delta": repr(budget.delta)})
+        return cls(state_dir)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=60, isolation_level=None)
+        except sqlite3.OperationalError as exc:  # the file vanished since it was opened
+            raise LedgerError(f"{self.path} cannot be opened ({exc}); {lf.restore_hint(self.path)}") from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=60000")
             yield conn
+        except sqlite3.DatabaseError as exc:
+            # a file damaged after it was opened; constraint or programming errors are bugs and keep their traceback
+            damaged = type(exc) is sqlite3.DatabaseError or (
+                isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in ("malformed", "disk I/O"))
+            )
+            if not damaged:
+                raise
+            raise LedgerError(f"{self.path} failed a read or write ({exc}); {lf.restore_hint(self.path)}") from None
         finally:
             conn.close()
 
@@ -188,7 +209,8 @@ class PrivacyLedger:
             return self._budget(conn)
 
     def set_budget(self, budget: Budget) -> None:
-        """Set the holder's total budget. Lowering it below what is already spent is refused."""
+        """Set the holder's total budget (``fedprompt budget set``). Lowering it below what is already spent is
+        refused."""
         with self._write() as conn:
             spent = compose(self._releases(conn), budget.delta)
             if spent.epsilon > budget.epsilon:
@@ -203,17 +225,19 @@ class PrivacyLedger:
 
     @staticmethod
     def _releases(conn: sqlite3.Connection, task: str | None = None) -> list[Release]:
-        sql = "SELECT * FROM releases" + (" WHERE task = ?" if task is not None else "") + " ORDER BY id"
+        cols = ", ".join(lf.COLUMNS)
+        sql = f"SELECT {cols} FROM releases" + (" WHERE task = ?" if task is not None else "") + " ORDER BY id"
         return [Release(*row) for row in conn.execute(sql, (task,) if task is not None else ())]
 
-    def releases(self, task: str | None = None) -> list[Release]:
+    def releases(self, task: str | None = None, *, cancelled: bool = False) -> list[Release]:
+        """Every release (of ``task``), in order; cancelled reservations only with ``cancelled=True``."""
         with self._connect() as conn:
-            return self._releases(conn, task)
+            return [r for r in self._releases(conn, task) if cancelled or r.status != "cancelled"]
 
     def spent(self, task: str | None = None) -> Spend:
         budget = self.budget()
         if budget is None:
-            raise FedPromptError(f"{self.path}: no budget set (fedprompt budget set --epsilon E --delta D)")
+            raise FedPromptError(f"{self.path}: no budget set (fedprompt budget set --budget-epsilon E)")
         return compose(self.releases(task), budget.delta)
 
     def run_epsilon(self, run_id: str, delta: float, *, adding: dict | None = None) -> float:
@@ -242,7 +266,7 @@ class PrivacyLedger:
         if accountant is not None:
             check_accountant(accountant)
             if noise_multiplier is None or sample_rate is None or steps is None:
-                raise ValueError("an accounted release needs noise_multiplier, sample_rate and steps")
+                raise ConfigError("an accounted release needs noise_multiplier, sample_rate and steps")
         new = _release(
             task=task,
             run_id=run_id,
@@ -264,6 +288,8 @@ class PrivacyLedger:
             existing = self._releases(conn)
             before = compose(existing, budget.delta)
             after = compose([*existing, new], budget.delta)
+            if math.isinf(after.epsilon) and not math.isinf(before.epsilon):
+                raise BudgetExceededError(_delta_exhausted(existing, new, budget))
             if after.epsilon > budget.epsilon:
                 left = max(0.0, budget.epsilon - before.epsilon)
                 raise BudgetExceededError(
@@ -278,23 +304,56 @@ class PrivacyLedger:
             )
             return int(cur.lastrowid)
 
-    def commit(self, release_id: int, *, steps: int | None, epsilon: float) -> None:
-        """Settle a reservation with what was actually spent (never more than reserved)."""
+    def mark_releasing(self, release_id: int) -> None:
+        """Before anything of the job leaves the holder: from here on the release counts whatever happens."""
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE releases SET status = 'releasing' WHERE id = ? AND status = 'reserved'", (release_id,)
+            ).rowcount
+            if changed != 1:
+                raise FedPromptError(f"release {release_id} is not an open reservation")
+
+    def commit(self, release_id: int, *, steps: int | None = None, epsilon: float | None = None) -> None:
+        """Settle a reservation with what was actually spent (never more than reserved; None: as reserved)."""
         with self._write() as conn:
             row = conn.execute("SELECT steps, status FROM releases WHERE id = ?", (release_id,)).fetchone()
-            if row is None or row[1] != "reserved":
+            if row is None or row[1] not in ("reserved", "releasing"):
                 raise FedPromptError(f"release {release_id} is not an open reservation")
             if steps is not None and row[0] is not None and steps > row[0]:
                 raise FedPromptError(f"release {release_id}: {steps} steps run, only {row[0]} reserved")
             conn.execute(
-                "UPDATE releases SET status='committed', steps=COALESCE(?, steps), epsilon=? WHERE id=?",
+                "UPDATE releases SET status='committed', steps=COALESCE(?, steps), epsilon=COALESCE(?, epsilon) "
+                "WHERE id=?",
                 (steps, epsilon, release_id),
             )
 
     def cancel(self, release_id: int) -> None:
-        """Drop a reservation whose mechanism released nothing (the job failed before any output)."""
+        """Cancel a reservation whose mechanism released nothing (the job failed before any output). A release
+        marked as leaving is never cancelled: what may have left stays counted."""
         with self._write() as conn:
-            conn.execute("DELETE FROM releases WHERE id = ? AND status = 'reserved'", (release_id,))
+            conn.execute("UPDATE releases SET status = 'cancelled' WHERE id = ? AND status = 'reserved'", (release_id,))
+
+    def cancel_stale(self) -> list[Release]:
+        """Cancel the reservations of jobs that died before releasing anything (their process is gone); returns
+        them. Releases that may have left (``releasing``) stay counted."""
+        with self._write() as conn:
+            stale = [r for r in self._releases(conn) if r.status == "reserved" and not lf.alive(r.owner)]
+            for r in stale:
+                conn.execute("UPDATE releases SET status = 'cancelled' WHERE id = ?", (r.id,))
+        return stale
+
+    @contextlib.contextmanager
+    def release(self, **reservation) -> Iterator[Reservation]:
+        """One job's release: reserve (refused past the budget), run the body, settle. If the body fails before
+        it called ``leaving()``, nothing left and the reservation is cancelled; after, it is settled at what was
+        reserved unless the body settled it. Takes :meth:`reserve`'s arguments."""
+        handle = Reservation(self, self.reserve(**reservation))
+        try:
+            yield handle
+        except BaseException:
+            handle.close(failed=True)
+            raise
+        handle.close(failed=False)
 
     # ------------------------------------------------------------------ backup
 
@@ -305,14 +364,51 @@ class PrivacyLedger:
 
     @classmethod
     def restore(cls, backup: str | Path, state_dir: str | Path) -> PrivacyLedger:
-        """Restore a backup into ``state_dir``, refusing to overwrite an existing ledger."""
-        state_dir = Path(state_dir)
-        if (state_dir / LEDGER_FILE).exists():
-            raise FedPromptError(f"{state_dir / LEDGER_FILE} exists; restore into an empty state folder")
+        """Restore a backup into ``state_dir``, refusing to overwrite an existing ledger and to restore a file
+        that is not a sound ledger itself."""
+        state_dir, backup = Path(state_dir), Path(backup)
+        target = state_dir / LEDGER_FILE
+        if target.exists():
+            raise LedgerError(f"{target} exists; move it aside first (mv {target} {target}.broken)")
+        lf.check(backup)
+        for orphan in (Path(f"{target}-wal"), Path(f"{target}-shm")):  # the moved-aside ledger's, useless alone
+            if orphan.exists():
+                orphan.rename(orphan.with_name(orphan.name + ".broken"))
         state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.restore")
         with (
-            contextlib.closing(sqlite3.connect(backup)) as src,
-            contextlib.closing(sqlite3.connect(state_dir / LEDGER_FILE)) as dst,
+            contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as src,
+            contextlib.closing(sqlite3.connect(tmp)) as dst,
         ):
             src.backup(dst)
+        os.link(tmp, target)
+        tmp.unlink()
         return cls(state_dir)
+
+
+class Reservation:
+    """A reserved release inside :meth:`PrivacyLedger.release`."""
+
+    def __init__(self, ledger: PrivacyLedger, release_id: int) -> None:
+        self.ledger, self.id = ledger, release_id
+        self.state = "reserved"
+
+    def leaving(self) -> None:
+        """Call before any output of the job leaves the holder."""
+        self.ledger.mark_releasing(self.id)
+        self.state = "releasing"
+
+    def settle(self, *, steps: int | None, epsilon: float) -> None:
+        """The job's actual spend (at most what was reserved)."""
+        self.ledger.commit(self.id, steps=steps, epsilon=epsilon)
+        self.state = "committed"
+
+    def close(self, *, failed: bool) -> None:
+        if self.state == "committed":
+            return
+        if self.state == "reserved" and failed:
+            self.ledger.cancel(self.id)  # nothing left the holder
+            self.state = "cancelled"
+            return
+        self.ledger.commit(self.id)  # something may have left, or the job ended without settling: as reserved
+        self.state = "committed"

@@ -3,8 +3,17 @@ over the votes of an ensemble of teachers, and its privacy accounting.
 
 Each teacher (an in-context learner fed a disjoint group of private demonstrations) proposes one next token.
 The release looks only at the ``k_bar`` most voted tokens: it adds Gumbel noise to their counts and to a
-threshold one above the (k̄+1)-th count plus ln(min(Δ, k̄, V − k̄)/δ₀)/ε', and outputs the noisy winner if it
-beats the noisy threshold, otherwise nothing (the caller may retry: each try is a query and is accounted).
+threshold ``THRESHOLD_MARGIN`` above the (k̄+1)-th count plus ln(min(Δ, k̄, V − k̄)/δ₀)/ε', and outputs the noisy
+winner if it beats the noisy threshold, otherwise nothing (the caller may retry: each try is a query and is
+accounted).
+
+The margin is 2, not Durfee and Rogers' 1: their threshold is for counts that move one way, but a moved vote
+lowers one top-k̄ count and raises the (k̄+1)-th, so the threshold itself moves by 1 while a token at the
+boundary moves by 1 the other way: with a margin of 1 a token can sit at h(k̄+1) + 2 on one histogram and be
+outside the domain on its neighbour, and the release's δ exceeds δ₀ (2.1 δ₀ at ε₀ = 3 by exact computation).
+:meth:`LimitedDomain.distribution` gives the release's exact output distribution (Gumbel-max is a softmax), and
+``tests/test_dp_limited_domain.py`` checks (ε₀, δ₀) over every pair of neighbouring histograms of small
+vocabularies exactly, boundary crossings included, and that a margin of 1 fails it.
 
 One private example sits in one teacher, whose vote can move from one token to another: Δ = 2 counts
 change by 1, in opposite directions. Report-noisy-max with Gumbel(1/ε') is ε'-DP only when all counts move
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 L0_SENSITIVITY = 2
+THRESHOLD_MARGIN = 2  # see the module docstring: 1 (Durfee-Rogers) is not enough for a moved vote
 ORDERS = tuple(range(2, 257))
 
 
@@ -48,6 +58,7 @@ class LimitedDomain:
     delta: float
     vocab_size: int
     k_bar: int = 10
+    margin: float = THRESHOLD_MARGIN
 
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and 0 < self.delta < 1):
@@ -64,7 +75,23 @@ class LimitedDomain:
         ranked = sorted(counts.values(), reverse=True)
         next_count = ranked[self.k_bar] if len(ranked) > self.k_bar else 0
         spread = min(L0_SENSITIVITY, self.k_bar, self.vocab_size - self.k_bar)
-        return next_count + 1 + math.log(spread / self.delta) / self.noise_epsilon
+        return next_count + self.margin + math.log(spread / self.delta) / self.noise_epsilon
+
+    def _top(self, counts: Mapping[int, int]) -> list[tuple[int, int]]:
+        # ties broken by token id, never by data order
+        return sorted(((c, t) for t, c in counts.items() if c > 0), key=lambda ct: (-ct[0], ct[1]))[: self.k_bar]
+
+    def distribution(self, counts: Mapping[int, int]) -> dict[int | None, float]:
+        """The exact probability of every outcome (None: no release). Adding i.i.d. Gumbel(b) noise and taking
+        the argmax picks each candidate with probability softmax(value / b) (the Gumbel-max trick), so the
+        release is a softmax over the top-k̄ counts and the threshold."""
+        scale = 1.0 / self.noise_epsilon
+        values = {t: c for c, t in self._top(counts)}
+        values[None] = self.threshold(counts)
+        top = max(values.values())
+        weights = {t: math.exp((v - top) / scale) for t, v in values.items()}
+        total = sum(weights.values())
+        return {t: w / total for t, w in weights.items()}
 
     def release(self, counts: Mapping[int, int], rng: random.Random | None = None) -> int | None:
         """A token id, or None when no token beats the noisy threshold.
@@ -74,8 +101,7 @@ class LimitedDomain:
         rng = rng or random.SystemRandom()
         if any(c < 0 for c in counts.values()):
             raise ValueError("vote counts must be non-negative")
-        # ties broken by token id, never by data order
-        top = sorted(((c, t) for t, c in counts.items() if c > 0), key=lambda ct: (-ct[0], ct[1]))[: self.k_bar]
+        top = self._top(counts)
         scale = 1.0 / self.noise_epsilon
         best_token, best_value = None, self.threshold(counts) + gumbel(rng, scale)
         for c, t in top:

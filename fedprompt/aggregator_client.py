@@ -3,6 +3,10 @@
 It authenticates with the certificate folder of ``fedprompt certs``: ``coordinator.crt`` for the coordinator,
 ``nodes/<name>/client.crt`` for a data holder. gRPC failures come back as ``AggregatorError`` carrying the
 status code name and the server's message, which the CLI prints as they are.
+
+Updates carry no weight of the caller's choosing: the server weighs every update of a round the same (and a
+stream's by staleness alone). The requests' ``weight`` fields are still set to 1.0, which the server ignores,
+so that a server from before that change (which refused a weight <= 0) accepts them too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fedprompt.protocols import convert
 from fedprompt.server.records import FinaliseResult, ModelRef, PushResult, Round, Stream, TaskVector, Version
 
 DEFAULT_TIMEOUT = 30.0
+_IGNORED_WEIGHT = 1.0  # see the module docstring
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -160,12 +165,13 @@ class AggregatorClient:
     def get_round(self, round_id: str) -> Round:
         return convert.round_from_proto(self._call(self.rounds, "GetRound", pb.GetRoundRequest(round_id=round_id)))
 
-    def submit_update(self, *, round_id: str, base_model: ModelRef, delta: np.ndarray, weight: float = 1.0) -> int:
+    def submit_update(self, *, round_id: str, base_model: ModelRef, delta: np.ndarray) -> int:
+        """Send this holder's update to a round that names it; returns how many updates the round has."""
         req = pb.SubmitUpdateRequest(
             round_id=round_id,
             base_model=convert.model_ref_to_proto(base_model),
             delta=convert.tensor_to_proto(delta),
-            weight=weight,
+            weight=_IGNORED_WEIGHT,
         )
         return self._call(self.rounds, "SubmitUpdate", req).received
 
@@ -202,13 +208,13 @@ class AggregatorClient:
         return convert.stream_from_proto(self._call(self.rounds, "OpenAsyncStream", req))
 
     def push_update(
-        self, *, stream_id: str, base_model: ModelRef, base_version_id: str, delta: np.ndarray, weight: float = 1.0
+        self, *, stream_id: str, base_model: ModelRef, base_version_id: str, delta: np.ndarray
     ) -> PushResult:
         req = pb.PushUpdateRequest(
             stream_id=stream_id,
             base_model=convert.model_ref_to_proto(base_model),
             base_version_id=base_version_id,
             delta=convert.tensor_to_proto(delta),
-            weight=weight,
+            weight=_IGNORED_WEIGHT,
         )
         return convert.push_result_from_proto(self._call(self.rounds, "PushUpdate", req))

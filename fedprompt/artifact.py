@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from peft import PromptTuningConfig, TaskType
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedprompt import __version__
@@ -82,13 +83,16 @@ def load(folder: str | Path) -> tuple[torch.Tensor, ArtifactMeta]:
         if not (folder / name).is_file():
             raise ArtifactError(f"{folder} is not a prompt artifact: {name} is missing")
     try:
-        raw = json.loads((folder / META_FILE).read_text())
+        raw = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         meta = ArtifactMeta(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ArtifactError(f"{folder / META_FILE}: malformed ({exc})") from exc
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{folder / META_FILE}: malformed ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if meta.format_version > FORMAT_VERSION:
         raise ArtifactError(f"{folder}: format version {meta.format_version} is newer than this fedprompt")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from exc
     if set(tensors) != {"prompt_embeddings"}:
         raise ArtifactError(f"{folder / WEIGHTS_FILE}: expected one tensor 'prompt_embeddings', got {sorted(tensors)}")
     weight = tensors["prompt_embeddings"]

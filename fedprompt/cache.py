@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedprompt.errors import FedPromptError
+
 
 def cache_dir() -> Path:
     """``$FEDPROMPT_CACHE``, else ``$XDG_CACHE_HOME/fedprompt``, else ``~/.cache/fedprompt``."""
@@ -69,6 +71,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_out_folder(out: Path, force: bool = False, *, flag: str = "--out") -> None:
+    """Refuse an output folder that is a file, or that already holds files (unless ``force``): a command writes
+    its result as a new folder and must not bury or delete what is there."""
+    if out.exists() and not out.is_dir():
+        raise FedPromptError(f"{out} is a file; {flag} must name a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FedPromptError(f"{out} exists and is not empty; choose another {flag} or pass --force")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -9,6 +9,8 @@ Layout of a certificate folder::
     nodes/<name>/node.key       a data holder's SuperNode identity (ECDSA P-384, OpenSSH format)
     nodes/<name>/node.pub       its public half, registered with the SuperLink
     nodes/<name>/client.crt/.key  its TLS client certificate (mutual TLS with the aggregation server)
+    nodes/<name>/peers/node.<other>.pub  every node's public identity key (rewritten when nodes are added): the
+                                roster against which the holder checks its neighbours in a secure round
 
 Private keys are written with mode 0600 and never overwritten: running the command again adds the nodes
 that are missing and leaves everything else as it is.
@@ -181,7 +183,34 @@ def create(folder: str | Path, *, nodes: list[str], hosts: list[str], days: int 
         else:
             _make_node(folder, n, days)
             made.append(f"nodes/{n}")
+    write_rosters(folder)
     return {"created": made, "kept": kept}
+
+
+def write_rosters(folder: str | Path) -> None:
+    """Give every node folder the public identity keys of all nodes (``peers/node.NAME.pub``): a holder verifies
+    its neighbours' signed SecAgg keys against this copy, handed to it with its own files, never against keys
+    the aggregation server supplies. A node added later is unknown to holders until they get the new roster."""
+    folder = Path(folder)
+    keys = {n: p.read_bytes() for n, p in node_public_keys(folder).items()}
+    for name in keys:
+        peers = folder / "nodes" / name / "peers"
+        if not (folder / "nodes" / name).is_dir():
+            continue  # a flat node.NAME.pub only: no folder to hand out
+        for other, pub in keys.items():
+            _write(peers / f"node.{other}.pub", pub, secret=False)
+        for stale in peers.glob("node.*.pub"):
+            if stale.name[len("node.") : -len(".pub")] not in keys:
+                stale.unlink()
+
+
+def fingerprint(public_key: Path) -> str:
+    """``SHA256:...`` of an OpenSSH public key file, as ``ssh-keygen -lf`` prints it: for comparing rosters."""
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(public_key.read_text().split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def node_public_keys(folder: str | Path) -> dict[str, Path]:
@@ -216,7 +245,8 @@ def write_kustomize(folder: str | Path, out: str | Path, *, nodes: list[str]) ->
 
     out/coordinator/   Secret fedprompt-coordinator-certs: ca.crt, server.crt/.key, coordinator.crt/.key and
                        node.NAME.pub of every registered node (mounted as the coordinator side's certificate folder)
-    out/nodes/NAME/    Secret fedprompt-node-NAME: ca.crt, node.key, client.crt/.key (one data holder's own)
+    out/nodes/NAME/    Secret fedprompt-node-NAME: ca.crt, node.key, client.crt/.key (one data holder's own) and
+                       node.OTHER.pub of every node (its roster of peers' identity keys)
 
     Private keys are written 0600, and ``out`` should stay out of version control (the overlays reference the
     Secrets; their values are never committed).
@@ -253,5 +283,7 @@ def write_kustomize(folder: str | Path, out: str | Path, *, nodes: list[str]) ->
         dst = out / "nodes" / name
         for fname, attr in HOLDER_FILES.items():
             put(dst / fname, folder / "ca.crt" if attr is None else getattr(files, attr))
-        kustomization(dst, f"fedprompt-node-{name}", list(HOLDER_FILES))
+        for other, pub in keys.items():
+            put(dst / f"node.{other}.pub", pub)
+        kustomization(dst, f"fedprompt-node-{name}", [*HOLDER_FILES, *(f"node.{n}.pub" for n in keys)])
     return written

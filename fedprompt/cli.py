@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedprompt.cache import check_out_folder
 from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from_args, run_private_tuning
 from fedprompt.errors import FedPromptError
 
@@ -19,13 +20,6 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16"],
         help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
     )
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FedPromptError(f"{out} is a file; --out must name a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FedPromptError(f"{out} exists and is not empty; choose another --out or pass --force")
 
 
 # ------------------------------------------------------------------ models / datasets
@@ -77,6 +71,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
         if not args.dataset or not args.out or args.holders < 2:
             raise FedPromptError("datasets split needs --dataset, --out and --holders >= 2")
+        check_out_folder(Path(args.out), args.force)  # the folder is replaced as a whole: never one with files in it
         ds = datasets.load(args.dataset)
         files = partition.write_holder_files(ds, args.out, args.holders, alpha=args.alpha, seed=args.seed)
         for f in files:
@@ -110,7 +105,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fedprompt.training import TuneConfig, tune
 
     out = Path(args.out)
-    _check_out(out, args.force)
+    check_out_folder(out, args.force)
     cfg = TuneConfig(
         prompt_length=args.prompt_length,
         steps=args.steps,
@@ -276,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holders", type=int, default=3, help="split: into this many holder-K.jsonl files")
     p.add_argument("--alpha", type=float, default=2.0, help="split: Dirichlet label skew (smaller: more skewed)")
     p.add_argument("--seed", type=int, default=0, help="split: fixes the split")
-    p.add_argument("--out", help="split: the folder for holder-1.jsonl ... (replaced atomically)")
+    p.add_argument("--out", help="split: a new or empty folder for holder-1.jsonl ... (written atomically)")
+    p.add_argument("--force", action="store_true", help="split: replace a folder that has files in it")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("tune", help="tune a soft prompt (add --dp for differential privacy)")
@@ -367,15 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models" and args.action != "list" and not args.name:
         print(f"error: models {args.action} needs a {'FOLDER' if args.action == 'add' else 'NAME'}", file=sys.stderr)
         return 2
-    if args.command == "budget" and (args.action == "backup") != bool(args.path):
-        print("error: budget backup takes a destination PATH (and only backup does)", file=sys.stderr)
+    if args.command == "budget" and (args.action in ("backup", "restore")) != bool(args.path):
+        print("error: budget backup and restore take a PATH (and only they do)", file=sys.stderr)
         return 2
     if args.command == "budget" and args.action == "set" and args.budget_epsilon is None:
         print("error: budget set needs --budget-epsilon (and --budget-delta on a new ledger)", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (FedPromptError, ValueError) as exc:
+    except FedPromptError as exc:  # errors a user can cause; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -253,6 +253,20 @@ def _load_bundled(name: str) -> Dataset:
 # ---------------------------------------------------------------- user files
 
 
+# One limit for a field of CSV and JSONL alike (csv's own default): a text longer than this is not a snippet to
+# classify, and reading it (a 50 MB JSONL line peaked at 6.7 GB) is refused before it is parsed.
+MAX_FIELD_CHARS = 131_072
+MAX_LINE_CHARS = 4 * MAX_FIELD_CHARS
+
+
+def _check_fields(path: Path, where: str, row: dict) -> None:
+    for key, value in row.items():
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise DatasetError(
+                f"{path}:{where}: field {key!r} has {len(value):,} characters, more than {MAX_FIELD_CHARS:,}"
+            )
+
+
 def _read_rows(path: Path) -> list[dict]:
     try:
         raw = path.read_bytes()
@@ -269,20 +283,26 @@ def _read_rows(path: Path) -> list[dict]:
         for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
+            if len(line) > MAX_LINE_CHARS:
+                raise DatasetError(f"{path}:{lineno}: a line of {len(line):,} characters, more than {MAX_LINE_CHARS:,}")
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON ({getattr(exc, 'msg', 'nested too deep')})") from exc
             if not isinstance(obj, dict):
                 raise DatasetError(f"{path}:{lineno}: each line must be a JSON object")
+            _check_fields(path, str(lineno), obj)
             rows.append(obj)
         return rows
     if path.suffix.lower() in (".csv", ".tsv"):
         try:
             reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            return list(reader)
-        except csv.Error as exc:
+            rows = list(reader)
+        except csv.Error as exc:  # a field above csv.field_size_limit() (MAX_FIELD_CHARS) lands here too
             raise DatasetError(f"{path}: malformed CSV ({exc})") from exc
+        for i, row in enumerate(rows, 2):
+            _check_fields(path, str(i), row)
+        return rows
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
 
 
@@ -310,7 +330,11 @@ def load_file(
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("text"), str) or not r["text"].strip():
             raise DatasetError(f"{path}: example {i} has an empty or non-text 'text'")
-        if r.get("label") is None or str(r["label"]).strip() == "":
+        label = r.get("label")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            kind = "no label" if label is None else f"a {type(label).__name__} as its label"
+            raise DatasetError(f"{path}: example {i} has {kind}; a label is a string (or an integer)")
+        if str(label).strip() == "":
             raise DatasetError(f"{path}: example {i} has no label")
     labels = [str(r["label"]).strip() for r in rows]
     names = list(label_names) if label_names else sorted(set(labels))
@@ -338,6 +362,12 @@ def load_file(
         idx = _split_indices(len(rows), held)
         for s, ids in idx.items():
             splits[s] = [Example(rows[i]["text"], index[labels[i]]) for i in ids]
+        untrained = sorted(set(names) - {names[e.label] for e in splits["train"]})
+        if untrained:
+            raise DatasetError(
+                f"{path}: label(s) {untrained} fell only into the held-out splits (too few examples of them): add "
+                "examples, or give a 'split' column that puts some of each label in train"
+            )
     digest = sha256_bytes(path.read_bytes())
     return Dataset(path.stem, names, label_words or _default_words(names), template, splits, digest, str(path))
 

@@ -1,8 +1,14 @@
-"""Errors a user can cause. The CLI prints them without a traceback and exits non-zero."""
+"""Errors a user can cause. The CLI prints them in one line without a traceback and exits 2; any other exception
+is a bug, and the CLI lets its traceback show."""
 
 
 class FedPromptError(Exception):
     """Base class of every error fedprompt raises on purpose for bad input or state."""
+
+
+class ConfigError(FedPromptError, ValueError):
+    """A setting a user gave is out of range or does not fit the others (a ValueError too, for callers that
+    validate without caring whose error it is)."""
 
 
 class DatasetError(FedPromptError):

@@ -15,14 +15,15 @@ import numpy as np
 
 from fedprompt.cache import atomic_dir
 from fedprompt.datasets import SPLITS, Dataset
+from fedprompt.errors import ConfigError
 
 
 def label_shares(num_holders: int, num_labels: int, alpha: float, seed: int = 0) -> np.ndarray:
     """A (holders × labels) matrix whose columns sum to 1."""
     if num_holders < 1 or num_labels < 1:
-        raise ValueError("need at least one holder and one label")
+        raise ConfigError("need at least one holder and one label")
     if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+        raise ConfigError(f"alpha must be positive, got {alpha}")
     rng = np.random.default_rng(seed)
     return rng.dirichlet([alpha] * num_holders, size=num_labels).T
 
@@ -46,7 +47,7 @@ def partition(ds: Dataset, num_holders: int, *, alpha: float = 1.0, seed: int = 
     for h, rows in enumerate(holders):
         counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}
         if min(counts.values()) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"holder {h} got no {'train' if counts['train'] == 0 else 'test'} examples with alpha={alpha}, "
                 f"seed={seed}; use a larger alpha or another seed"
             )

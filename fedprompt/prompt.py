@@ -7,6 +7,8 @@ import hashlib
 import torch
 from torch import nn
 
+from fedprompt.errors import ConfigError
+
 INIT_METHODS = ("vocab", "text", "labels")
 
 
@@ -22,7 +24,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"a soft prompt is (num_virtual_tokens, hidden_size), got shape {tuple(weight.shape)}")
+            raise ConfigError(f"a soft prompt is (num_virtual_tokens, hidden_size), got shape {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone().float())
 
     @property
@@ -54,7 +56,7 @@ def init_from_vocab(embeddings: torch.Tensor, n: int, *, seed: int = 0, max_toke
 def init_from_token_ids(embeddings: torch.Tensor, token_ids: list[int], n: int) -> torch.Tensor:
     """Embeddings of the given tokens, tiled (or cut) to n rows: used for a text or the label words."""
     if not token_ids:
-        raise ValueError("the initialisation text has no tokens")
+        raise ConfigError("the initialisation text has no tokens")
     ids = torch.tensor(token_ids, device=embeddings.device)
     return _tile(embeddings[ids].detach().float().cpu(), n)
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from fedprompt.dp.accounting import DEFAULT_ACCOUNTANT, check_accountant
+from fedprompt.errors import ConfigError
 from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.training import OPTIMIZERS
 
@@ -28,9 +29,9 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
-            raise ValueError(f"template must contain '{{text}}', got {self.template!r}")
+            raise ConfigError(f"template must contain '{{text}}', got {self.template!r}")
         if len(self.label_names) < 2 or len(self.label_words) != len(self.label_names):
-            raise ValueError("a task needs at least 2 labels and one list of label words per label")
+            raise ConfigError("a task needs at least 2 labels and one list of label words per label")
 
     def to_config(self) -> dict[str, str]:
         d = asdict(self)
@@ -70,16 +71,16 @@ class LocalSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.server_round, bool) or not isinstance(self.server_round, int) or self.server_round < 0:
-            raise ValueError(f"server_round must be a round number >= 0, got {self.server_round!r}")
+            raise ConfigError(f"server_round must be a round number >= 0, got {self.server_round!r}")
         positive_ints(self, "num_rounds", "local_steps", "batch_size", "max_length")
         if self.server_round > self.num_rounds:
-            raise ValueError(f"round {self.server_round} is past the run's {self.num_rounds} rounds")
+            raise ConfigError(f"round {self.server_round} is past the run's {self.num_rounds} rounds")
         finite_numbers(self, "lr", "target_epsilon", "max_grad_norm", positive=True)
         if not 0 <= self.delta < 1:
-            raise ValueError(f"delta must be in [0, 1), got {self.delta!r}")
+            raise ConfigError(f"delta must be in [0, 1), got {self.delta!r}")
         check_accountant(self.accountant)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def to_config(self) -> dict:
         return asdict(self)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedprompt.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -23,7 +25,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available")
+        raise ConfigError(f"device={device!r} was asked for but CUDA is not available")
     return dev
 
 
@@ -39,7 +41,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto`` to ``bf16`` where the hardware has bfloat16 units, else ``fp32``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "bf16" if bf16_is_fast(device) else "fp32"
     return precision

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedprompt.errors import ConfigError
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -14,14 +16,14 @@ def positive_ints(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def non_negative_ints(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not _is_int(value) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 def finite_numbers(obj: Any, *names: str, positive: bool) -> None:
@@ -31,4 +33,4 @@ def finite_numbers(obj: Any, *names: str, positive: bool) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or value < 0 or (positive and value == 0):
             kind = "positive" if positive else "non-negative"
-            raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+            raise ConfigError(f"{name} must be a {kind} finite number, got {value!r}")

@@ -12,7 +12,7 @@ import re
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedprompt.errors import ModelError
+from fedprompt.errors import ConfigError, ModelError
 
 DEFAULT_KEEP = "first3,last3"
 
@@ -37,14 +37,14 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
     """``"first3,last3"``, ``"0-2,27-29"``, ``"0,10,20,29"``, ``"every5"`` (every fifth, plus the last)
     -> sorted distinct layer indices. Negative indices count from the end (``-1`` is the last layer)."""
     if not spec or not spec.strip():
-        raise ValueError("keep-layers is empty; e.g. first3,last3 or 0-2,27-29")
+        raise ConfigError("keep-layers is empty; e.g. first3,last3 or 0-2,27-29")
     keep: set[int] = set()
 
     def index(token: str) -> int:
         i = int(token)
         i = i + num_layers if i < 0 else i
         if not 0 <= i < num_layers:
-            raise ValueError(f"keep-layers {spec!r}: layer {token} is outside 0..{num_layers - 1}")
+            raise ConfigError(f"keep-layers {spec!r}: layer {token} is outside 0..{num_layers - 1}")
         return i
 
     for item in spec.replace(" ", "").split(","):
@@ -55,22 +55,22 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
         elif m := re.fullmatch(r"every(\d+)", item):
             step = int(m[1])
             if step < 1:
-                raise ValueError(f"keep-layers {spec!r}: every needs a positive step")
+                raise ConfigError(f"keep-layers {spec!r}: every needs a positive step")
             keep.update(range(0, num_layers, step))
             keep.add(num_layers - 1)
         elif m := re.fullmatch(r"(-?\d+)-(-?\d+)", item):
             lo, hi = index(m[1]), index(m[2])
             if lo > hi:
-                raise ValueError(f"keep-layers {spec!r}: range {item} runs backwards")
+                raise ConfigError(f"keep-layers {spec!r}: range {item} runs backwards")
             keep.update(range(lo, hi + 1))
         elif re.fullmatch(r"-?\d+", item):
             keep.add(index(item))
         else:
-            raise ValueError(f"keep-layers {spec!r}: cannot read {item!r}; use first3,last3 / 0-2,27-29 / every5")
+            raise ConfigError(f"keep-layers {spec!r}: cannot read {item!r}; use first3,last3 / 0-2,27-29 / every5")
     if not keep:
-        raise ValueError(f"keep-layers {spec!r} keeps no layer")
+        raise ConfigError(f"keep-layers {spec!r} keeps no layer")
     if len(keep) == num_layers:
-        raise ValueError(f"keep-layers {spec!r} keeps all {num_layers} layers: that is the teacher, not a student")
+        raise ConfigError(f"keep-layers {spec!r} keeps all {num_layers} layers: that is the teacher, not a student")
     return sorted(keep)
 
 
@@ -80,7 +80,7 @@ def build_student(teacher: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     prefix, layers = decoder_layers(teacher)
     n = len(layers)
     if not keep or any(not 0 <= i < n for i in keep) or sorted(set(keep)) != list(keep):
-        raise ValueError(f"keep must be sorted distinct layer indices in 0..{n - 1}, got {keep}")
+        raise ConfigError(f"keep must be sorted distinct layer indices in 0..{n - 1}, got {keep}")
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(keep)
     # per-layer settings (Gemma 3's sliding/full attention pattern) follow the layers they belong to

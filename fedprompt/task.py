@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedprompt.datasets import Example
+from fedprompt.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,21 +21,21 @@ class Verbalizer:
     @classmethod
     def build(cls, tokenizer: PreTrainedTokenizerBase, label_words: list[list[str]]) -> Verbalizer:
         if len(label_words) < 2:
-            raise ValueError(f"a verbalizer needs at least 2 classes, got {label_words!r}")
+            raise ConfigError(f"a verbalizer needs at least 2 classes, got {label_words!r}")
         ids = []
         for words in label_words:
             if not words:
-                raise ValueError(f"a class has no label words: {label_words!r}")
+                raise ConfigError(f"a class has no label words: {label_words!r}")
             first = []
             for w in words:
                 toks = tokenizer(w, add_special_tokens=False).input_ids
                 if not toks:
-                    raise ValueError(f"label word {w!r} has no tokens")
+                    raise ConfigError(f"label word {w!r} has no tokens")
                 first.append(toks[0])
             ids.append(tuple(first))
         flat = [t for group in ids for t in set(group)]
         if len(flat) != len(set(flat)):
-            raise ValueError(
+            raise ConfigError(
                 f"label words {label_words!r} share a first token between classes; "
                 "choose words that start differently (e.g. with a leading space)"
             )
@@ -51,7 +52,7 @@ class TemplateEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, max_length: int = 128) -> None:
         if "{text}" not in template:
-            raise ValueError(f"template must contain '{{text}}', got {template!r}")
+            raise ConfigError(f"template must contain '{{text}}', got {template!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length

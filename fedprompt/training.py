@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from fedprompt import datasets as ds_mod
 from fedprompt import zoo
 from fedprompt.datasets import Dataset, Example
+from fedprompt.errors import ConfigError
 from fedprompt.prompt import INIT_METHODS, SoftPrompt, init_from_token_ids, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
@@ -58,11 +59,11 @@ class TuneConfig:
         positive_ints(self, "prompt_length", "steps", "batch_size", "max_length", "eval_batch_size")
         finite_numbers(self, "lr", positive=True)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
+            raise ConfigError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.eval_every < 0 or self.eval_examples < 0:
-            raise ValueError(f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}")
+            raise ConfigError(f"eval_every and eval_examples must be >= 0, got {self.eval_every}, {self.eval_examples}")
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Session:
     ) -> float:
         """Accuracy of ``prompted`` on ``examples`` (batched by length, so little padding is computed)."""
         if not examples:
-            raise ValueError("no examples to evaluate")
+            raise ConfigError("no examples to evaluate")
         prompted.eval()
         encoded = sorted(((self.encoder.encode(e.text), e.label) for e in examples), key=lambda p: len(p[0]))
         correct = 0
@@ -216,7 +217,7 @@ def tune(session: Session, cfg: TuneConfig) -> TuneResult:
     optimizer = make_optimizer(prompted.prompt.parameters(), cfg)
     train = session.encode_split("train")
     if len(train) < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training examples")
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training examples")
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(
         train,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -287,10 +288,14 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: st
             dtype=torch.float32,
             local_files_only=local,
             trust_remote_code=False,
+            use_safetensors=True,  # never unpickle weights (a pickled .bin can run code when loaded)
             attn_implementation=attention or _attention_for(torch.device(device)),
         )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot load model {name_or_path!r} from {folder}: {detail} (only safetensors weights are loaded)"
+        ) from exc
     finally:
         hf_logging.enable_progress_bar()
     model.requires_grad_(False)

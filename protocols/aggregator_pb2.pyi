@@ -129,8 +129,9 @@ class PromptVersion(google.protobuf.message.Message):
     """a discrete prompt (DP-OPT)"""
     parent_id: builtins.str
     metadata_json: builtins.str
-    """provenance and privacy spend (the artifact's fedprompt.json for soft prompts)"""
+    """provenance and privacy spend (the artifact's fedprompt.json for soft prompts),"""
     created_unix: builtins.float
+    """as claimed by created_by: the server checks only that the id hashes the content"""
     created_by: builtins.str
     @property
     def base_model(self) -> global___ModelRef: ...
@@ -409,7 +410,10 @@ class OpenRoundRequest(google.protobuf.message.Message):
     base_version_id: builtins.str
     """when set, finalising stores base + mean update as a new version"""
     clip_range: builtins.float
-    """secure rounds: the quantisation range of each value"""
+    """(secure rounds: exactly, in the order of their indices 1..n); no one else
+    may submit
+    secure rounds: the quantisation range of each value
+    """
     min_clients: builtins.int
     """fewest contributions a round may finalise with (secure: the threshold floor)"""
     @property
@@ -418,7 +422,7 @@ class OpenRoundRequest(google.protobuf.message.Message):
     def shape(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
     @property
     def participants(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
-        """secure rounds: the clients, in the order of their indices 1..n"""
+        """required: the holders invited, unique, at least expected_clients of them"""
 
     def __init__(
         self,
@@ -496,7 +500,7 @@ class SubmitUpdateRequest(google.protobuf.message.Message):
     WEIGHT_FIELD_NUMBER: builtins.int
     round_id: builtins.str
     weight: builtins.float
-    """> 0; the mean is weighted by it"""
+    """ignored: every update of a round weighs the same (a caller's count is a"""
     @property
     def base_model(self) -> global___ModelRef: ...
     @property
@@ -778,6 +782,7 @@ class PushUpdateRequest(google.protobuf.message.Message):
     base_version_id: builtins.str
     """the version the client trained from"""
     weight: builtins.float
+    """ignored: an update weighs (1 + staleness) ** -exponent, computed by the"""
     @property
     def base_model(self) -> global___ModelRef: ...
     @property

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class PromptRegistryStub:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +69,9 @@ class PromptRegistryStub:
 
 
 class PromptRegistryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
 
     def PublishVersion(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -147,7 +151,9 @@ def add_PromptRegistryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PromptRegistry:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
 
     @staticmethod
     def PublishVersion(request,

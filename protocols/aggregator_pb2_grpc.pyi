@@ -20,6 +20,10 @@ class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type:
     ...
 
 class PromptRegistryStub:
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
+
     def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
     PublishVersion: grpc.UnaryUnaryMultiCallable[
         fedprompt.protocols.aggregator_pb2.PublishVersionRequest,
@@ -52,6 +56,10 @@ class PromptRegistryStub:
     ]
 
 class PromptRegistryAsyncStub:
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
+
     PublishVersion: grpc.aio.UnaryUnaryMultiCallable[
         fedprompt.protocols.aggregator_pb2.PublishVersionRequest,
         fedprompt.protocols.aggregator_pb2.PromptVersion,
@@ -83,6 +91,10 @@ class PromptRegistryAsyncStub:
     ]
 
 class PromptRegistryServicer(metaclass=abc.ABCMeta):
+    """Publishing versions and task vectors and composing are the coordinator's; holders get PERMISSION_DENIED
+    for them and may read.
+    """
+
     @abc.abstractmethod
     def PublishVersion(
         self,

@@ -1,23 +1,20 @@
-"""A client's side of SecAgg+ (the protocol is described in ``fedprompt.protocols.secagg``)."""
+"""A client's side of SecAgg+ against a malicious server (the protocol: ``fedprompt.protocols.secagg``)."""
 
 from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
 from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import (
-    STAGE_KEYS,
-    STAGE_MASKED,
-    STAGE_SETUP,
-    STAGE_SHARES,
-    SecAggRefused,
-)
+from fedprompt.protocols.secagg import DEFAULT_COLLUDERS, SecAggRefused
 from fedprompt.protocols.secagg_pb2 import (
+    ConsistencyCheck,
+    ConsistencySignature,
     EncryptedShare,
     KeyAdvertisement,
     KeyBundle,
@@ -32,22 +29,28 @@ from fedprompt.protocols.secagg_pb2 import (
     UnmaskResponse,
 )
 
-# ---------------------------------------------------------------------------------------------------- client
+# the client's answers, in the order the server's stages ask for them
+_ADVERTISE, _SHARE_KEYS, _MASK, _SIGN, _UNMASK = range(5)
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who the client is and whom it trusts, known before any round from its own files: its node name and
+    identity key, and the identity keys of the nodes it accepts as peers (its copy of ``nodes/*/node.pub``)."""
+
+    name: str
+    signing_key: ec.EllipticCurvePrivateKey
+    roster: dict[str, ec.EllipticCurvePublicKey]
+    min_cohort: int = 3  # the fewest clients a round may have
+    colluders: int = DEFAULT_COLLUDERS  # clients that may collude with the server, which the threshold must resist
 
 
 class SecAggClient:
     """One client's side. Holds its secrets for one round only and refuses any request that would reveal both
-    secrets of a peer, that concerns a non-neighbour, or that comes out of order."""
+    secrets of a peer, that concerns a non-neighbour, that does not follow from the survivors its neighbourhood
+    signed, or that comes out of order."""
 
-    def __init__(
-        self,
-        setup: SecAggSetup,
-        vector: np.ndarray,
-        *,
-        signing_key: ec.EllipticCurvePrivateKey | None = None,
-        peer_keys: dict[int, ec.EllipticCurvePublicKey] | None = None,
-    ) -> None:
-        """`peer_keys` (optional): the identity keys of the neighbours, to check their signatures as well."""
+    def __init__(self, setup: SecAggSetup, vector: np.ndarray, identity: ClientIdentity) -> None:
         n, me = setup.num_clients, setup.client_index
         neighbours = set(setup.neighbours)
         if not setup.round_id:
@@ -56,34 +59,38 @@ class SecAggClient:
             raise SecAggRefused(f"setup: bad client index {me} or neighbour list")
         if any(not 1 <= v <= n for v in neighbours):
             raise SecAggRefused("setup: a neighbour index outside 1..num_clients")
-        k = len(neighbours)
-        if not (2 * setup.threshold > k + 1 and setup.threshold <= k + 1):
-            raise SecAggRefused(f"setup: threshold {setup.threshold} is not a strict majority of {k + 1} holders")
+        if n < identity.min_cohort:
+            raise SecAggRefused(f"setup: a round of {n} clients; this client needs at least {identity.min_cohort}")
+        k, t = len(neighbours), setup.threshold
+        if not (2 * t > k + 1 + identity.colluders and t <= k + 1):
+            raise SecAggRefused(
+                f"setup: threshold {t} of {k + 1} holders does not resist {identity.colluders} colluding client(s) "
+                f"(needs 2t > {k + 1 + identity.colluders})"
+            )
         if setup.modulus_bits != sc.MODULUS_BITS:
             raise SecAggRefused(f"setup: modulus_bits {setup.modulus_bits}; this client supports {sc.MODULUS_BITS}")
         if not 2 <= setup.quant_bits <= sc.quant_bits_for(n):
             raise SecAggRefused(f"setup: quant_bits {setup.quant_bits} lets the sum of {n} inputs overflow")
         if not (setup.clip_range > 0 and math.isfinite(setup.clip_range)):
             raise SecAggRefused("setup: clip_range must be positive and finite")
+        self._peer_keys = _peer_keys(setup, identity, me, neighbours)
         vec = np.asarray(vector)
         if vec.ndim != 1 or vec.shape[0] != setup.vector_length:
             raise SecAggRefused(f"vector of shape {vec.shape}, expected ({setup.vector_length},)")
         if not np.all(np.isfinite(vec)):
             raise SecAggRefused("vector holds NaN or infinite values")
-        if setup.require_signatures and signing_key is None:
-            raise SecAggRefused("the round requires signed keys and no signing key was given")
         self.setup = setup
         self.index = me
         self.neighbours = frozenset(neighbours)
         self._vector = vec.astype(np.float32, copy=False)
-        self._signing_key = signing_key
-        self._peer_keys = peer_keys
-        self._stage = STAGE_SETUP
+        self._signing_key = identity.signing_key
+        self._stage = _ADVERTISE
         self.quantised: np.ndarray | None = None
         self._peers: dict[int, KeyAdvertisement] = {}
         self._senders: set[int] = set()
         self._b_shares: dict[int, bytes] = {}
         self._s_shares: dict[int, bytes] = {}
+        self._survivors: frozenset[int] | None = None
 
     def _enter(self, stage: int, name: str) -> None:
         if self._stage != stage:
@@ -91,19 +98,24 @@ class SecAggClient:
         self._stage = stage + 1  # set before the work: a failed stage cannot be retried with other inputs
 
     def advertise(self) -> KeyAdvertisement:
-        self._enter(STAGE_SETUP, "advertise")
+        self._enter(_ADVERTISE, "advertise")
+        rid = self.setup.round_id
         self._enc_sk, enc_pk = sc.new_keypair()
         self._mask_sk, mask_pk = sc.new_keypair()
-        sig = b""
-        if self._signing_key is not None:
-            sig = sc.sign(self._signing_key, sc.advertisement_bytes(self.setup.round_id, self.index, enc_pk, mask_pk))
+        self._b = secrets.token_bytes(sc.SECRET_BYTES)
+        commitment = sc.commit_seed(rid, self.index, self._b)
+        signed = sc.advertisement_bytes(rid, self.index, enc_pk, mask_pk, commitment)
         self._own = KeyAdvertisement(
-            client_index=self.index, encryption_public_key=enc_pk, mask_public_key=mask_pk, signature=sig
+            client_index=self.index,
+            encryption_public_key=enc_pk,
+            mask_public_key=mask_pk,
+            signature=sc.sign(self._signing_key, signed),
+            self_mask_commitment=commitment,
         )
         return self._own
 
     def share_keys(self, bundle: KeyBundle) -> ShareKeys:
-        self._enter(STAGE_KEYS, "share_keys")
+        self._enter(_SHARE_KEYS, "share_keys")
         rid, t = self.setup.round_id, self.setup.threshold
         peers: dict[int, KeyAdvertisement] = {}
         keys = {self._own.encryption_public_key, self._own.mask_public_key}
@@ -113,21 +125,20 @@ class SecAggClient:
                 raise SecAggRefused(f"client {self.index}: key bundle lists {v}, not a (single) neighbour")
             if len(adv.encryption_public_key) != sc.KEY_BYTES or len(adv.mask_public_key) != sc.KEY_BYTES:
                 raise SecAggRefused(f"client {self.index}: neighbour {v}'s keys are not 32 bytes")
-            if {
-                adv.encryption_public_key,
-                adv.mask_public_key,
-            } & keys or adv.encryption_public_key == adv.mask_public_key:
+            if {adv.encryption_public_key, adv.mask_public_key} & keys or (
+                adv.encryption_public_key == adv.mask_public_key
+            ):
                 raise SecAggRefused(f"client {self.index}: neighbour {v} reuses a public key")
             keys |= {adv.encryption_public_key, adv.mask_public_key}
-            if self._peer_keys is not None:
-                msg = sc.advertisement_bytes(rid, v, adv.encryption_public_key, adv.mask_public_key)
-                if v not in self._peer_keys or not sc.verify(self._peer_keys[v], msg, adv.signature):
-                    raise SecAggRefused(f"client {self.index}: neighbour {v}'s keys are not signed by its identity")
+            msg = sc.advertisement_bytes(
+                rid, v, adv.encryption_public_key, adv.mask_public_key, adv.self_mask_commitment
+            )
+            if not sc.verify(self._peer_keys[v], msg, adv.signature):
+                raise SecAggRefused(f"client {self.index}: neighbour {v}'s keys are not signed by its identity")
             peers[v] = adv
         if len(peers) + 1 < t:
             raise SecAggRefused(f"client {self.index}: {len(peers)} neighbours left, its secrets need {t} holders")
         self._peers = peers
-        self._b = secrets.token_bytes(sc.SECRET_BYTES)
         holders = [*sorted(peers), self.index]
         b_sh = sc.shamir_split(self._b, t, holders)
         s_sh = sc.shamir_split(sc.private_bytes(self._mask_sk), t, holders)
@@ -142,7 +153,7 @@ class SecAggClient:
         return ShareKeys(client_index=self.index, shares=out)
 
     def masked_input(self, bundle: ShareBundle) -> MaskedInput:
-        self._enter(STAGE_SHARES, "masked_input")
+        self._enter(_MASK, "masked_input")
         rid, me = self.setup.round_id, self.index
         for es in bundle.shares:
             u = es.sender
@@ -176,9 +187,29 @@ class SecAggClient:
         self._vector = None  # the input is not needed any more
         return MaskedInput(client_index=me, masked=masked.astype("<u4").tobytes())
 
+    def sign_survivors(self, check: ConsistencyCheck) -> ConsistencySignature:
+        """Sign the one set of survivors this client accepts for the round; a second set is never signed."""
+        self._enter(_SIGN, "sign_survivors")
+        me, t = self.index, self.setup.threshold
+        survivors = list(check.survivors)
+        if len(set(survivors)) != len(survivors) or any(not 1 <= u <= self.setup.num_clients for u in survivors):
+            raise SecAggRefused(f"client {me}: the survivors repeat a client or name one outside the round")
+        members = frozenset(survivors)
+        if me not in members:
+            raise SecAggRefused(f"client {me}: its masked input was sent but it is not among the survivors")
+        if len(members) < self.setup.threshold or len(members) < 2:
+            raise SecAggRefused(f"client {me}: {len(members)} survivors, fewer than the threshold")
+        if len((self.neighbours | {me}) & members) < t:
+            # Bell et al.: with fewer live neighbours than the threshold the server could be isolating one input
+            raise SecAggRefused(f"client {me}: only {len((self.neighbours | {me}) & members)} live holders of t = {t}")
+        self._survivors = members
+        signature = sc.sign(self._signing_key, sc.consistency_bytes(self.setup.round_id, sorted(members)))
+        return ConsistencySignature(client_index=me, signature=signature)
+
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        self._enter(STAGE_MASKED, "unmask")
-        me = self.index
+        self._enter(_UNMASK, "unmask")
+        me, t, survivors = self.index, self.setup.threshold, self._survivors
+        assert survivors is not None
         alive, dead = list(request.self_mask_owners), list(request.key_owners)
         if len(set(alive)) != len(alive) or len(set(dead)) != len(dead):
             raise SecAggRefused(f"client {me}: unmask request repeats an owner")
@@ -193,14 +224,42 @@ class SecAggClient:
         unknown = (set(alive) | set(dead)) - self._senders - {me}
         if unknown:
             raise SecAggRefused(f"client {me}: holds no shares of {sorted(unknown)}")
-        if len(set(alive) | {me}) < self.setup.threshold:
-            # Bell et al.: with fewer live neighbours than the threshold the server could be isolating one input.
-            raise SecAggRefused(f"client {me}: only {len(set(alive) | {me})} live holders, fewer than the threshold")
-        return UnmaskResponse(
+        # the request must follow from the one set of survivors this client signed: b shares for exactly the
+        # neighbours in it, s shares only for neighbours outside it
+        if set(alive) != ((self.neighbours | {me}) & survivors & (self._senders | {me})) or set(dead) & survivors:
+            raise SecAggRefused(f"client {me}: the unmask request does not follow from the survivors it signed")
+        signed = self._valid_signatures(request)
+        if len(signed) < t:
+            raise SecAggRefused(
+                f"client {me}: {len(signed)} valid signatures of its neighbourhood over the survivors, fewer than {t}"
+            )
+        response = UnmaskResponse(
             client_index=me,
             self_mask_shares=[RevealedShare(owner=u, share=self._b_shares[u]) for u in alive],
             key_shares=[RevealedShare(owner=u, share=self._s_shares[u]) for u in dead],
         )
+        self._forget()
+        return response
+
+    def _valid_signatures(self, request: UnmaskRequest) -> set[int]:
+        """The signers of (N(me) ∪ {me}) ∩ survivors whose signature over the survivors verifies."""
+        assert self._survivors is not None
+        message = sc.consistency_bytes(self.setup.round_id, sorted(self._survivors))
+        eligible = (self.neighbours | {self.index}) & self._survivors
+        valid = set()
+        for s in request.signatures:
+            if s.signer in valid or s.signer not in eligible:
+                continue
+            if sc.verify(self._peer_keys[s.signer], message, s.signature):
+                valid.add(s.signer)
+        return valid
+
+    def _forget(self) -> None:
+        """Drop every secret of the round: nothing more is ever revealed (the stage counter is past the end)."""
+        self._b = b""
+        self._enc_sk = self._mask_sk = None
+        self._b_shares.clear()
+        self._s_shares.clear()
 
     def handle(self, message: SecAggMessage) -> SecAggMessage:
         """Transport-facing dispatcher: the server's message for the next stage in, the client's reply out."""
@@ -213,6 +272,26 @@ class SecAggClient:
             return SecAggMessage(share_keys=self.share_keys(message.key_bundle))
         if kind == "share_bundle":
             return SecAggMessage(masked_input=self.masked_input(message.share_bundle))
+        if kind == "consistency_check":
+            return SecAggMessage(consistency_signature=self.sign_survivors(message.consistency_check))
         if kind == "unmask_request":
             return SecAggMessage(unmask_response=self.unmask(message.unmask_request))
         raise SecAggRefused(f"client {self.index}: a client does not accept a {kind} message")
+
+
+def _peer_keys(setup: SecAggSetup, identity: ClientIdentity, me: int, neighbours: set[int]) -> dict[int, object]:
+    """The identity key of this client and of each neighbour, by index, from the client's own roster."""
+    names = dict(setup.node_names)
+    if names.get(me) != identity.name:
+        raise SecAggRefused(f"setup: index {me} is named {names.get(me)!r}, this client is {identity.name!r}")
+    keys = {me: identity.signing_key.public_key()}
+    seen = {identity.name}
+    for v in sorted(neighbours):
+        name = names.get(v)
+        if name is None or name in seen:
+            raise SecAggRefused(f"setup: neighbour {v} has no node name, or one already used ({name!r})")
+        if name not in identity.roster:
+            raise SecAggRefused(f"setup: neighbour {v} is {name!r}, not a node this client knows")
+        seen.add(name)
+        keys[v] = identity.roster[name]
+    return keys

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -36,7 +36,9 @@ _INFO_SHARE = b"fedprompt/secagg/v1/share-encryption"
 _INFO_PAIRWISE = b"fedprompt/secagg/v1/pairwise-mask"
 _NONCE_SELF = b"\x00" * 8 + b"selfmask"
 _NONCE_PAIR = b"\x00" * 8 + b"pairmask"
-_SIGNATURE_LABEL = b"fedprompt/secagg/v1/key-advertisement"
+_SIGNATURE_LABEL = b"fedprompt/secagg/v2/key-advertisement"
+_CONSISTENCY_LABEL = b"fedprompt/secagg/v2/survivors"
+_COMMITMENT_LABEL = b"fedprompt/secagg/v2/self-mask-commitment"
 
 
 class CryptoError(ValueError):
@@ -120,21 +122,38 @@ def decrypt(key: bytes, blob: bytes, *, round_id: str, sender: int, receiver: in
 # ------------------------------------------------------------------------------------------------- signatures
 
 
-def advertisement_bytes(round_id: str, client_index: int, encryption_key: bytes, mask_key: bytes) -> bytes:
+def _field(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+def advertisement_bytes(
+    round_id: str, client_index: int, encryption_key: bytes, mask_key: bytes, commitment: bytes
+) -> bytes:
     """The canonical byte string a node signs: length-prefixed, so no two distinct tuples encode alike."""
-    rid = round_id.encode()
     return b"".join(
         [
             _SIGNATURE_LABEL,
-            struct.pack(">I", len(rid)),
-            rid,
+            _field(round_id.encode()),
             struct.pack(">I", client_index),
-            struct.pack(">I", len(encryption_key)),
-            encryption_key,
-            struct.pack(">I", len(mask_key)),
-            mask_key,
+            _field(encryption_key),
+            _field(mask_key),
+            _field(commitment),
         ]
     )
+
+
+def consistency_bytes(round_id: str, survivors: list[int]) -> bytes:
+    """What every survivor signs in the consistency round: the round and the sorted set of survivors."""
+    members = sorted(set(survivors))
+    return _CONSISTENCY_LABEL + _field(round_id.encode()) + struct.pack(f">I{len(members)}I", len(members), *members)
+
+
+def commit_seed(round_id: str, client_index: int, seed: bytes) -> bytes:
+    """A hiding, binding commitment to a 32-byte uniform seed (SHA-256 in a domain of its own): the server can check
+    a reconstructed self-mask seed against it, and learns nothing of the seed from it."""
+    h = hashes.Hash(hashes.SHA256())
+    h.update(_COMMITMENT_LABEL + _field(round_id.encode()) + struct.pack(">I", client_index) + _field(seed))
+    return h.finalize()
 
 
 def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
@@ -148,13 +167,6 @@ def verify(key: ec.EllipticCurvePublicKey, message: bytes, signature: bytes) -> 
     except (InvalidSignature, ValueError):
         return False
     return True
-
-
-def load_verify_key(pem: bytes) -> ec.EllipticCurvePublicKey:
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CryptoError("a node identity key must be an EC public key")
-    return key
 
 
 # ------------------------------------------------------------------------------------- Shamir secret sharing
@@ -206,14 +218,61 @@ def lagrange_at_zero(points: dict[int, int]) -> int:
 
 
 def shamir_combine(shares: dict[int, bytes], threshold: int) -> bytes:
-    """The 32-byte secret from at least `threshold` shares ({x: share}); uses the first `threshold`."""
+    """The 32-byte secret from at least `threshold` shares ({x: share}).
+
+    Every share beyond the first `threshold` is checked against the polynomial those define: a share that does
+    not lie on it raises :class:`InconsistentShares` naming the points that disagree, so a wrong share is caught
+    wherever more than `threshold` of them arrived."""
     if len(shares) < threshold:
         raise CryptoError(f"{len(shares)} shares cannot reconstruct a secret that needs {threshold}")
-    pts = {x: share_from_bytes(s) for x, s in list(shares.items())[:threshold]}
-    value = lagrange_at_zero(pts)
+    pts = {x: share_from_bytes(s) for x, s in shares.items()}
+    xs = sorted(pts)
+    base = {x: pts[x] for x in xs[:threshold]}
+    off = [x for x in xs[threshold:] if _lagrange_at(base, x) != pts[x]]
+    if off:
+        raise InconsistentShares(off, f"shares at {off} do not lie on the polynomial of the others")
+    value = lagrange_at_zero(base)
     if value >> (8 * SECRET_BYTES):
         raise CryptoError("the shares do not interpolate to a 32-byte secret (inconsistent or forged shares)")
     return value.to_bytes(SECRET_BYTES, "big")
+
+
+class InconsistentShares(CryptoError):
+    """Shares of one secret that do not lie on one polynomial."""
+
+    def __init__(self, points: list[int], message: str) -> None:
+        super().__init__(message)
+        self.points = points
+
+
+def odd_share_out(shares: dict[int, bytes], threshold: int) -> int | None:
+    """The one point whose share disagrees with all the others, when that can be told: with at least
+    ``threshold`` + 2 shares, removing a single wrong share leaves the rest on one polynomial, and removing any
+    right one does not. None when no single removal makes them agree or more than one does."""
+    if len(shares) < threshold + 2:
+        return None
+    pts = {x: share_from_bytes(s) for x, s in shares.items()}
+    fits = []
+    for out in pts:
+        rest = {x: y for x, y in pts.items() if x != out}
+        xs = sorted(rest)
+        base = {x: rest[x] for x in xs[:threshold]}
+        if all(_lagrange_at(base, x) == rest[x] for x in xs[threshold:]):
+            fits.append(out)
+    return fits[0] if len(fits) == 1 else None
+
+
+def _lagrange_at(points: dict[int, int], at: int) -> int:
+    """The value at ``at`` of the polynomial through ``points``."""
+    total = 0
+    for xi, yi in points.items():
+        num, den = 1, 1
+        for xj in points:
+            if xj != xi:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
+    return total
 
 
 # ------------------------------------------------------------------------------------------------------ masks

@@ -24,35 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedprompt/protocols/secagg.proto\x12\x0c\x66\x65\x64prompt.v1\"\xe2\x01\n\x0bSecAggSetup\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x03(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cmodulus_bits\x18\x06 \x01(\r\x12\x12\n\nquant_bits\x18\x07 \x01(\r\x12\x12\n\nclip_range\x18\x08 \x01(\x01\x12\x15\n\rvector_length\x18\t \x01(\r\x12\x1a\n\x12require_signatures\x18\n \x01(\x08\"s\n\x10KeyAdvertisement\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x1d\n\x15\x65ncryption_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"?\n\tKeyBundle\x12\x32\n\nneighbours\x18\x01 \x03(\x0b\x32\x1e.fedprompt.v1.KeyAdvertisement\"F\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"^\n\x0eSharePlaintext\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x17\n\x0fself_mask_share\x18\x03 \x01(\x0c\x12\x11\n\tkey_share\x18\x04 \x01(\x0c\"O\n\tShareKeys\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12,\n\x06shares\x18\x02 \x03(\x0b\x32\x1c.fedprompt.v1.EncryptedShare\";\n\x0bShareBundle\x12,\n\x06shares\x18\x01 \x03(\x0b\x32\x1c.fedprompt.v1.EncryptedShare\"3\n\x0bMaskedInput\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x0e\n\x06masked\x18\x02 \x01(\x0c\"=\n\rUnmaskRequest\x12\x18\n\x10self_mask_owners\x18\x01 \x03(\r\x12\x12\n\nkey_owners\x18\x02 \x03(\r\"-\n\rRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"\x8e\x01\n\x0eUnmaskResponse\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x35\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x1b.fedprompt.v1.RevealedShare\x12/\n\nkey_shares\x18\x03 \x03(\x0b\x32\x1b.fedprompt.v1.RevealedShare\"\xb4\x03\n\rSecAggMessage\x12*\n\x05setup\x18\x01 \x01(\x0b\x32\x19.fedprompt.v1.SecAggSetupH\x00\x12;\n\x11key_advertisement\x18\x02 \x01(\x0b\x32\x1e.fedprompt.v1.KeyAdvertisementH\x00\x12-\n\nkey_bundle\x18\x03 \x01(\x0b\x32\x17.fedprompt.v1.KeyBundleH\x00\x12-\n\nshare_keys\x18\x04 \x01(\x0b\x32\x17.fedprompt.v1.ShareKeysH\x00\x12\x31\n\x0cshare_bundle\x18\x05 \x01(\x0b\x32\x19.fedprompt.v1.ShareBundleH\x00\x12\x31\n\x0cmasked_input\x18\x06 \x01(\x0b\x32\x19.fedprompt.v1.MaskedInputH\x00\x12\x35\n\x0eunmask_request\x18\x07 \x01(\x0b\x32\x1b.fedprompt.v1.UnmaskRequestH\x00\x12\x37\n\x0funmask_response\x18\x08 \x01(\x0b\x32\x1c.fedprompt.v1.UnmaskResponseH\x00\x42\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedprompt/protocols/secagg.proto\x12\x0c\x66\x65\x64prompt.v1\"\xd2\x02\n\x0bSecAggSetup\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x03(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cmodulus_bits\x18\x06 \x01(\r\x12\x12\n\nquant_bits\x18\x07 \x01(\r\x12\x12\n\nclip_range\x18\x08 \x01(\x01\x12\x15\n\rvector_length\x18\t \x01(\r\x12\x1a\n\x12require_signatures\x18\n \x01(\x08\x12<\n\nnode_names\x18\x0b \x03(\x0b\x32(.fedprompt.v1.SecAggSetup.NodeNamesEntry\x1a\x30\n\x0eNodeNamesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x10KeyAdvertisement\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x1d\n\x15\x65ncryption_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x1c\n\x14self_mask_commitment\x18\x05 \x01(\x0c\"?\n\tKeyBundle\x12\x32\n\nneighbours\x18\x01 \x03(\x0b\x32\x1e.fedprompt.v1.KeyAdvertisement\"F\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"^\n\x0eSharePlaintext\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x17\n\x0fself_mask_share\x18\x03 \x01(\x0c\x12\x11\n\tkey_share\x18\x04 \x01(\x0c\"O\n\tShareKeys\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12,\n\x06shares\x18\x02 \x03(\x0b\x32\x1c.fedprompt.v1.EncryptedShare\";\n\x0bShareBundle\x12,\n\x06shares\x18\x01 \x03(\x0b\x32\x1c.fedprompt.v1.EncryptedShare\"3\n\x0bMaskedInput\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x0e\n\x06masked\x18\x02 \x01(\x0c\"%\n\x10\x43onsistencyCheck\x12\x11\n\tsurvivors\x18\x01 \x03(\r\"?\n\x14\x43onsistencySignature\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"6\n\x11SurvivorSignature\x12\x0e\n\x06signer\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"r\n\rUnmaskRequest\x12\x18\n\x10self_mask_owners\x18\x01 \x03(\r\x12\x12\n\nkey_owners\x18\x02 \x03(\r\x12\x33\n\nsignatures\x18\x03 \x03(\x0b\x32\x1f.fedprompt.v1.SurvivorSignature\"-\n\rRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"\x8e\x01\n\x0eUnmaskResponse\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\r\x12\x35\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x1b.fedprompt.v1.RevealedShare\x12/\n\nkey_shares\x18\x03 \x03(\x0b\x32\x1b.fedprompt.v1.RevealedShare\"\xb6\x04\n\rSecAggMessage\x12*\n\x05setup\x18\x01 \x01(\x0b\x32\x19.fedprompt.v1.SecAggSetupH\x00\x12;\n\x11key_advertisement\x18\x02 \x01(\x0b\x32\x1e.fedprompt.v1.KeyAdvertisementH\x00\x12-\n\nkey_bundle\x18\x03 \x01(\x0b\x32\x17.fedprompt.v1.KeyBundleH\x00\x12-\n\nshare_keys\x18\x04 \x01(\x0b\x32\x17.fedprompt.v1.ShareKeysH\x00\x12\x31\n\x0cshare_bundle\x18\x05 \x01(\x0b\x32\x19.fedprompt.v1.ShareBundleH\x00\x12\x31\n\x0cmasked_input\x18\x06 \x01(\x0b\x32\x19.fedprompt.v1.MaskedInputH\x00\x12\x35\n\x0eunmask_request\x18\x07 \x01(\x0b\x32\x1b.fedprompt.v1.UnmaskRequestH\x00\x12\x37\n\x0funmask_response\x18\x08 \x01(\x0b\x32\x1c.fedprompt.v1.UnmaskResponseH\x00\x12;\n\x11\x63onsistency_check\x18\t \x01(\x0b\x32\x1e.fedprompt.v1.ConsistencyCheckH\x00\x12\x43\n\x15\x63onsistency_signature\x18\n \x01(\x0b\x32\".fedprompt.v1.ConsistencySignatureH\x00\x42\x06\n\x04\x62odyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedprompt.protocols.secagg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SECAGGSETUP_NODENAMESENTRY']._loaded_options = None
+  _globals['_SECAGGSETUP_NODENAMESENTRY']._serialized_options = b'8\001'
   _globals['_SECAGGSETUP']._serialized_start=51
-  _globals['_SECAGGSETUP']._serialized_end=277
-  _globals['_KEYADVERTISEMENT']._serialized_start=279
-  _globals['_KEYADVERTISEMENT']._serialized_end=394
-  _globals['_KEYBUNDLE']._serialized_start=396
-  _globals['_KEYBUNDLE']._serialized_end=459
-  _globals['_ENCRYPTEDSHARE']._serialized_start=461
-  _globals['_ENCRYPTEDSHARE']._serialized_end=531
-  _globals['_SHAREPLAINTEXT']._serialized_start=533
-  _globals['_SHAREPLAINTEXT']._serialized_end=627
-  _globals['_SHAREKEYS']._serialized_start=629
-  _globals['_SHAREKEYS']._serialized_end=708
-  _globals['_SHAREBUNDLE']._serialized_start=710
-  _globals['_SHAREBUNDLE']._serialized_end=769
-  _globals['_MASKEDINPUT']._serialized_start=771
-  _globals['_MASKEDINPUT']._serialized_end=822
-  _globals['_UNMASKREQUEST']._serialized_start=824
-  _globals['_UNMASKREQUEST']._serialized_end=885
-  _globals['_REVEALEDSHARE']._serialized_start=887
-  _globals['_REVEALEDSHARE']._serialized_end=932
-  _globals['_UNMASKRESPONSE']._serialized_start=935
-  _globals['_UNMASKRESPONSE']._serialized_end=1077
-  _globals['_SECAGGMESSAGE']._serialized_start=1080
-  _globals['_SECAGGMESSAGE']._serialized_end=1516
+  _globals['_SECAGGSETUP']._serialized_end=389
+  _globals['_SECAGGSETUP_NODENAMESENTRY']._serialized_start=341
+  _globals['_SECAGGSETUP_NODENAMESENTRY']._serialized_end=389
+  _globals['_KEYADVERTISEMENT']._serialized_start=392
+  _globals['_KEYADVERTISEMENT']._serialized_end=537
+  _globals['_KEYBUNDLE']._serialized_start=539
+  _globals['_KEYBUNDLE']._serialized_end=602
+  _globals['_ENCRYPTEDSHARE']._serialized_start=604
+  _globals['_ENCRYPTEDSHARE']._serialized_end=674
+  _globals['_SHAREPLAINTEXT']._serialized_start=676
+  _globals['_SHAREPLAINTEXT']._serialized_end=770
+  _globals['_SHAREKEYS']._serialized_start=772
+  _globals['_SHAREKEYS']._serialized_end=851
+  _globals['_SHAREBUNDLE']._serialized_start=853
+  _globals['_SHAREBUNDLE']._serialized_end=912
+  _globals['_MASKEDINPUT']._serialized_start=914
+  _globals['_MASKEDINPUT']._serialized_end=965
+  _globals['_CONSISTENCYCHECK']._serialized_start=967
+  _globals['_CONSISTENCYCHECK']._serialized_end=1004
+  _globals['_CONSISTENCYSIGNATURE']._serialized_start=1006
+  _globals['_CONSISTENCYSIGNATURE']._serialized_end=1069
+  _globals['_SURVIVORSIGNATURE']._serialized_start=1071
+  _globals['_SURVIVORSIGNATURE']._serialized_end=1125
+  _globals['_UNMASKREQUEST']._serialized_start=1127
+  _globals['_UNMASKREQUEST']._serialized_end=1241
+  _globals['_REVEALEDSHARE']._serialized_start=1243
+  _globals['_REVEALEDSHARE']._serialized_end=1288
+  _globals['_UNMASKRESPONSE']._serialized_start=1291
+  _globals['_UNMASKRESPONSE']._serialized_end=1433
+  _globals['_SECAGGMESSAGE']._serialized_start=1436
+  _globals['_SECAGGMESSAGE']._serialized_end=2002
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,9 @@
-"""The aggregation server's side of SecAgg+ (the protocol is described in ``fedprompt.protocols.secagg``)."""
+"""The aggregation server's side of SecAgg+ against a malicious server (the protocol: ``fedprompt.protocols.secagg``).
+
+The server is the party the protocol does not trust; what it checks here is the clients: signatures, shapes,
+shares against commitments, the range of the sum. Every failure of a client's material either drops that client
+(while the round can still finish) or aborts the round with :class:`SecAggAbort`; nothing ends as a wrong mean.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedprompt.protocols import secagg_crypto as sc
 from fedprompt.protocols.secagg import (
+    DEFAULT_COLLUDERS,
     MAX_CIPHERTEXT,
+    STAGE_CONSISTENCY,
     STAGE_DONE,
     STAGE_KEYS,
     STAGE_MASKED,
@@ -19,6 +26,8 @@ from fedprompt.protocols.secagg import (
     plan,
 )
 from fedprompt.protocols.secagg_pb2 import (
+    ConsistencyCheck,
+    ConsistencySignature,
     EncryptedShare,
     KeyAdvertisement,
     KeyBundle,
@@ -27,6 +36,7 @@ from fedprompt.protocols.secagg_pb2 import (
     SecAggSetup,
     ShareBundle,
     ShareKeys,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -45,10 +55,12 @@ class SecAggServer:
         clip_range: float,
         *,
         min_clients: int,
+        identities: dict[int, tuple[str, ec.EllipticCurvePublicKey]],
         neighbourhood: int | None = None,
         threshold: int | None = None,
-        verify_keys: dict[int, ec.EllipticCurvePublicKey] | None = None,
+        colluders: int = DEFAULT_COLLUDERS,
     ) -> None:
+        """``identities``: for each client index, its node name and identity key (the registered node keys)."""
         if not round_id:
             raise ValueError("round_id must be non-empty: keys and ciphertexts are bound to it")
         self.round_id = str(round_id)
@@ -58,12 +70,17 @@ class SecAggServer:
             clip_range,
             neighbourhood=neighbourhood,
             threshold=threshold,
-            require_signatures=verify_keys is not None,
+            colluders=colluders,
         )
         if not 2 <= min_clients <= num_clients:
             raise ValueError(f"min_clients must be in 2..{num_clients} (one survivor's sum is its input)")
+        if set(identities) != set(range(1, num_clients + 1)):
+            raise ValueError("every client index needs a node name and identity key")
+        if len({name for name, _ in identities.values()}) != num_clients:
+            raise ValueError("two clients share a node name")
         self.min_clients = int(min_clients)
-        self.verify_keys = dict(verify_keys) if verify_keys is not None else None
+        self.names = {i: name for i, (name, _) in identities.items()}
+        self.verify_keys = {i: key for i, (_, key) in identities.items()}
         self.neighbours: dict[int, frozenset[int]] = {}
         self.rejected: dict[int, str] = {}
         self.result: tuple[np.ndarray, list[int]] | None = None
@@ -74,6 +91,7 @@ class SecAggServer:
         self._u2: set[int] = set()
         self._u3: set[int] = set()
         self._masked_sum: np.ndarray | None = None
+        self._signatures: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] = {}
 
     @property
@@ -146,7 +164,8 @@ class SecAggServer:
                 quant_bits=p.quant_bits,
                 clip_range=p.clip_range,
                 vector_length=p.vector_length,
-                require_signatures=p.require_signatures,
+                require_signatures=True,
+                node_names={j: self.names[j] for j in self.neighbours[i] | {i}},
             )
             for i in range(1, p.num_clients + 1)
         }
@@ -162,7 +181,9 @@ class SecAggServer:
                 self._reject(idx, "keys: a public key is not 32 bytes")
             elif adv.encryption_public_key == adv.mask_public_key:
                 self._reject(idx, "keys: the same key for encryption and masks")
-            elif self.plan.require_signatures and not self._signed(idx, adv):
+            elif len(adv.self_mask_commitment) != 32:
+                self._reject(idx, "keys: no commitment to the self-mask seed")
+            elif not self._signed(idx, adv):
                 self._reject(idx, "keys: missing or invalid signature")
             else:
                 good[idx] = adv
@@ -182,11 +203,12 @@ class SecAggServer:
         return {u: KeyBundle(neighbours=[self._adverts[v] for v in sorted(self.neighbours[u] & alive)]) for u in alive}
 
     def _signed(self, idx: int, adv: KeyAdvertisement) -> bool:
-        key = (self.verify_keys or {}).get(idx)
-        if key is None or not adv.signature:
+        if not adv.signature:
             return False
-        msg = sc.advertisement_bytes(self.round_id, idx, adv.encryption_public_key, adv.mask_public_key)
-        return sc.verify(key, msg, adv.signature)
+        msg = sc.advertisement_bytes(
+            self.round_id, idx, adv.encryption_public_key, adv.mask_public_key, adv.self_mask_commitment
+        )
+        return sc.verify(self.verify_keys[idx], msg, adv.signature)
 
     def receive_shares(self, replies: dict[int, ShareKeys]) -> dict[int, ShareBundle]:
         self._enter(STAGE_SHARES)
@@ -220,7 +242,7 @@ class SecAggServer:
         self._stage = STAGE_MASKED
         return {v: ShareBundle(shares=[good[u][v] for u in sorted(self.neighbours[v] & alive)]) for v in sorted(alive)}
 
-    def receive_masked(self, replies: dict[int, MaskedInput]) -> dict[int, UnmaskRequest]:
+    def receive_masked(self, replies: dict[int, MaskedInput]) -> dict[int, ConsistencyCheck]:
         self._enter(STAGE_MASKED)
         length = self.plan.vector_length
         good: dict[int, np.ndarray] = {}
@@ -235,38 +257,75 @@ class SecAggServer:
                 f"secure aggregation round {self.round_id!r}: {len(u3)} masked inputs, "
                 f"fewer than min_clients={self.min_clients}"
             )
-        dropped = self._u2 - u3
-        t = self.plan.threshold
-        short = [u for u in u3 if self._holders(u, u3) < t]
-        short += [u for u in dropped if len(self.neighbours[u] & u3) < t]
-        if short:
-            raise SecAggAbort(
-                f"secure aggregation round {self.round_id!r}: clients {sorted(short)} have fewer than "
-                f"{t} live holders of their shares; their masks cannot be removed"
-            )
+        self._check_recoverable(u3, u3, "masked inputs")
         total = np.zeros(length, dtype=np.uint32)
         for vec in good.values():
             total += vec  # uint32 wraps: the sum is mod 2^32 as the masks require
         self._masked_sum = total
         self._u3 = u3
+        self._asked = set(u3)
+        self._stage = STAGE_CONSISTENCY
+        check = ConsistencyCheck(survivors=sorted(u3))
+        return {v: check for v in sorted(u3)}
+
+    def _check_recoverable(self, u3: set[int], helpers: set[int], stage: str) -> None:
+        """Abort unless every survivor's b_u and every dropped client's s_u still have ``threshold`` holders
+        among ``helpers`` (the clients that will be asked to reveal)."""
+        t = self.plan.threshold
+        short = [u for u in u3 if len((self.neighbours[u] | {u}) & helpers) < t]
+        short += [u for u in self._u2 - u3 if len(self.neighbours[u] & helpers) < t]
+        if short:
+            raise SecAggAbort(
+                f"secure aggregation round {self.round_id!r}: after {stage}, clients {sorted(short)} have fewer than "
+                f"{t} live holders of their shares; their masks cannot be removed"
+            )
+
+    def receive_signatures(self, replies: dict[int, ConsistencySignature]) -> dict[int, UnmaskRequest]:
+        """Keep the survivors whose signature over (round, survivors) verifies; each gets its unmask request with
+        the signatures of its own neighbourhood, which it checks before it reveals anything."""
+        self._enter(STAGE_CONSISTENCY)
+        message = sc.consistency_bytes(self.round_id, sorted(self._u3))
+        signed: dict[int, bytes] = {}
+        for v, msg in self._accept(replies, ConsistencySignature).items():
+            if sc.verify(self.verify_keys[v], message, msg.signature):
+                signed[v] = msg.signature
+            else:
+                self._reject(v, "consistency: the signature over the survivors does not verify")
+        helpers = set(signed)
+        self._check_recoverable(self._u3, helpers, "the consistency round")
+        t = self.plan.threshold
+        unconvinced = [v for v in helpers if len((self.neighbours[v] | {v}) & helpers) < t]
+        if unconvinced:  # they would refuse: fewer than t of their neighbourhood signed
+            raise SecAggAbort(
+                f"secure aggregation round {self.round_id!r}: clients {sorted(unconvinced)} would see fewer than {t} "
+                "signatures of their neighbourhood over the survivors"
+            )
+        dropped = self._u2 - self._u3
+        self._signatures = signed
         self._requests = {
             v: UnmaskRequest(
-                self_mask_owners=sorted((self.neighbours[v] | {v}) & u3),
+                self_mask_owners=sorted((self.neighbours[v] | {v}) & self._u3),
                 key_owners=sorted(self.neighbours[v] & dropped),
+                signatures=[
+                    SurvivorSignature(signer=u, signature=signed[u])
+                    for u in sorted((self.neighbours[v] | {v}) & helpers)
+                ],
             )
-            for v in sorted(u3)
+            for v in sorted(helpers)
         }
-        self._asked = set(u3)
+        self._asked = helpers
         self._stage = STAGE_UNMASK
         return dict(self._requests)
+
+    def _signers_of(self, v: int, helpers: set[int]) -> list[int]:
+        return sorted((self.neighbours[v] | {v}) & helpers)
 
     def receive_unmask(self, replies: dict[int, UnmaskResponse]) -> tuple[np.ndarray, list[int]]:
         self._enter(STAGE_UNMASK)
         b_shares: dict[int, dict[int, bytes]] = {}
         s_shares: dict[int, dict[int, bytes]] = {}
         for v, msg in self._accept(replies, UnmaskResponse).items():
-            req = self._requests[v]
-            parsed = self._parse_unmask(v, msg, req)
+            parsed = self._parse_unmask(v, msg, self._requests[v])
             if parsed is None:
                 continue
             for owner, share in parsed[0].items():
@@ -282,10 +341,18 @@ class SecAggServer:
                 f"secure aggregation round {self.round_id!r}: fewer than {t} shares arrived for the secrets "
                 f"of clients {sorted(missing)}"
             )
-        self_seeds = [sc.shamir_combine(b_shares[u], t) for u in sorted(u3)]
+        self_seeds = []
+        for u in sorted(u3):
+            seed = self._reconstruct(u, b_shares[u], "self-mask seed")
+            if sc.commit_seed(self.round_id, u, seed) != self._adverts[u].self_mask_commitment:
+                raise SecAggAbort(
+                    f"secure aggregation round {self.round_id!r}: the shares of client {u}'s self-mask seed do not "
+                    "reconstruct the seed it committed to (a client sent a wrong share)"
+                )
+            self_seeds.append(seed)
         plus, minus = [], []  # v added +PRG(s_uv) when v < u, −PRG when v > u
         for u in dropped:
-            raw = sc.shamir_combine(s_shares[u], t)
+            raw = self._reconstruct(u, s_shares[u], "mask key")
             sk = sc.private_from_bytes(raw)
             if sk.public_key().public_bytes_raw() != self._adverts[u].mask_public_key:
                 raise SecAggAbort(
@@ -301,6 +368,7 @@ class SecAggServer:
         if minus:
             total += sc.expand_sum(minus, length, pairwise=True)
         survivors = sorted(u3)
+        self._check_range(total, len(survivors))
         self.quantised_sum = total
         result = sc.dequantise_sum(total, self.plan.clip_range, self.plan.quant_bits, len(survivors))
         self.result = (result, survivors)
@@ -308,6 +376,29 @@ class SecAggServer:
         self._asked = set()
         self._stage = STAGE_DONE
         return self.result
+
+    def _check_range(self, total: np.ndarray, count: int) -> None:
+        """``count`` quantised inputs sum to at most count · (2^q − 1) per value: a sum beyond that is a wrong
+        masked input or a wrong mask (garbage unmasks to uniform words, almost all of them out of range)."""
+        if int(total.max()) > count * ((1 << self.plan.quant_bits) - 1):
+            raise SecAggAbort(
+                f"secure aggregation round {self.round_id!r}: the unmasked sum leaves the range {count} "
+                "quantised inputs can reach (a client sent a malformed masked input or share)"
+            )
+
+    def _reconstruct(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
+        """One secret from its shares; shares that disagree with one another (more than t arrived) abort the
+        round, naming who revealed the odd share when that can be told (t + 2 shares or more)."""
+        try:
+            return sc.shamir_combine(shares, self.plan.threshold)
+        except sc.InconsistentShares as exc:
+            odd = sc.odd_share_out(shares, self.plan.threshold)
+            who = f"client {odd} revealed a wrong share" if odd is not None else "a client sent a wrong share"
+            raise SecAggAbort(
+                f"secure aggregation round {self.round_id!r}: the shares of client {owner}'s {what} disagree ({who})"
+            ) from exc
+        except sc.CryptoError as exc:
+            raise SecAggAbort(f"secure aggregation round {self.round_id!r}: client {owner}'s {what}: {exc}") from exc
 
     def _parse_unmask(self, v: int, msg: UnmaskResponse, req: UnmaskRequest):
         """({owner: b share}, {owner: s share}) when the response answers exactly the request, else None."""
@@ -323,9 +414,11 @@ class SecAggServer:
                     return None
                 try:
                     sc.share_from_bytes(rs.share)
-                except sc.CryptoError as exc:
-                    self._reject(v, f"unmask: {name} share for {rs.owner}: {exc}")
-                    return None
+                except sc.CryptoError as exc:  # not a share at all: a malicious client, not a crashed one
+                    raise SecAggAbort(
+                        f"secure aggregation round {self.round_id!r}: client {v} revealed a {name} share for "
+                        f"{rs.owner} that is not a share ({exc})"
+                    ) from exc
                 shares[rs.owner] = rs.share
             if set(shares) != set(want):
                 self._reject(v, f"unmask: {name} shares for {sorted(shares)}, asked {sorted(want)}")
@@ -342,7 +435,8 @@ class SecAggServer:
         table = {
             STAGE_KEYS: ("key_advertisement", self.receive_keys, "key_bundle"),
             STAGE_SHARES: ("share_keys", self.receive_shares, "share_bundle"),
-            STAGE_MASKED: ("masked_input", self.receive_masked, "unmask_request"),
+            STAGE_MASKED: ("masked_input", self.receive_masked, "consistency_check"),
+            STAGE_CONSISTENCY: ("consistency_signature", self.receive_signatures, "unmask_request"),
             STAGE_UNMASK: ("unmask_response", self.receive_unmask, None),
         }
         if stage not in table:
@@ -355,7 +449,12 @@ class SecAggServer:
                 self._reject(idx, f"stage {stage}: expected a {field} message")
             else:
                 bodies[idx] = getattr(msg, field)
-        out = method(bodies)
+        try:
+            out = method(bodies)
+        except SecAggAbort:
+            raise
+        except (sc.CryptoError, ValueError) as exc:  # material a client made to fail (a low-order key, ...)
+            raise SecAggAbort(f"secure aggregation round {self.round_id!r}, stage {stage}: {exc}") from exc
         if out_field is None:
             return {}
         return {i: SecAggMessage(**{out_field: m}) for i, m in out.items()}

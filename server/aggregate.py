@@ -13,15 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from fedprompt.dp.accounting import epsilon
+from fedprompt.errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedadam")
 
 
 def weighted_mean(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     if not deltas:
-        raise ValueError("no updates to merge")
+        raise ConfigError("no updates to merge")
     if len(weights) != len(deltas) or any(not math.isfinite(w) or w <= 0 for w in weights):
-        raise ValueError(f"need one positive weight per update, got {weights}")
+        raise ConfigError(f"need one positive weight per update, got {weights}")
     total = float(sum(weights))
     return sum(d.to(torch.float32) * (w / total) for d, w in zip(deltas, weights, strict=True))
 
@@ -33,7 +34,7 @@ class FedAvg:
 
     def __init__(self, server_lr: float = 1.0) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError(f"server_lr must be positive, got {server_lr}")
+            raise ConfigError(f"server_lr must be positive, got {server_lr}")
         self.server_lr = server_lr
 
     def apply(self, current: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def make_strategy(name: str, server_lr: float | None = None) -> FedAvg:
         return FedAvg(1.0 if server_lr is None else server_lr)
     if name == "fedadam":
         return FedAdam(1e-2 if server_lr is None else server_lr)
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    raise ConfigError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,13 @@ class ClientLevelDP:
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and self.noise_multiplier > 0 and 0 < self.sample_rate <= 1):
-            raise ValueError("client-level DP needs clip_norm > 0, noise_multiplier > 0, 0 < sample_rate <= 1")
+            raise ConfigError("client-level DP needs clip_norm > 0, noise_multiplier > 0, 0 < sample_rate <= 1")
         if not (self.expected_clients > 0 and 0 < self.delta < 1):
-            raise ValueError("client-level DP needs expected_clients > 0 and 0 < delta < 1")
+            raise ConfigError("client-level DP needs expected_clients > 0 and 0 < delta < 1")
 
     def merge(self, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if not deltas:
-            raise ValueError("no updates to merge")
+            raise ConfigError("no updates to merge")
         clipped, norms = [], []
         for d in deltas:
             norm = float(d.norm())

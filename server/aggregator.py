@@ -2,9 +2,11 @@
 
 Who may call: mutual TLS with the federation's CA (``fedprompt certs``); a client without a certificate from
 that CA is refused in the handshake. The caller's identity is its certificate's common name: ``coordinator``
-(opens and finalises rounds, relays secure aggregation, opens asynchronous streams) or ``node:<name>`` for a
-data holder listed in the certificate folder's ``nodes/`` (submits updates, pushes, reads, publishes). A
-holder whose folder was removed is refused even though its certificate still verifies.
+(opens and finalises rounds, relays secure aggregation, opens asynchronous streams, publishes versions and
+task vectors, composes) or ``node:<name>`` for a data holder listed in the certificate folder's ``nodes/``
+(submits updates to the rounds that name it, pushes to streams, reads). Whether a holder's key is still in
+the folder is checked on every call: removing its folder revokes it at its next call (UNAUTHENTICATED), even
+though its certificate still verifies.
 
 Every call is rate-limited per identity (token bucket), refused when its deadline has already passed, and
 bounded in size (gRPC's own maximum message size, set explicitly on both directions). The registry runs in
@@ -20,6 +22,7 @@ plaintext port for probes that cannot present a client certificate (kubelet's gR
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +44,18 @@ from fedprompt.server.secagg_rounds import SecureRounds
 from fedprompt.server.store import open_store
 
 SERVICE_NAMES = ("fedprompt.v1.PromptRegistry", "fedprompt.v1.RoundAggregation")
-COORDINATOR_ONLY = {"OpenRound", "FinaliseRound", "AbortRound", "SecAggStep", "OpenAsyncStream"}
+# Holders get PERMISSION_DENIED for these. Publishing is here because a version's model, hash, width and
+# metadata (its privacy spend) are the publisher's claims: only the coordinator's are stored.
+COORDINATOR_ONLY = {
+    "OpenRound",
+    "FinaliseRound",
+    "AbortRound",
+    "SecAggStep",
+    "OpenAsyncStream",
+    "PublishVersion",
+    "PublishTaskVector",
+    "Compose",
+}
 
 
 @dataclass
@@ -55,7 +69,6 @@ class AggregatorSettings:
     rate_per_second: float = 50.0
     burst: int = 100
     grace_seconds: float = 10.0
-    require_signatures: bool = True  # secure rounds: key adverts signed with the holders' node keys
 
 
 class RateLimiter:
@@ -80,18 +93,24 @@ class Gate:
     """Identity from the client certificate, authorisation by role, and the rate limit."""
 
     def __init__(self, certs_dir: Path, limiter: RateLimiter) -> None:
-        self.certs_dir, self.limiter = certs_dir, limiter
-        self.known: set[str] = set()
+        self.certs_dir, self.limiter = Path(certs_dir), limiter
 
     def _node_known(self, name: str) -> bool:
-        if name not in self.known:  # a node added to the folder is accepted without a restart
-            self.known = set(certs.node_public_keys(self.certs_dir))
-        return name in self.known
+        """Whether the node's public key is in the folder now, as ``certs.node_public_keys`` would list it
+        (``nodes/NAME/node.pub``, or the flat ``node.NAME.pub``), found by name: a stat or two per call and no
+        cache, so a removed folder refuses the node's very next call and an added one is admitted at once."""
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0"):  # one path component only
+            return False
+        # os.path.exists: False (not an exception) for any error, a name too long for the file system included
+        if os.path.exists(self.certs_dir / "nodes" / name / "node.pub"):
+            return True
+        return set(name) <= certs.NODE_NAME_CHARS and os.path.exists(self.certs_dir / f"node.{name}.pub")
 
     async def admit(self, context: grpc.aio.ServicerContext, method: str) -> str:
         names = context.auth_context().get("x509_common_name") or []
         cn = names[0].decode() if names else ""
-        # first, so that a caller whose name is unknown (a revoked node) cannot make every call rescan the folder
+        # first, so that a caller whose name is unknown (a revoked node) spends its tokens like any other and
+        # cannot make the server look in the folder faster than the rate allows
         if not self.limiter.allow(cn):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit for {cn!r}: slow down and retry")
         if cn == certs.COORDINATOR_CN:
@@ -119,8 +138,8 @@ class _Base:
             return await asyncio.to_thread(work, who)
         except RegistryError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
-        except FedPromptError as exc:  # other refusals of bad input (a malformed secure-aggregation message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FedPromptError as exc:  # other refusals: a malformed secure-aggregation message, an aborted round
+            await context.abort(getattr(grpc.StatusCode, getattr(exc, "status", "INVALID_ARGUMENT")), str(exc))
 
     def tensor(self, msg: pb.Tensor):
         return convert.tensor_from_proto(msg, max_elements=self.max_elements)
@@ -185,9 +204,9 @@ class RegistryService(_Base, pb_grpc.PromptRegistryServicer):
 
 
 class RoundService(_Base, pb_grpc.RoundAggregationServicer):
-    def __init__(self, registry: Registry, gate: Gate, max_elements: int, *, require_signatures: bool) -> None:
+    def __init__(self, registry: Registry, gate: Gate, max_elements: int) -> None:
         super().__init__(registry, gate, max_elements)
-        self.secure = SecureRounds(registry, gate.certs_dir, require_signatures=require_signatures)
+        self.secure = SecureRounds(registry, gate.certs_dir)
 
     async def OpenRound(self, request: pb.OpenRoundRequest, context) -> pb.Round:
         def work(who: str) -> pb.Round:
@@ -219,8 +238,7 @@ class RoundService(_Base, pb_grpc.RoundAggregationServicer):
                 client=who,
                 base_model=convert.model_ref_from_proto(request.base_model),
                 delta=self.tensor(request.delta),
-                weight=request.weight,
-            )
+            )  # request.weight is ignored: every update weighs the same
             return pb.SubmitUpdateResponse(round_id=request.round_id, received=received)
 
         return await self._run(context, "SubmitUpdate", work)
@@ -271,8 +289,7 @@ class RoundService(_Base, pb_grpc.RoundAggregationServicer):
                 base_model=convert.model_ref_from_proto(request.base_model),
                 base_version_id=request.base_version_id,
                 delta=self.tensor(request.delta),
-                weight=request.weight,
-            )
+            )  # request.weight is ignored: the server weighs by staleness alone
             return convert.push_result_to_proto(done)
 
         return await self._run(context, "PushUpdate", work)
@@ -302,9 +319,7 @@ class Aggregator:
         self.registry = Registry(self.store, max_elements=settings.max_elements)
         self.health = health.aio.HealthServicer()
         gate = Gate(Path(settings.certs_dir), RateLimiter(settings.rate_per_second, settings.burst))
-        self.rounds = RoundService(
-            self.registry, gate, settings.max_elements, require_signatures=settings.require_signatures
-        )
+        self.rounds = RoundService(self.registry, gate, settings.max_elements)
         self.prompts = RegistryService(self.registry, gate, settings.max_elements)
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None

@@ -33,7 +33,6 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         rate_per_second=args.rate,
         burst=args.burst,
         grace_seconds=args.grace,
-        require_signatures=not args.allow_unsigned_secure_rounds,
     )
 
     def ready(agg: Aggregator) -> None:
@@ -57,11 +56,6 @@ def add_aggregator_parser(sub) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="calls per second allowed per client identity")
     p.add_argument("--burst", type=int, default=100, help="calls a client may make at once before the rate applies")
     p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get at shutdown")
-    p.add_argument(
-        "--allow-unsigned-secure-rounds",
-        action="store_true",
-        help="admit secure-round participants that are not registered nodes, unsigned (tests and benchmarks only)",
-    )
     p.set_defaults(func=cmd_aggregator)
 
 
@@ -101,7 +95,10 @@ def _client(args: argparse.Namespace):
 
 def _short(v) -> str:
     kind = "text" if v.WhichOneof("content") == "text" else "soft"
-    return f"{v.version_id[:16]}  {v.task:24} {v.base_model.model_id:20} {kind:4}  parent {v.parent_id[:16] or '-'}"
+    return (
+        f"{v.version_id[:16]}  {v.task:24} {v.base_model.model_id:20} {kind:4}  parent {v.parent_id[:16] or '-':16}"
+        f"  by {v.created_by or '-'}"
+    )
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
@@ -129,6 +126,10 @@ def cmd_prompts(args: argparse.Namespace) -> int:
                         "parent_id": v.parent_id,
                         "created_by": v.created_by,
                         "created_unix": v.created_unix,
+                        # the privacy spend and training settings are the author's word: the registry checks
+                        # that the id hashes the content, nothing in the metadata
+                        "metadata_claimed_by": v.created_by,
+                        "checked_by_registry": "content hash only",
                         "metadata": v.metadata,
                     },
                     indent=2,
@@ -186,10 +187,10 @@ def add_prompts_parser(sub) -> None:
     p.add_argument("--as", dest="identity", default="coordinator", help="'coordinator' or a node name")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
     acts = p.add_subparsers(dest="action", required=True)
-    a = acts.add_parser("list", help="the versions, newest last")
+    a = acts.add_parser("list", help="the versions, newest last, with who published each")
     a.add_argument("--task")
     a.add_argument("--model")
-    a = acts.add_parser("show", help="one version's metadata")
+    a = acts.add_parser("show", help="one version's metadata (as claimed by its author)")
     a.add_argument("version", help="version id or a unique prefix (8+ hex digits)")
     a = acts.add_parser("export", help="write a version as a PEFT-loadable prompt artifact")
     a.add_argument("version")

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedprompt import datasets as ds_mod
+from fedprompt.errors import ConfigError
 from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.server.aggregate import STRATEGIES
 from fedprompt.training import DEFAULT_INIT_TEXT
@@ -78,40 +79,40 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_absolute():
-            raise ValueError(f"checkpoint_dir must be an absolute path, got {self.checkpoint_dir!r}")
+            raise ConfigError(f"checkpoint_dir must be an absolute path, got {self.checkpoint_dir!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not 0 < self.fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+            raise ConfigError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
         if self.min_train_nodes < 1 or self.min_available_nodes < self.min_train_nodes:
-            raise ValueError("need 1 <= min_train_nodes <= min_available_nodes")
+            raise ConfigError("need 1 <= min_train_nodes <= min_available_nodes")
         if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if self.eval_every < 1:
-            raise ValueError(f"eval_every must be a positive number of rounds, got {self.eval_every}")
+            raise ConfigError(f"eval_every must be a positive number of rounds, got {self.eval_every}")
         if self.server_eval_split not in ("train", "validation", "test"):
-            raise ValueError(f"server_eval_split must be train, validation or test, got {self.server_eval_split!r}")
+            raise ConfigError(f"server_eval_split must be train, validation or test, got {self.server_eval_split!r}")
         if self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be positive, got {self.prompt_length}")
+            raise ConfigError(f"prompt_length must be positive, got {self.prompt_length}")
         for name in ("wait_for_nodes_s", "round_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a positive number of seconds")
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if bool(self.aggregator) != bool(self.aggregator_certs):
-            raise ValueError(
+            raise ConfigError(
                 "aggregator and aggregator_certs go together (the address and the coordinator's certificate)"
             )
         if self.secure_aggregation and not self.aggregator:
-            raise ValueError("secure_aggregation needs the aggregation server: set aggregator and aggregator_certs")
+            raise ConfigError("secure_aggregation needs the aggregation server: set aggregator and aggregator_certs")
         if self.secure_aggregation and self.min_train_nodes < 2:
-            raise ValueError("secure aggregation needs min_train_nodes >= 2: the sum of one update is that update")
+            raise ConfigError("secure aggregation needs min_train_nodes >= 2: the sum of one update is that update")
         if self.secure_aggregation and self.client_dp:
-            raise ValueError(
+            raise ConfigError(
                 "client_dp clips each holder's update on the coordinator, which secure aggregation hides from it"
             )
         if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
-            raise ValueError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
+            raise ConfigError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "dpopt":
             from fedprompt.client.dpopt_holder import dpopt_config
 
@@ -129,7 +130,7 @@ class FederationConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(run_config) - known)
         if unknown:
-            raise ValueError(f"unknown run config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown run config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**run_config)
 
     def to_run_config(self) -> dict:
@@ -148,7 +149,7 @@ class FederationConfig:
             template, init = spec.template, spec.init_text
         else:
             if not (self.template and self.label_names):
-                raise ValueError(f"task {self.task!r} is not bundled: give template and label_names (a JSON list)")
+                raise ConfigError(f"task {self.task!r} is not bundled: give template and label_names (a JSON list)")
             names = tuple(json.loads(self.label_names))
             words = (
                 tuple(tuple(w) for w in json.loads(self.label_words))

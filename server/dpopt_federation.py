@@ -61,6 +61,7 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         **task.to_config(),
         "run_id": run_id,
         "target_epsilon": cfg.target_epsilon,
+        "delta": cfg.delta,  # public: each holder's own 1/(2n) would tell the coordinator its n
         "dpopt_preset": cfg.dpopt_preset,
         "dpopt_settings": cfg.dpopt_settings,
         "max_length": cfg.max_length,
@@ -116,9 +117,10 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
 
     holder_eps = {h: m["epsilon"] for h, m in record["holders"].items() if "epsilon" in m}
     privacy = {
-        # each holder's data is protected by its own (epsilon, delta); the largest is the prompt's guarantee
-        "epsilon": max(holder_eps.values()),
-        "delta": max(m["delta"] for m in record["holders"].values() if "delta" in m),
+        # every holder's data is (target epsilon, delta)-DP with respect to the run (each holder's ledger holds
+        # its exact spend, which depends on its n and is not released)
+        "epsilon": cfg.target_epsilon,
+        "delta": cfg.delta,
         "accountant": "dpopt-rdp + rdp (Gaussian scores), per holder",
         "mechanism": "dp-opt-federated",
         "per_holder_epsilon": holder_eps,

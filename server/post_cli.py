@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from fedprompt.cache import check_out_folder
 from fedprompt.errors import FedPromptError
 
 # Distillation presets, measured on 2 CPU cores with smollm2-135m as the teacher (README, POST):
@@ -151,8 +152,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from fedprompt.server.post_transfer import TransferConfig
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise FedPromptError(f"{out} exists and is not empty; choose another --out or pass --force")
+    check_out_folder(out, args.force)
     if bool(args.aggregator) != bool(args.certs):
         raise FedPromptError("--aggregator and --certs go together (the registry's address and your certificate)")
     values = {n: getattr(args, n) for n in _TRANSFER_FLAGS if getattr(args, n) is not None}
@@ -258,6 +258,11 @@ def add_post_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-dataset", default=None, help="afterwards, test accuracy on this dataset (name or file)")
     t.add_argument("--aggregator", default=None, help="HOST:PORT of the aggregation server: store the result there")
     t.add_argument("--certs", default=None, help="certificate folder for --aggregator")
-    t.add_argument("--as", dest="identity", default="coordinator", help="identity for --aggregator")
+    t.add_argument(
+        "--as",
+        dest="identity",
+        default="coordinator",
+        help="identity for --aggregator (publishing is the coordinator's: a holder's is refused)",
+    )
     _add_runtime(t)
     t.set_defaults(func=cmd_transfer)

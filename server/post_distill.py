@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from fedprompt import corpora, zoo
 from fedprompt.cache import atomic_dir, write_json_atomic
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.student import build_student, decoder_layers, embedding_parameters, parse_keep_layers, tokenizer_sha256
@@ -74,14 +74,14 @@ class DistillConfig:
     def __post_init__(self) -> None:
         positive_ints(self, "steps", "batch_size", "seq_len", "checkpoint_every")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2 (next-token targets), got {self.seq_len}")
+            raise ConfigError(f"seq_len must be at least 2 (next-token targets), got {self.seq_len}")
         non_negative_ints(self, "warmup_steps", "heldout_blocks")
         finite_numbers(self, "lr", "temperature", positive=True)
         finite_numbers(self, "kl_weight", "lm_weight", "cos_weight", positive=False)
         if self.kl_weight + self.lm_weight + self.cos_weight == 0:
-            raise ValueError("at least one of kl_weight, lm_weight, cos_weight must be positive")
+            raise ConfigError("at least one of kl_weight, lm_weight, cos_weight must be positive")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio · lr`` at the last step (``step`` from 1)."""

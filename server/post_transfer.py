@@ -31,7 +31,7 @@ from fedprompt import artifact, zoo
 from fedprompt import datasets as ds_mod
 from fedprompt.artifact import ArtifactMeta
 from fedprompt.datasets import Dataset, Example
-from fedprompt.errors import ArtifactError, DatasetError, ModelError
+from fedprompt.errors import ArtifactError, ConfigError, DatasetError, ModelError
 from fedprompt.prompt import SoftPrompt, origin_id, prompt_sha256
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
@@ -64,12 +64,12 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, float | int) and 0 <= self.alpha <= 1):
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha!r}")
         positive_ints(self, "steps", "batch_size", "public_examples", "max_length", "eval_every")
         non_negative_ints(self, "validation_examples")
         finite_numbers(self, "lr", "temperature", positive=True)
         if self.select not in SELECT:
-            raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
+            raise ConfigError(f"select must be one of {SELECT}, got {self.select!r}")
 
 
 @dataclass

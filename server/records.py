@@ -23,7 +23,7 @@ class RegistryError(FedPromptError):
 
 
 class InvalidInput(RegistryError):
-    """Malformed values: NaN or infinite, wrong shape or dtype, a bad weight, an empty name."""
+    """Malformed values: NaN or infinite, wrong shape or dtype, an empty name, a round without participants."""
 
     status = "INVALID_ARGUMENT"
 

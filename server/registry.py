@@ -9,6 +9,10 @@ them; the store's UNIQUE keys are the last line (one update per client and round
 Versions and task vectors are content-addressed: their ids are SHA-256 hashes of what they hold, so
 publishing the same prompt twice returns the first one, and anyone holding a version can verify its id.
 
+The registry does not decide who may call what: the gRPC layer (``server/aggregator.py``) does, from the
+caller's certificate (publishing, task vectors and composition are the coordinator's; holders submit to the
+rounds that name them and read). What the registry checks is the request itself.
+
 The rounds and streams live in ``registry_rounds.py`` and ``registry_streams.py`` (mixins of ``Registry``).
 """
 
@@ -113,7 +117,11 @@ def verify_version(v: Version) -> bool:
 
 class Registry(RoundsMixin, StreamsMixin):
     """Prompt versions, task vectors, synchronous (plain or secure) rounds (``registry_rounds``) and
-    asynchronous streams (``registry_streams``)."""
+    asynchronous streams (``registry_streams``).
+
+    A version's metadata is stored as claimed by its ``created_by`` and never checked: the privacy spend
+    (epsilon, delta, accountant) and the training settings it records are its author's word, and all the
+    registry vouches for is that the id hashes the content (a composed version copies its sources' claims)."""
 
     version_id = staticmethod(version_id)
 

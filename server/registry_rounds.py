@@ -1,4 +1,10 @@
-"""Synchronous rounds of the registry: clients send updates, the round closes with their weighted mean.
+"""Synchronous rounds of the registry: invited clients send updates, the round closes with their mean.
+
+Every round names its participants when it opens (the coordinator invites them); an update from anyone else
+is refused, so a registered holder cannot join a round it was not asked to. The weights are the server's:
+every update of a plain round weighs the same (``UPDATE_WEIGHT``), and what a caller says about its own
+update (a number of examples, say) is never used, since the server cannot check it (a weight of 1e30 would
+otherwise dictate the mean). The mean of a round is the mean of its equally weighted updates.
 
 Plain rounds keep each update until the round closes and then delete them: only the mean is needed afterwards,
 and a client's own update is the thing most worth protecting (it may leak its training data). Secure rounds
@@ -39,6 +45,7 @@ from fedprompt.server.registry_checks import (
 from fedprompt.server.store import Store, Tx, tensor_bytes, tensor_from
 
 RESERVED_ROUND_KEYS = ("round_id", "contributors")
+UPDATE_WEIGHT = 1.0  # every update's weight, in rounds and (before its staleness discount) in streams
 
 
 def weighted_mean(items: list[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -82,7 +89,9 @@ class RoundsMixin(RegistryPart):
         min_clients: int | None = None,
         created_by: str,
     ) -> Round:
-        """``min_clients`` None: all expected clients. Plain rounds with participants accept only those."""
+        """``min_clients`` None: all expected clients. ``participants`` are required (unique names, at least
+        ``expected_clients`` of them; a secure round exactly that many, in the order of their indices): a round
+        accepts updates from them alone."""
         task = check_name(task, "task")
         check_model(base_model)
         created_by = check_name(created_by, "created_by")
@@ -93,6 +102,8 @@ class RoundsMixin(RegistryPart):
             raise InvalidInput(f"min_clients {min_clients} exceeds expected_clients {expected_clients}")
         if not isinstance(secure, bool):
             raise InvalidInput(f"secure must be a bool, got {secure!r}")
+        if isinstance(participants, str) or not isinstance(participants, list | tuple):
+            raise InvalidInput(f"participants must be a list of client names, got {participants!r}")
         parts = tuple(check_name(p, "participant") for p in participants)
         if len(set(parts)) != len(parts):
             raise InvalidInput(f"participants are not unique: {sorted({p for p in parts if parts.count(p) > 1})}")
@@ -104,7 +115,12 @@ class RoundsMixin(RegistryPart):
                 raise InvalidInput(f"a secure round names its {expected_clients} participants, got {len(parts)}")
             if clip <= 0:
                 raise InvalidInput(f"a secure round needs clip_range > 0, got {clip_range!r}")
-        elif parts and len(parts) < expected_clients:
+        elif not parts:
+            raise InvalidInput(
+                "a round names its participants (the holders invited to it); a round open to every registered "
+                "node is not offered"
+            )
+        elif len(parts) < expected_clients:
             raise InvalidInput(f"{len(parts)} participants cannot send {expected_clients} updates")
         with self.store.transaction() as tx:
             base_id = None
@@ -155,13 +171,11 @@ class RoundsMixin(RegistryPart):
         with self.store.transaction(write=False) as tx:
             return self._round(tx, round_id)
 
-    def submit_update(
-        self, *, round_id: str, client: str, base_model: ModelRef, delta: np.ndarray, weight: float
-    ) -> int:
-        """Store one client's update to a plain round; returns how many the round has received."""
+    def submit_update(self, *, round_id: str, client: str, base_model: ModelRef, delta: np.ndarray) -> int:
+        """Store one participant's update to a plain round (it weighs ``UPDATE_WEIGHT``, like every other);
+        returns how many the round has received."""
         client = check_name(client, "client")
         check_model(base_model)
-        weight = check_real(weight, "weight", positive=True)
         check_delta(delta, "delta", self.max_elements)
         with self.store.transaction() as tx:
             r = self._round(tx, round_id, lock=True)
@@ -172,9 +186,9 @@ class RoundsMixin(RegistryPart):
                 raise Conflict(f"round {r.round_id} aggregates {r.base_model}, the update is for {base_model}")
             if delta.shape != r.shape:
                 raise InvalidInput(f"delta has shape {delta.shape}, round {r.round_id} expects {r.shape}")
-            if r.participants and client not in r.participants:
+            if client not in r.participants:  # a round stored without participants (older servers) admits no one
                 raise Forbidden(f"client {client!r} is not a participant of round {r.round_id}")
-            if not tx.insert_update(r.round_id, client, tensor_bytes(delta), weight):
+            if not tx.insert_update(r.round_id, client, tensor_bytes(delta), UPDATE_WEIGHT):
                 raise AlreadyExists(f"client {client!r} already sent its update to round {r.round_id}")
             if r.received >= r.expected_clients:
                 raise Conflict(f"round {r.round_id} is full: it has all {r.expected_clients} expected updates")
@@ -225,7 +239,10 @@ class RoundsMixin(RegistryPart):
         return metadata
 
     def finalise_round(self, *, round_id: str, metadata: dict | None = None, created_by: str) -> FinaliseResult:
-        """Close a plain round with the weighted mean of its updates (at least ``min_clients`` of them)."""
+        """Close a plain round with the mean of its equally weighted updates (at least ``min_clients`` of them).
+
+        The weights stored with the updates are not read: a round left open by an older server, which took the
+        caller's weight, still closes with every update weighing ``UPDATE_WEIGHT``."""
         metadata = self._round_metadata(metadata)
         created_by = check_name(created_by, "created_by")
         with self.store.transaction() as tx:
@@ -236,7 +253,8 @@ class RoundsMixin(RegistryPart):
             updates = tx.list_updates(r.round_id)
             if len(updates) < r.min_clients:
                 raise Conflict(f"round {r.round_id} has {len(updates)} updates, fewer than min_clients {r.min_clients}")
-            mean = weighted_mean([(tensor_from(d, r.shape), w) for _, d, w in updates]).astype(np.float32)
+            mean = weighted_mean([(tensor_from(d, r.shape), UPDATE_WEIGHT) for _, d, _ in updates])
+            mean = mean.astype(np.float32)
             return self._finish(tx, r, mean, len(updates), metadata, created_by)
 
     def finalise_secure_round(

@@ -1,7 +1,9 @@
 """Asynchronous streams of the registry: updates are buffered as they come and merged every K of them.
 
 An update trained from an older head is weighted down by (1 + staleness) ** -exponent, so late clients still
-count but cannot drag the head back (FedBuff-style buffered asynchronous aggregation).
+count but cannot drag the head back (FedBuff-style buffered asynchronous aggregation). That is the only
+weight: every update starts from the same base weight (``UPDATE_WEIGHT``) and the server computes the discount
+from the generations it recorded; nothing the caller says about its update changes how much it counts.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from fedprompt.server.registry_checks import (
     check_positive_int,
     check_real,
 )
-from fedprompt.server.registry_rounds import RegistryPart, weighted_mean
+from fedprompt.server.registry_rounds import UPDATE_WEIGHT, RegistryPart, weighted_mean
 from fedprompt.server.store import Tx, tensor_bytes, tensor_from
+
+MERGED_BY = "aggregation-server"  # the author of a merged head: the server computed it
+
+
+def _staleness_weight(staleness: int, exponent: float) -> float:
+    """The weight of an update trained ``staleness`` generations before the head: (1 + s) ** -a."""
+    return UPDATE_WEIGHT * (1.0 + staleness) ** (-exponent)
 
 
 class StreamsMixin(RegistryPart):
@@ -82,12 +91,10 @@ class StreamsMixin(RegistryPart):
         base_model: ModelRef,
         base_version_id: str,
         delta: np.ndarray,
-        weight: float,
     ) -> PushResult:
-        """Buffer one update, weighted down by its staleness; the K-th buffered update merges the buffer."""
+        """Buffer one update, weighted down by its staleness alone; the K-th buffered update merges the buffer."""
         client = check_name(client, "client")
         check_model(base_model)
-        weight = check_real(weight, "weight", positive=True)
         check_delta(delta, "delta", self.max_elements)
         if not isinstance(base_version_id, str) or not base_version_id:
             raise InvalidInput(
@@ -108,12 +115,19 @@ class StreamsMixin(RegistryPart):
             if generation is None:
                 raise Conflict(f"version {base.version_id} was never the head of stream {s.stream_id}")
             staleness = s.generation - generation
-            scaled = weight * (1.0 + staleness) ** (-s.staleness_exponent)
+            scaled = _staleness_weight(staleness, s.staleness_exponent)
             tx.insert_buffered(s.stream_id, s.buffered, client, tensor_bytes(delta), scaled, staleness)
             merged = None
             if s.buffered + 1 >= s.buffer_size:
                 buffered = tx.list_buffered(s.stream_id)
-                step = weighted_mean([(tensor_from(d, head.embeddings.shape), w) for _, d, w, _ in buffered])
+                # recomputed from the recorded staleness, not read back: a buffer an older server filled with
+                # its callers' weights merges with the server's weights all the same
+                step = weighted_mean(
+                    [
+                        (tensor_from(d, head.embeddings.shape), _staleness_weight(st, s.staleness_exponent))
+                        for _, d, _, st in buffered
+                    ]
+                )
                 with np.errstate(over="ignore"):  # checked below
                     new = (head.embeddings.astype(np.float64) + s.server_learning_rate * step).astype(np.float32)
                 if not np.isfinite(new).all():
@@ -131,7 +145,7 @@ class StreamsMixin(RegistryPart):
                     text=None,
                     parent_id=head.version_id,
                     metadata=meta,
-                    created_by=client,
+                    created_by=MERGED_BY,  # the server computed this version; its metadata is no one's claim
                 )
                 tx.add_stream_version(s.stream_id, version.version_id, s.generation + 1)
                 tx.set_stream_head(s.stream_id, version.version_id, s.generation + 1)

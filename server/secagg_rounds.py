@@ -5,11 +5,11 @@ requests it gets to the clients. The per-round protocol state (who advertised wh
 arrived) lives here, in memory, so the coordinator never holds anything that could unmask a single update; it
 receives the mean of the survivors' updates when the last stage completes.
 
-Key advertisements are signed with the holders' node identity keys and checked against
-``nodes/<name>/node.pub`` in the certificate folder, so a relay cannot substitute its own keys for a holder's
-(and read its shares). Every participant must therefore be a registered node; ``require_signatures=False``
-(``fedprompt aggregator --allow-unsigned-secure-rounds``) admits other participants unsigned, for tests and
-benchmarks only.
+Key advertisements and the survivors of the consistency round are signed with the holders' node identity keys
+and checked here against ``nodes/<name>/node.pub`` in the certificate folder (and, what matters against a
+malicious server, by every holder against its own copy of those keys). Every participant must be a registered
+node. A round that fails (a client's material, too many dropouts, an out-of-order call) is aborted in the
+registry and forgotten here; its caller gets ABORTED with the reason.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from fedprompt import certs
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert
+from fedprompt.protocols.secagg import LAST_STAGE, SecAggAbort
 from fedprompt.protocols.secagg_server import SecAggServer
 from fedprompt.server.records import ROUND_OPEN, Conflict, InvalidInput
 from fedprompt.server.registry import Registry
-
-LAST_STAGE = 4
 
 
 class _Session:
@@ -39,9 +38,8 @@ class _Session:
 
 
 class SecureRounds:
-    def __init__(self, registry: Registry, certs_dir: Path, *, require_signatures: bool = True) -> None:
+    def __init__(self, registry: Registry, certs_dir: Path) -> None:
         self.registry, self.certs_dir = registry, Path(certs_dir)
-        self.require_signatures = require_signatures
         self.sessions: dict[str, _Session] = {}
         self.lock = threading.Lock()
 
@@ -49,17 +47,15 @@ class SecureRounds:
         with self.lock:
             self.sessions.pop(round_id, None)
 
-    def _verify_keys(self, participants: tuple[str, ...]) -> dict[int, object] | None:
-        keys = {}
+    def _identities(self, participants: tuple[str, ...]) -> dict[int, tuple[str, object]]:
         registered = certs.node_public_keys(self.certs_dir)
+        identities = {}
         for i, name in enumerate(participants, start=1):
             pub = registered.get(name)
             if pub is None:
-                if self.require_signatures:
-                    raise Conflict(f"participant {name!r} is not a registered node: its key adverts cannot be verified")
-                return None
-            keys[i] = serialization.load_ssh_public_key(pub.read_bytes())
-        return keys
+                raise Conflict(f"participant {name!r} is not a registered node: its signatures cannot be verified")
+            identities[i] = (name, serialization.load_ssh_public_key(pub.read_bytes()))
+        return identities
 
     def _start(self, round_id: str) -> pb.SecAggStepResponse:
         r = self.registry.get_round(round_id)
@@ -72,7 +68,7 @@ class SecureRounds:
                 math.prod(r.shape),
                 r.clip_range,
                 min_clients=r.min_clients,
-                verify_keys=self._verify_keys(r.participants),
+                identities=self._identities(r.participants),
             )
         except ValueError as exc:  # parameters the protocol cannot run with (one client, min_clients < 2, ...)
             raise InvalidInput(f"secure round {round_id}: {exc}") from exc
@@ -103,7 +99,7 @@ class SecureRounds:
                 replies[env.client_index] = env.message
             try:
                 requests = session.server.step(request.stage, replies)
-            except Conflict as exc:
+            except SecAggAbort as exc:
                 self.forget(request.round_id)
                 self.registry.abort_round(round_id=request.round_id, reason=f"secure aggregation failed: {exc}")
                 raise

@@ -21,11 +21,12 @@ from flwr.serverapp import Grid
 from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert, secagg_pb2
+from fedprompt.protocols.secagg import LAST_STAGE
 from fedprompt.rounds import TaskSpec
 from fedprompt.server.records import InvalidInput, ModelRef
 
 SECAGG_MESSAGE_TYPE = "train.secagg"
-STAGES = 4  # key advertisement, key shares, masked inputs, unmasking
+STAGES = LAST_STAGE  # key advertisement, key shares, masked inputs, the survivors' signatures, unmasking
 
 
 class SecureRoundFailed(RuntimeError):

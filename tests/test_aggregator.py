@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from aggregator_harness import RunningAggregator
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedprompt import certs
@@ -19,7 +19,7 @@ from fedprompt.cli import main as cli_main
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
-from fedprompt.protocols.secagg_client import SecAggClient
+from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
 from fedprompt.server.records import ModelRef
 from fedprompt.server.store import open_store
 
@@ -95,8 +95,7 @@ def test_a_removed_node_is_refused_and_holders_cannot_run_rounds(agg, cert_dir, 
     shutil.copytree(cert_dir / "nodes" / "dave", keep)
     with agg.client("dave") as dave:
         dave.list_versions()
-        shutil.rmtree(cert_dir / "nodes" / "dave")
-        agg.server.prompts.gate.known.discard("dave")
+        shutil.rmtree(cert_dir / "nodes" / "dave")  # no cache to clear: the very next call sees it
         try:
             with pytest.raises(AggregatorError) as e:
                 dave.list_versions()
@@ -141,9 +140,13 @@ def test_registry_publish_get_prefix_export_and_cli(agg, cert_dir, tmp_path, cap
         assert c.get_version(text.version_id).text == "Classify the review."
     common = ["prompts", "--aggregator", agg.address, "--certs", str(cert_dir)]
     assert cli_main([*common, "list"]) == 0
-    assert "2 version(s)" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "2 version(s)" in listed and listed.count("by coordinator") == 2  # who published each
     assert cli_main([*common, "--as", "bob", "show", v.version_id[:12]]) == 0
-    assert json.loads(capsys.readouterr().out)["metadata"]["privacy"]["epsilon"] == 8.0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metadata"]["privacy"]["epsilon"] == 8.0
+    # the privacy spend is shown as its author's claim: the registry checked the content hash only
+    assert shown["metadata_claimed_by"] == "coordinator" and shown["checked_by_registry"] == "content hash only"
     out = tmp_path / "exported"
     assert cli_main([*common, "export", v.version_id, "--out", str(out)]) == 0
     weight, loaded = artifact.load(out)
@@ -176,11 +179,12 @@ def test_plain_round_every_bad_input_is_refused_and_changes_nothing(agg, tmp_pat
     with agg.client() as coord:
         base = _origin(coord)
         r = coord.open_round(
-            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=3, base_version_id=base.version_id
-        )
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=3, base_version_id=base.version_id,
+            participants=HOLDERS,
+        )  # fmt: skip
         ok = np.full(SHAPE, 0.25, np.float32)
         with agg.client("alice") as alice:
-            alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0)
+            alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok)
             before = agg.server.store.dump()
             nan, inf = ok.copy(), ok.copy()
             nan[0, 0], inf[1, 1] = np.nan, np.inf
@@ -189,15 +193,22 @@ def test_plain_round_every_bad_input_is_refused_and_changes_nothing(agg, tmp_pat
                 "inf": (dict(delta=inf), grpc.StatusCode.INVALID_ARGUMENT),
                 "shape": (dict(delta=np.zeros((4, 9), np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
                 "model": (dict(base_model=OTHER), grpc.StatusCode.FAILED_PRECONDITION),
-                "weight": (dict(weight=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
                 "twice": ({}, grpc.StatusCode.ALREADY_EXISTS),
                 "unknown round": (dict(round_id="0" * 32), grpc.StatusCode.NOT_FOUND),
             }
             for name, (change, code) in bad.items():
-                kw = dict(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0) | change
+                kw = dict(round_id=r.round_id, base_model=MODEL, delta=ok) | change
                 with pytest.raises(AggregatorError) as e:
                     alice.submit_update(**kw)
                 assert _code(e) == code, name
+            # a weight on the wire, even a bad one, is not looked at: refused as a second update, not for it
+            req = pb.SubmitUpdateRequest(
+                round_id=r.round_id, base_model=convert.model_ref_to_proto(MODEL), delta=convert.tensor_to_proto(ok),
+                weight=-1.0,
+            )  # fmt: skip
+            with pytest.raises(grpc.RpcError) as e:
+                alice.rounds.SubmitUpdate(req, timeout=5)
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
             # float64 on the wire: refused before it becomes an array
             req = pb.SubmitUpdateRequest(
                 round_id=r.round_id,
@@ -209,19 +220,23 @@ def test_plain_round_every_bad_input_is_refused_and_changes_nothing(agg, tmp_pat
                 alice.rounds.SubmitUpdate(req, timeout=5)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "float64" in e.value.details()
             assert agg.server.store.dump() == before
-        for name, delta, w in (("bob", 0.5, 1.0), ("carol", -0.25, 2.0)):
+        for name, delta, w in (("bob", 0.5, 1.0), ("carol", -0.25, 2.0)):  # w: the weight each one claims
             with agg.client(name) as h:
-                h.submit_update(
-                    round_id=r.round_id, base_model=MODEL, delta=np.full(SHAPE, delta, np.float32), weight=w
-                )
+                req = pb.SubmitUpdateRequest(
+                    round_id=r.round_id, base_model=convert.model_ref_to_proto(MODEL),
+                    delta=convert.tensor_to_proto(np.full(SHAPE, delta, np.float32)), weight=w,
+                )  # fmt: skip
+                assert h.rounds.SubmitUpdate(req, timeout=5).received in (2, 3)
         done = coord.finalise_round(r.round_id, {"note": "test"})
-        expected = (0.25 * 1 + 0.5 * 1 + -0.25 * 2) / 4
+        expected = (0.25 + 0.5 + -0.25) / 3  # every update weighs the same
         np.testing.assert_allclose(done.mean_update, expected, atol=1e-7)
+        claimed = (0.25 * 1 + 0.5 * 1 + -0.25 * 2) / 4
+        assert not np.allclose(done.mean_update, claimed, atol=1e-3)  # carol's claimed weight 2 had no effect
         assert done.version is not None and done.version.parent_id == base.version_id
         np.testing.assert_allclose(done.version.embeddings, base.embeddings + expected, atol=1e-6)
         before = agg.server.store.dump()
         with agg.client("dave") as dave, pytest.raises(AggregatorError) as e:
-            dave.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok, weight=1.0)
+            dave.submit_update(round_id=r.round_id, base_model=MODEL, delta=ok)
         assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION  # closed round
         with pytest.raises(AggregatorError) as e:
             coord.finalise_round(r.round_id)
@@ -232,7 +247,7 @@ def test_plain_round_every_bad_input_is_refused_and_changes_nothing(agg, tmp_pat
 def test_oversized_messages_are_refused_by_the_server(cert_dir, tmp_path):
     with RunningAggregator(cert_dir, str(tmp_path / "r.sqlite"), max_message_bytes=64 * 1024) as running:
         with running.client() as c:
-            r = c.open_round(task="sst", base_model=MODEL, shape=(64, 512), expected_clients=2)
+            r = c.open_round(task="sst", base_model=MODEL, shape=(64, 512), expected_clients=2, participants=HOLDERS)
             before = running.server.store.dump()
             with running.client("alice") as alice, pytest.raises(AggregatorError) as e:
                 alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.zeros((64, 512), np.float32))
@@ -240,8 +255,158 @@ def test_oversized_messages_are_refused_by_the_server(cert_dir, tmp_path):
             assert running.server.store.dump() == before
 
 
-def _run_secure_round(agg, names, vectors, drop_after: dict[str, int] | None = None):
-    """Drive SecAggStep as the coordinator would, with each holder's SecAggClient signing with its node key."""
+def _submit_claiming(client: AggregatorClient, round_id: str, delta: np.ndarray, weight: float) -> int:
+    """SubmitUpdate with a weight of the caller's choosing on the wire (AggregatorClient sends none of its own)."""
+    req = pb.SubmitUpdateRequest(
+        round_id=round_id, base_model=convert.model_ref_to_proto(MODEL), delta=convert.tensor_to_proto(delta),
+        weight=weight,
+    )  # fmt: skip
+    return client.rounds.SubmitUpdate(req, timeout=5).received
+
+
+def test_a_huge_weight_from_a_holder_does_not_change_the_mean(agg):
+    """A holder that claims 1e30 examples (the weight once dictated the mean) counts as one update, like the others."""
+    with agg.client() as coord:
+        base = _origin(coord)
+        r = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=3, base_version_id=base.version_id,
+            participants=["alice", "bob", "carol"],
+        )  # fmt: skip
+        with agg.client("alice") as alice, agg.client("bob") as bob, agg.client("carol") as carol:
+            assert _submit_claiming(alice, r.round_id, np.full(SHAPE, 3.0, np.float32), 1e30) == 1
+            assert _submit_claiming(bob, r.round_id, np.zeros(SHAPE, np.float32), 1.0) == 2
+            assert carol.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32)) == 3
+            assert {u[3] for u in agg.server.store.dump()["updates"]} == {1.0}  # stored with the server's weight
+        done = coord.finalise_round(r.round_id)
+        np.testing.assert_array_equal(done.mean_update, np.full(SHAPE, 1.0, np.float32))  # (3 + 0 + 0) / 3
+        np.testing.assert_allclose(done.version.embeddings, base.embeddings + 1.0, atol=1e-6)
+        # streams: the same holder's 1e30 is ignored there too (no staleness here: weights 1 and 1)
+        s = coord.open_stream(task="sst", base_model=MODEL, head_version_id=base.version_id, buffer_size=2)
+    with agg.client("alice") as alice, agg.client("bob") as bob:
+        push = pb.PushUpdateRequest(
+            stream_id=s.stream_id, base_model=convert.model_ref_to_proto(MODEL), base_version_id=base.version_id,
+            delta=convert.tensor_to_proto(np.full(SHAPE, 3.0, np.float32)), weight=1e30,
+        )  # fmt: skip
+        assert alice.rounds.PushUpdate(push, timeout=5).stream.buffered == 1
+        out = bob.push_update(
+            stream_id=s.stream_id, base_model=MODEL, base_version_id=base.version_id, delta=np.zeros(SHAPE, np.float32)
+        )
+        head = bob.get_version(out.merged_version_id)
+        np.testing.assert_allclose(head.embeddings, base.embeddings + 1.5, atol=1e-6)  # (3 + 0) / 2
+
+
+def test_holders_may_not_publish_compose_or_publish_task_vectors(agg):
+    """A version's model, hash, width and privacy metadata are the publisher's claims: only the coordinator's
+    are stored. Reading stays open to holders."""
+    with agg.client() as coord:
+        origin = _origin(coord)
+        tuned = coord.publish_version(task="a", base_model=MODEL, embeddings=origin.embeddings + 1.0)
+        tv = coord.publish_task_vector(task="a", tuned_id=tuned.version_id, origin_id=origin.version_id)
+    forged_privacy = {"privacy": {"epsilon": 0.01, "delta": 1e-9, "accountant": "made up"}}
+    with agg.client("alice") as alice:
+        refused = {
+            "PublishVersion": lambda: alice.publish_version(
+                task="sst", base_model=MODEL, embeddings=origin.embeddings * 2, metadata=forged_privacy
+            ),
+            "PublishVersion (text)": lambda: alice.publish_version(
+                task="sst", base_model=OTHER, text="Ignore the task.", parent_id=None
+            ),
+            "PublishTaskVector": lambda: alice.publish_task_vector(
+                task="b", tuned_id=origin.version_id, origin_id=tuned.version_id
+            ),
+            "Compose": lambda: alice.compose(origin_id=origin.version_id, terms=[(tv.vector_id, 5.0)], task="mix"),
+        }
+        for what, call in refused.items():
+            before = agg.server.store.dump()
+            with pytest.raises(AggregatorError) as e:
+                call()
+            assert _code(e) == grpc.StatusCode.PERMISSION_DENIED, what
+            assert "coordinator" in e.value.details, what
+            assert agg.server.store.dump() == before, what
+        # reading is open to holders
+        assert alice.get_version(tuned.version_id[:12]).version_id == tuned.version_id
+        assert [v.version_id for v in alice.list_versions()] == [origin.version_id, tuned.version_id]
+        assert [t.vector_id for t in alice.list_task_vectors(origin_id=origin.version_id)] == [tv.vector_id]
+
+
+def test_removing_a_holders_folder_refuses_its_very_next_call(cert_dir, tmp_path):
+    folder = tmp_path / "certs"  # this test's own copy: the module's folder stays whole for the other tests
+    shutil.copytree(cert_dir, folder)
+    with RunningAggregator(folder, str(tmp_path / "r.sqlite")) as running, running.client() as coord:
+        v = _origin(coord)
+        r = coord.open_round(task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, participants=HOLDERS)
+        # the holders' credentials come from the module's folder: the CA still signs them after the removal
+        with AggregatorClient(running.address, cert_dir, "alice") as alice:
+            assert alice.get_version(v.version_id).version_id == v.version_id  # admitted: its key is there
+            assert alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32)) == 1
+            shutil.rmtree(folder / "nodes" / "alice")
+            before = running.server.store.dump()
+            calls = {
+                "GetVersion": lambda: alice.get_version(v.version_id),
+                "ListVersions": lambda: alice.list_versions(),
+                "SubmitUpdate": lambda: alice.submit_update(
+                    round_id=r.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32)
+                ),
+                "PushUpdate": lambda: alice.push_update(
+                    stream_id="0" * 32, base_model=MODEL, base_version_id=v.version_id, delta=np.ones(SHAPE, np.float32)
+                ),
+            }
+            for what, call in calls.items():
+                with pytest.raises(AggregatorError) as e:
+                    call()
+                assert _code(e) == grpc.StatusCode.UNAUTHENTICATED, what
+                assert "node:alice" in e.value.details, what
+            assert running.server.store.dump() == before
+            # a key put back (or a new node added) is admitted at its next call, without a restart
+            shutil.copytree(cert_dir / "nodes" / "alice", folder / "nodes" / "alice")
+            assert alice.get_version(v.version_id).version_id == v.version_id
+        # the flat layout (a Kubernetes Secret: node.NAME.pub beside ca.crt) is checked the same way
+        shutil.rmtree(folder / "nodes" / "bob")
+        shutil.copyfile(cert_dir / "nodes" / "bob" / "node.pub", folder / "node.bob.pub")
+        with AggregatorClient(running.address, cert_dir, "bob") as bob:
+            assert bob.get_version(v.version_id).version_id == v.version_id
+            (folder / "node.bob.pub").unlink()
+            before = running.server.store.dump()
+            with pytest.raises(AggregatorError) as e:
+                bob.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
+            assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+            assert running.server.store.dump() == before
+        assert coord.get_round(r.round_id).received == 1  # the coordinator is not affected
+
+
+def test_a_plain_round_without_participants_is_refused(agg):
+    with agg.client() as coord:
+        base = _origin(coord)
+        before = agg.server.store.dump()
+        for participants in (None, [], ["alice"]):  # none, or fewer than the updates the round expects
+            with pytest.raises(AggregatorError) as e:
+                coord.open_round(
+                    task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=base.version_id,
+                    participants=participants,
+                )  # fmt: skip
+            assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT, participants
+            assert "participants" in e.value.details
+            assert agg.server.store.dump() == before
+        r = coord.open_round(
+            task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, participants=["alice", "bob"]
+        )
+    before = agg.server.store.dump()
+    with agg.client("carol") as carol, pytest.raises(AggregatorError) as e:  # registered, but not invited
+        carol.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
+    assert _code(e) == grpc.StatusCode.PERMISSION_DENIED and "not a participant" in e.value.details
+    assert agg.server.store.dump() == before
+
+
+def node_identity(certs_dir: Path, name: str) -> ClientIdentity:
+    """A holder's identity as its daemon builds it: its node key and its roster of every node's public key."""
+    key = load_ssh_private_key(certs.node_files(certs_dir, name).private_key.read_bytes(), None)
+    roster = {n: load_ssh_public_key(p.read_bytes()) for n, p in certs.node_public_keys(certs_dir).items()}
+    return ClientIdentity(name, key, roster)
+
+
+def _run_secure_round(agg, names, vectors, drop_after: dict[str, int] | None = None, tamper=None):
+    """Drive SecAggStep as the coordinator would, with each holder's SecAggClient signing with its node key.
+    ``tamper(stage, name, reply)`` may change a holder's reply (a malicious holder)."""
     drop_after = drop_after or {}
     with agg.client() as coord:
         r = coord.open_round(
@@ -250,18 +415,19 @@ def _run_secure_round(agg, names, vectors, drop_after: dict[str, int] | None = N
         )  # fmt: skip
         resp = coord.secagg_step(r.round_id, 0, [])
         clients: dict[int, SecAggClient] = {}
-        for stage in range(1, 5):
+        for stage in range(1, 6):
             replies = []
             for env in resp.requests:
                 name = names[env.client_index - 1]
                 if drop_after.get(name, 99) < stage:
                     continue
                 if env.message.WhichOneof("body") == "setup":
-                    key = load_ssh_private_key(certs.node_files(agg.certs_dir, name).private_key.read_bytes(), None)
                     clients[env.client_index] = SecAggClient(
-                        env.message.setup, vectors[name].reshape(-1), signing_key=key
+                        env.message.setup, vectors[name].reshape(-1), node_identity(agg.certs_dir, name)
                     )
                 reply = clients[env.client_index].handle(env.message)
+                if tamper is not None:
+                    tamper(stage, name, reply)
                 replies.append(pb.SecAggEnvelope(client_index=env.client_index, message=reply))
             resp = coord.secagg_step(r.round_id, stage, replies)
         return r, resp
@@ -330,7 +496,7 @@ def test_store_survives_a_restart_of_the_server(cert_dir, tmp_path):
     store = str(tmp_path / "r.sqlite")
     with RunningAggregator(cert_dir, store) as running, running.client() as c:
         v = _origin(c)
-        r = c.open_round(task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2)
+        r = c.open_round(task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, participants=HOLDERS)
         with running.client("alice") as alice:
             alice.submit_update(round_id=r.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
     with RunningAggregator(cert_dir, store) as running, running.client() as c:
@@ -367,14 +533,16 @@ def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(
         with client() as c, client("alice") as alice, client("bob") as bob:
             base = _origin(c)
             r1 = c.open_round(
-                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=base.version_id
-            )
+                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=base.version_id,
+                participants=["alice", "bob"],
+            )  # fmt: skip
             for h, value in ((alice, 1.0), (bob, 3.0)):
                 h.submit_update(round_id=r1.round_id, base_model=MODEL, delta=np.full(SHAPE, value, np.float32))
             v1 = c.finalise_round(r1.round_id).version
             r2 = c.open_round(
-                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=v1.version_id
-            )
+                task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, base_version_id=v1.version_id,
+                participants=["alice", "bob"],
+            )  # fmt: skip
             alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.ones(SHAPE, np.float32))
         os.killpg(proc.pid, signal.SIGKILL)  # mid-round: one of two updates in
         proc.wait(10)
@@ -392,3 +560,43 @@ def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(
         assert "shutting down" in log.read_text()
     finally:
         fp.stop(proc)
+
+
+def _plus_one(share: bytes) -> bytes:
+    from fedprompt.protocols import secagg_crypto as sc
+
+    return sc.share_to_bytes((sc.share_from_bytes(share) + 1) % sc.PRIME)
+
+
+def _bad_holder(attack: str):
+    """A tamper function: bob, a registered holder, sends what ``attack`` says instead of its honest reply."""
+    import os
+
+    def tamper(stage: int, name: str, reply) -> None:
+        if name != "bob":
+            return
+        if attack == "out-of-range input" and stage == 3:
+            words = np.frombuffer(reply.masked_input.masked, "<u4").copy()
+            words[0] += np.uint32(1 << 31)  # a value no clipped, quantised update can take
+            reply.masked_input.masked = words.tobytes()
+        if stage == 5 and attack != "out-of-range input":  # the unmasking: bob reveals one wrong share
+            share = reply.unmask_response.self_mask_shares[0]
+            share.share = _plus_one(share.share) if attack == "crafted share" else os.urandom(len(share.share))
+
+    return tamper
+
+
+@pytest.mark.parametrize("attack", ["crafted share", "random share", "out-of-range input"])
+def test_a_bad_holder_aborts_the_round_with_a_clear_status(agg, attack):
+    rng = np.random.default_rng(4)
+    vectors = {n: rng.uniform(-0.5, 0.5, size=SHAPE).astype(np.float32) for n in HOLDERS}
+    versions_before = agg.server.store.dump()["versions"]
+    with pytest.raises(AggregatorError) as e:
+        _run_secure_round(agg, HOLDERS, vectors, tamper=_bad_holder(attack))
+    assert _code(e) == grpc.StatusCode.ABORTED, e.value.details
+    why = {"crafted share": "wrong share", "random share": "not a share", "out-of-range input": "range"}[attack]
+    assert why in e.value.details and "Traceback" not in e.value.details
+    (round_id,) = [row[0] for row in agg.server.store.dump()["rounds"]]
+    with agg.client() as coord:
+        assert coord.get_round(round_id).state == "aborted"  # closed, not left open
+    assert agg.server.store.dump()["versions"] == versions_before  # no mean was finalised

@@ -5,7 +5,8 @@ thread; the channels are connected first and a barrier then releases every submi
 calls really overlap in the server. Every update must be accepted exactly once: the server hands out the
 counts 1..200 (one at a time, under the round's lock), the store holds 200 updates from 200 distinct
 clients, a second submission by each of them (all at once again) is refused with ALREADY_EXISTS and
-changes nothing, and finalising gives the exact weighted mean of what was sent.
+changes nothing, and finalising gives the exact mean of what was sent, every update weighing the same
+(half of the holders claim weights of their own on the wire; the server ignores them).
 
 One call per holder and phase stays far below the default rate limit (50/s, burst 100 per identity).
 """
@@ -23,6 +24,8 @@ from aggregator_harness import RunningAggregator
 
 from fedprompt import certs
 from fedprompt.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols import aggregator_pb2 as pb
+from fedprompt.protocols import convert
 from fedprompt.server.records import ModelRef
 from fedprompt.server.store import tensor_bytes
 
@@ -42,12 +45,14 @@ def cert_dir(tmp_path_factory):
 
 
 def delta(i: int) -> np.ndarray:
-    """Distinct per holder, and dyadic: every weighted sum below is exact in float64."""
+    """Distinct per holder, and dyadic: every sum below is exact in float64."""
     return (np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) % 64) / 64 + np.float32(i / 4 - 20)
 
 
-def weight(i: int) -> float:
-    return float(1 + i % 3)
+def claimed_weight(i: int) -> float:
+    """The weight holder i sends: AggregatorClient's 1.0 (even i) or one of its own (odd i, on the raw stub).
+    The server weighs every update 1.0 whatever it says."""
+    return 1.0 if i % 2 == 0 else float(2 + i % 3)
 
 
 def all_at_once(clients: list[AggregatorClient], call: Callable[[int, AggregatorClient], object]) -> list:
@@ -75,8 +80,9 @@ def test_200_concurrent_holders_fill_one_round_exactly_once(cert_dir, store_targ
     with RunningAggregator(cert_dir, store_target) as agg, agg.client() as coord:
         base = coord.publish_version(task="load", base_model=MODEL, embeddings=np.zeros(SHAPE, np.float32))
         r = coord.open_round(
-            task="load", base_model=MODEL, shape=SHAPE, expected_clients=N, base_version_id=base.version_id
-        )
+            task="load", base_model=MODEL, shape=SHAPE, expected_clients=N, base_version_id=base.version_id,
+            participants=NAMES,
+        )  # fmt: skip
         clients = [agg.client(name) for name in NAMES]
         try:
             t0 = time.perf_counter()
@@ -85,7 +91,13 @@ def test_200_concurrent_holders_fill_one_round_exactly_once(cert_dir, store_targ
             t1 = time.perf_counter()
 
             def submit(i: int, c: AggregatorClient) -> int:
-                return c.submit_update(round_id=r.round_id, base_model=MODEL, delta=delta(i), weight=weight(i))
+                if i % 2 == 0:
+                    return c.submit_update(round_id=r.round_id, base_model=MODEL, delta=delta(i))
+                req = pb.SubmitUpdateRequest(  # a weight of its own on the wire
+                    round_id=r.round_id, base_model=convert.model_ref_to_proto(MODEL),
+                    delta=convert.tensor_to_proto(delta(i)), weight=claimed_weight(i),
+                )  # fmt: skip
+                return c.rounds.SubmitUpdate(req, timeout=60).received
 
             counts = all_at_once(clients, submit)
             t2 = time.perf_counter()
@@ -100,10 +112,10 @@ def test_200_concurrent_holders_fill_one_round_exactly_once(cert_dir, store_targ
             assert len(updates) == N and {u[1] for u in updates} == set(NAMES)
             by_client = {u[1]: u for u in updates}
             for i, name in enumerate(NAMES):
-                assert by_client[name][2] == tensor_bytes(delta(i)) and by_client[name][3] == weight(i), name
+                assert by_client[name][2] == tensor_bytes(delta(i)) and by_client[name][3] == 1.0, name
 
             def resubmit(i: int, c: AggregatorClient) -> object:
-                return c.submit_update(round_id=r.round_id, base_model=MODEL, delta=delta(i) * 0, weight=1.0)
+                return c.submit_update(round_id=r.round_id, base_model=MODEL, delta=delta(i) * 0)
 
             again = all_at_once(clients, resubmit)
             t3 = time.perf_counter()
@@ -115,9 +127,12 @@ def test_200_concurrent_holders_fill_one_round_exactly_once(cert_dir, store_targ
                 c.close()
 
         done = coord.finalise_round(r.round_id)
-        total = sum(weight(i) * delta(i).astype(np.float64) for i in range(N))
-        expected = (total / sum(weight(i) for i in range(N))).astype(np.float32)
+        total = sum(delta(i).astype(np.float64) for i in range(N))
+        expected = (total / N).astype(np.float32)  # every update weighs the same
         np.testing.assert_array_equal(done.mean_update, expected)
+        claimed = sum(claimed_weight(i) * delta(i).astype(np.float64) for i in range(N))
+        claimed /= sum(claimed_weight(i) for i in range(N))
+        assert not np.allclose(done.mean_update, claimed, atol=1e-3)  # the weights on the wire had no effect
         assert done.contributors == N and done.round.state == "finalised" and done.round.received == N
         np.testing.assert_array_equal(done.version.embeddings, expected)  # base is zero
         assert [u for u in agg.server.store.dump()["updates"] if u[0] == r.round_id] == []

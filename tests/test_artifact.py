@@ -108,3 +108,16 @@ def test_a_failed_save_leaves_the_previous_artifact(tiny_llama, tmp_path, monkey
         artifact.save(folder, w + 1, _meta(tiny_llama, w + 1))
     assert json.loads((folder / artifact.META_FILE).read_text()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_unreadable_artifacts_are_one_line_errors_naming_the_file(tiny_llama, tmp_path):
+    emb = tiny_llama.model.get_input_embeddings().weight
+    w = init_from_vocab(emb, 4)
+    folder = artifact.save(tmp_path / "a", w, _meta(tiny_llama, w))
+    (folder / artifact.WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        artifact.load(folder)
+    folder = artifact.save(tmp_path / "b", w, _meta(tiny_llama, w))
+    (folder / artifact.META_FILE).write_bytes(b'{"task": "\xff\xfe"}')
+    with pytest.raises(ArtifactError, match=r"fedprompt\.json: malformed \(UnicodeDecodeError"):
+        artifact.load(folder)

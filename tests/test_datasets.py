@@ -96,3 +96,59 @@ def test_label_in_test_split_never_seen_in_train(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DatasetError, match="never in train"):
         datasets.load_file(path)
+
+
+def _rows(n: int, labels=("a", "b")) -> list[dict]:
+    return [{"text": f"example number {i}", "label": labels[i % len(labels)]} for i in range(n)]
+
+
+def test_a_label_that_falls_only_into_the_held_out_splits_is_refused(tmp_path):
+    rows = [*_rows(60), {"text": "the one rare example", "label": "rare"}]
+    path = tmp_path / "rare.jsonl"
+    for seed_rows in range(40):  # without a split column the held-out parts are a seeded shuffle: find one
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        try:
+            ds = datasets.load_file(path)
+        except DatasetError as exc:
+            assert "'rare'" in str(exc) and "held-out" in str(exc) and str(path) in str(exc)
+            return
+        assert "rare" in [ds.label_names[e.label] for e in ds.split("train")]
+        rows.insert(0, {"text": f"padding {seed_rows}", "label": "a"})
+    pytest.fail("the rare label never fell into a held-out split")
+
+
+def test_one_field_size_limit_for_csv_and_jsonl(tmp_path):
+    big = "x" * (datasets.MAX_FIELD_CHARS + 1)
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in _rows(30)) + json.dumps({"text": big, "label": "a"}) + "\n")
+    with pytest.raises(DatasetError, match=r"big\.jsonl:31: field 'text' has 131,073 characters"):
+        datasets.load_file(jsonl)
+    huge = tmp_path / "huge.jsonl"  # a 50 MB line is refused before it is parsed
+    huge.write_text(json.dumps({"text": "y" * 50_000_000, "label": "a"}) + "\n")
+    with pytest.raises(DatasetError, match="a line of 50,000,"):
+        datasets.load_file(huge)
+    csv = tmp_path / "big.csv"
+    csv.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in _rows(30)) + f"{big},a\n")
+    with pytest.raises(DatasetError, match=r"big\.csv"):
+        datasets.load_file(csv)
+
+
+@pytest.mark.parametrize("label", [{"name": "a"}, ["a"], None, True, 1.5])
+def test_labels_that_are_not_strings_name_the_file(tmp_path, label):
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(30)) + json.dumps({"text": "t", "label": label}) + "\n")
+    with pytest.raises(DatasetError, match=r"odd\.jsonl: example 31 has"):
+        datasets.load_file(path)
+
+
+def test_datasets_split_refuses_a_folder_with_files_in_it(tmp_path, capsys):
+    from fedprompt.cli import main
+
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in _rows(200)))
+    args = ["datasets", "split", "--dataset", str(source), "--holders", "2", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert source.exists()  # the source CSV next to it used to be deleted
+    assert main([*args[:-1], str(tmp_path / "split")]) == 0
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["holder-1.jsonl", "holder-2.jsonl"]

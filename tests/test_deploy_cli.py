@@ -56,9 +56,12 @@ def test_kustomize_layout_and_a_flat_certificate_folder(tmp_path):
         "client.crt",
         "client.key",
         "kustomization.yaml",
+        "node.holder-1.pub",  # the holder's roster: every node's public key, for checking its neighbours
+        "node.holder-2.pub",
         "node.key",
     ]
     assert (node / "node.key").read_bytes() == certs.node_files(src, "holder-1").private_key.read_bytes()
+    assert list(certs.node_public_keys(node)) == ["holder-1", "holder-2"]  # a holder's daemon reads it flat
     # the flat folder (a mounted Secret) names the same nodes as the nested one
     assert list(certs.node_public_keys(coord)) == ["holder-1", "holder-2"] == list(certs.node_public_keys(src))
     # and an aggregation server run on it admits those holders

@@ -34,7 +34,7 @@ def test_a_dominant_token_is_released():
 
 
 def test_a_weak_plurality_usually_fails():
-    # 3 votes against a threshold near 1 + ln(2 / 5e-7) / 0.9 = 17.9: the release must not leak it
+    # 3 votes against a threshold near 2 + ln(2 / 5e-7) / 0.9 = 18.9: the release must not leak it
     rng = random.Random(2)
     out = Counter(MECH.release({5: 3, 6: 1}, rng) for _ in range(20_000))
     assert out[None] / 20_000 > 0.99
@@ -106,3 +106,80 @@ def test_selection_prefers_the_best_candidate_and_is_dp_on_neighbouring_holdouts
         assert a <= math.exp(eps) * b + slack and b <= math.exp(eps) * a + slack, (k, a, b)
     with pytest.raises(ValueError):
         select_candidate([], 1.0)
+
+
+# ------------------------------------------------------------------ exact (ε₀, δ₀) over neighbouring histograms
+
+
+def _histograms(votes: int, vocab: int):
+    """Every way ``votes`` teachers' votes can fall on ``vocab`` tokens (compositions, zeros allowed)."""
+    for cuts in itertools.combinations(range(votes + vocab - 1), vocab - 1):
+        bounds = (-1, *cuts, votes + vocab - 1)
+        yield {t: bounds[t + 1] - bounds[t] - 1 for t in range(vocab)}
+
+
+def _delta(mech: LimitedDomain, p: dict, q: dict) -> float:
+    """The exact δ of releasing from p against q at ε₀: Σ_o max(0, P(o) − e^ε₀ Q(o))."""
+    bound = math.exp(mech.epsilon)
+    return sum(max(0.0, pr - bound * q.get(o, 0.0)) for o, pr in p.items())
+
+
+def _worst_delta(mech: LimitedDomain, votes: int, vocab: int) -> tuple[float, dict, dict]:
+    """The largest δ over every histogram and every neighbour one moved vote away, both directions."""
+    worst = (0.0, {}, {})
+    for h in _histograms(votes, vocab):
+        p = mech.distribution(h)
+        for a, b in itertools.permutations(range(vocab), 2):
+            if h[a] == 0:
+                continue
+            moved = dict(h)
+            moved[a] -= 1
+            moved[b] += 1
+            d = _delta(mech, p, mech.distribution(moved))
+            if d > worst[0]:
+                worst = (d, h, moved)
+    return worst
+
+
+@pytest.mark.parametrize(
+    ("eps0", "delta0", "k_bar", "votes", "vocab", "margin_one_fails"),
+    [
+        (3.0, 0.01, 3, 16, 5, True),
+        (1.8, 5e-7, 3, 26, 4, True),  # the paper preset's epsilon0 and delta0
+        (4.0, 5e-7, 2, 30, 4, True),
+        (1.0, 1e-3, 3, 20, 5, False),  # here a margin of 1 happens to stay within delta0 (0.82 of it)
+    ],
+)
+def test_every_neighbouring_histogram_is_within_eps0_delta0_exactly(
+    eps0, delta0, k_bar, votes, vocab, margin_one_fails
+):
+    """Exhaustive: every histogram of ``votes`` votes over ``vocab`` tokens and every histogram one moved vote away
+    (a token crossing the top-k̄ boundary among them), both directions, by the exact output distribution. The
+    margin of 1 that Durfee and Rogers use (and DP-OPT's code) fails the same check: the check can fail."""
+    mech = LimitedDomain(epsilon=eps0, delta=delta0, vocab_size=vocab, k_bar=k_bar)
+    worst, h, moved = _worst_delta(mech, votes, vocab)
+    assert worst <= delta0 * (1 + 1e-9), (worst / delta0, h, moved)
+    one = LimitedDomain(epsilon=eps0, delta=delta0, vocab_size=vocab, k_bar=k_bar, margin=1)
+    worst_one, h, moved = _worst_delta(one, votes, vocab)
+    assert (worst_one > delta0) == margin_one_fails, (worst_one / delta0, h, moved)
+
+
+def test_the_reported_boundary_case_exactly():
+    # the case of the review: a token at h(k̄+1) + 2 that leaves the domain when one vote moves
+    h = {1: 5, 2: 5, 9: 5, 4: 3}
+    h_moved = {1: 5, 2: 5, 9: 4, 4: 4}
+    old = LimitedDomain(epsilon=3.0, delta=0.01, vocab_size=10, k_bar=3, margin=1)
+    assert _delta(old, old.distribution(h), old.distribution(h_moved)) == pytest.approx(0.0209, rel=0.05)
+    new = LimitedDomain(epsilon=3.0, delta=0.01, vocab_size=10, k_bar=3)
+    assert _delta(new, new.distribution(h), new.distribution(h_moved)) <= 0.01
+
+
+def test_the_exact_distribution_matches_the_sampler():
+    mech = LimitedDomain(epsilon=2.0, delta=0.05, vocab_size=20, k_bar=3)
+    h = {1: 9, 2: 7, 3: 7, 4: 2}
+    exact = mech.distribution(h)
+    rng = random.Random(5)
+    n = 40_000
+    seen = Counter(mech.release(h, rng) for _ in range(n))
+    for outcome, p in exact.items():
+        assert abs(seen[outcome] / n - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-3, outcome

@@ -36,7 +36,7 @@ def _task(loaded, **kw) -> TaskSpec:
 
 
 def _holder(tiny_llama, sentiment_file, state, budget=50.0, **kw) -> Holder:
-    PrivacyLedger(state).set_budget(Budget(budget, 1e-3))
+    PrivacyLedger.create(state, Budget(budget, 1e-3))
     return Holder(
         data=str(sentiment_file),
         state_dir=state,

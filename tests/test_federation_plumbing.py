@@ -68,7 +68,7 @@ def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
 def holder_files(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(80)))
-    PrivacyLedger(tmp_path / "state").set_budget(Budget(50.0, 1e-3))
+    PrivacyLedger.create(tmp_path / "state", Budget(50.0, 1e-3))
     return data, tmp_path / "state"
 
 

@@ -22,7 +22,7 @@ def holder(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(80)))
     state = tmp_path / "state"
-    PrivacyLedger(state).set_budget(Budget(30.0, 1e-3))
+    PrivacyLedger.create(state, Budget(30.0, 1e-3))
     return data, state
 
 

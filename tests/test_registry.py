@@ -20,10 +20,12 @@ from fedprompt.server.records import (
     InvalidInput,
     ModelRef,
     NotFound,
+    Round,
     TaskVector,
     Version,
 )
 from fedprompt.server.registry import Registry, initial_prompt_id, verify_version, version_id
+from fedprompt.server.store import tensor_bytes
 
 pytest_plugins = ["pg"]
 
@@ -240,24 +242,34 @@ def test_compose_rejections(reg, store):
 # --- rounds -----------------------------------------------------------------------------------------------------
 
 
+PARTICIPANTS = ["c1", "c2", "c3", "c4"]
+
+
 def open_plain(reg: Registry, base: Version | None = None, **kw) -> str:
+    """A round of 3 expected updates (2 at least) to which ``PARTICIPANTS`` are invited, unless ``kw`` says."""
     args = {"task": "sst2", "base_model": MODEL, "shape": SHAPE, "expected_clients": 3, "min_clients": 2,
-            "base_version_id": base.version_id if base else None, "created_by": "coord"}  # fmt: skip
+            "base_version_id": base.version_id if base else None, "participants": PARTICIPANTS,
+            "created_by": "coord"}  # fmt: skip
     return reg.open_round(**{**args, **kw}).round_id
 
 
-def test_round_weighted_mean_and_new_version(reg, store):
+def test_round_mean_of_equally_weighted_updates_and_new_version(reg, store):
     base = publish(reg, 0)
     rid = open_plain(reg, base)
     deltas = {"c1": emb(11), "c2": emb(12), "c3": emb(13)}
-    weights = {"c1": 1.0, "c2": 2.0, "c3": 5.0}
+    claimed = {"c1": 1.0, "c2": 2.0, "c3": 5.0}  # what the holders might say they are worth
     for i, client in enumerate(["c3", "c1", "c2"]):
-        assert reg.submit_update(round_id=rid, client=client, base_model=MODEL, delta=deltas[client],
-                                 weight=weights[client]) == i + 1  # fmt: skip
+        # the registry takes no weight at all: a caller cannot even say one
+        rejected(reg, TypeError, reg.submit_update, round_id=rid, client=client, base_model=MODEL,
+                 delta=deltas[client], weight=claimed[client], match="weight")  # fmt: skip
+        assert reg.submit_update(round_id=rid, client=client, base_model=MODEL, delta=deltas[client]) == i + 1
     assert reg.get_round(rid).received == 3
+    assert [u[3] for u in store.dump()["updates"]] == [1.0, 1.0, 1.0]  # every update weighs the same
     res = reg.finalise_round(round_id=rid, metadata={"note": "r1"}, created_by="coord")
-    want = sum(weights[c] * deltas[c].astype(np.float64) for c in deltas) / sum(weights.values())
+    want = sum(deltas[c].astype(np.float64) for c in sorted(deltas)) / len(deltas)
     np.testing.assert_array_equal(res.mean_update, want.astype(np.float32))
+    weighted = sum(claimed[c] * deltas[c].astype(np.float64) for c in deltas) / sum(claimed.values())
+    assert not np.allclose(res.mean_update, weighted, atol=1e-3)  # the claimed weights had no effect
     assert res.contributors == 3 and res.round.state == ROUND_FINALISED and res.round.received == 3
     v = res.version
     np.testing.assert_array_equal(v.embeddings, emb(0) + want.astype(np.float32))
@@ -265,10 +277,10 @@ def test_round_weighted_mean_and_new_version(reg, store):
     assert v.metadata == {"note": "r1", "round_id": rid, "contributors": 3}
     assert reg.get_round(rid) == res.round and store.dump()["updates"] == []  # updates do not outlive the round
     rejected(reg, Conflict, reg.finalise_round, round_id=rid, created_by="coord", match="finalised")
-    rejected(reg, Conflict, reg.submit_update, round_id=rid, client="c4", base_model=MODEL, delta=emb(1), weight=1.0)
+    rejected(reg, Conflict, reg.submit_update, round_id=rid, client="c4", base_model=MODEL, delta=emb(1))
 
     plain = open_plain(reg, None, expected_clients=1, min_clients=1)
-    reg.submit_update(round_id=plain, client="c1", base_model=MODEL, delta=emb(5), weight=0.5)
+    reg.submit_update(round_id=plain, client="c1", base_model=MODEL, delta=emb(5))
     res2 = reg.finalise_round(round_id=plain, created_by="coord")
     assert res2.version is None and res2.round.version_id is None
     np.testing.assert_array_equal(res2.mean_update, emb(5))
@@ -280,8 +292,8 @@ def test_submit_update_rejections(reg):
     secure = open_plain(reg, base, secure=True, participants=["c1", "c2", "c3"], clip_range=1.0)
     aborted = open_plain(reg, base)
     reg.abort_round(round_id=aborted, reason="test")
-    reg.submit_update(round_id=rid, client="c1", base_model=MODEL, delta=emb(1), weight=1.0)
-    ok = {"round_id": rid, "client": "c2", "base_model": MODEL, "delta": emb(2), "weight": 1.0}
+    reg.submit_update(round_id=rid, client="c1", base_model=MODEL, delta=emb(1))
+    ok = {"round_id": rid, "client": "c2", "base_model": MODEL, "delta": emb(2)}
     nan, inf = emb(2), emb(2)
     nan[0, 0], inf[3, 7] = np.nan, -np.inf
     cases = [
@@ -293,11 +305,12 @@ def test_submit_update_rejections(reg):
         ({"delta": emb(2).astype(np.float64)}, InvalidInput, "float32"),
         ({"delta": nan}, InvalidInput, "NaN"),
         ({"delta": inf}, InvalidInput, r"\(3, 7\)"),
-        ({"weight": 0.0}, InvalidInput, "weight"),
-        ({"weight": -1.0}, InvalidInput, "weight"),
-        ({"weight": float("nan")}, InvalidInput, "weight"),
-        ({"weight": float("inf")}, InvalidInput, "weight"),
-        ({"weight": True}, InvalidInput, "weight"),
+        # weights are the server's: the registry has no parameter a caller's weight, good or bad, could reach
+        ({"weight": 0.0}, TypeError, "weight"),
+        ({"weight": -1.0}, TypeError, "weight"),
+        ({"weight": float("nan")}, TypeError, "weight"),
+        ({"weight": float("inf")}, TypeError, "weight"),
+        ({"weight": True}, TypeError, "weight"),
         ({"client": ""}, InvalidInput, "client"),
         ({"client": "c1"}, AlreadyExists, "c1"),
         ({"client": "eve"}, Forbidden, "eve"),
@@ -313,7 +326,7 @@ def test_open_round_rejections(reg):
     base = publish(reg, 0)
     text = reg.publish_version(task="t", base_model=MODEL, text="prompt", created_by="a")
     ok = {"task": "sst2", "base_model": MODEL, "shape": SHAPE, "expected_clients": 3, "min_clients": 2,
-          "base_version_id": base.version_id, "created_by": "coord"}  # fmt: skip
+          "base_version_id": base.version_id, "participants": ["a", "b", "c"], "created_by": "coord"}  # fmt: skip
     sec = {**ok, "secure": True, "participants": ["a", "b", "c"], "clip_range": 2.0}
     cases = [
         ({"base_version_id": "1" * 64}, NotFound),
@@ -328,6 +341,11 @@ def test_open_round_rejections(reg):
         ({"min_clients": 4}, InvalidInput),
         ({"participants": ["a", "a", "b"]}, InvalidInput),
         ({"participants": ["a", "b"]}, InvalidInput),
+        ({"participants": []}, InvalidInput),  # a plain round names its participants too
+        ({"participants": ()}, InvalidInput),
+        ({"participants": None}, InvalidInput),
+        ({"participants": "abc"}, InvalidInput),  # a string is not a list of three names
+        ({"participants": ["a", "b", ""]}, InvalidInput),
         ({"task": " "}, InvalidInput),
         ({**sec, "participants": []}, InvalidInput),
         ({**sec, "participants": ["a", "b"]}, InvalidInput),
@@ -339,16 +357,50 @@ def test_open_round_rejections(reg):
         rejected(reg, exc, reg.open_round, **{**ok, **change})
     r = reg.open_round(**sec)
     assert (r.secure, r.participants, r.clip_range, r.state, r.min_clients) == (True, ("a", "b", "c"), 2.0, "open", 2)
+    plain = reg.open_round(**{**ok, "participants": ["a", "b", "c", "d"]})  # more invited than expected: fine
+    assert (plain.secure, plain.participants, plain.expected_clients) == (False, ("a", "b", "c", "d"), 3)
+
+
+def test_a_plain_round_without_participants_is_refused(reg):
+    """No round is open to every registered node: the coordinator names whom it invites."""
+    base = publish(reg, 0)
+    args = {"task": "sst2", "base_model": MODEL, "shape": SHAPE, "expected_clients": 2, "created_by": "coord",
+            "base_version_id": base.version_id}  # fmt: skip
+    err = rejected(reg, InvalidInput, reg.open_round, **args, match="participants")
+    assert err.status == "INVALID_ARGUMENT"
+    rejected(reg, InvalidInput, reg.open_round, **args, participants=[], match="participants")
+    rejected(reg, InvalidInput, reg.open_round, **args, participants=["c1"], match="cannot send 2")
+    assert reg.store.dump()["rounds"] == []
+    rid = reg.open_round(**args, participants=["c1", "c2"]).round_id
+    reg.submit_update(round_id=rid, client="c1", base_model=MODEL, delta=emb(1))
+    err = rejected(reg, Forbidden, reg.submit_update, round_id=rid, client="c3", base_model=MODEL, delta=emb(3))
+    assert err.status == "PERMISSION_DENIED" and "not a participant" in str(err)
+
+
+def test_rounds_stored_by_an_older_server_keep_to_the_servers_rules(reg, store):
+    """A round opened without participants admits no one; updates stored with callers' weights weigh the same."""
+    base = publish(reg, 0)
+    legacy = Round("1" * 32, "sst2", MODEL, SHAPE, 2, False, base.version_id, ROUND_OPEN, 0, None, 2, (), 0.0, "old")
+    with store.transaction() as tx:
+        tx.insert_round(legacy, 1.0)
+    rejected(reg, Forbidden, reg.submit_update, round_id=legacy.round_id, client="c1", base_model=MODEL, delta=emb(1))
+    rid = open_plain(reg, base, expected_clients=2, min_clients=2)
+    with store.transaction() as tx:  # as an older server stored them: with the weights the callers sent
+        tx.insert_update(rid, "c1", tensor_bytes(emb(1)), 1e30)
+        tx.insert_update(rid, "c2", tensor_bytes(emb(2)), 1.0)
+        tx.set_round_received(rid, 2)
+    res = reg.finalise_round(round_id=rid, created_by="coord")
+    np.testing.assert_array_equal(res.mean_update, ((emb(1).astype(np.float64) + emb(2)) / 2).astype(np.float32))
 
 
 def test_finalise_needs_min_clients_and_keeps_round_open(reg):
     rid = open_plain(reg, publish(reg, 0))
-    reg.submit_update(round_id=rid, client="c1", base_model=MODEL, delta=emb(1), weight=1.0)
+    reg.submit_update(round_id=rid, client="c1", base_model=MODEL, delta=emb(1))
     rejected(reg, Conflict, reg.finalise_round, round_id=rid, created_by="coord", match="min_clients")
     assert reg.get_round(rid).state == ROUND_OPEN
     rejected(reg, InvalidInput, reg.finalise_round, round_id=rid, created_by="x", metadata={"round_id": 1})
     rejected(reg, NotFound, reg.finalise_round, round_id="nope", created_by="coord")
-    reg.submit_update(round_id=rid, client="c2", base_model=MODEL, delta=emb(2), weight=1.0)
+    reg.submit_update(round_id=rid, client="c2", base_model=MODEL, delta=emb(2))
     res = reg.finalise_round(round_id=rid, created_by="coord")
     assert res.contributors == 2 and res.round.state == ROUND_FINALISED
     np.testing.assert_array_equal(res.mean_update, ((emb(1).astype(np.float64) + emb(2)) / 2).astype(np.float32))

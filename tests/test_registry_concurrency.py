@@ -17,7 +17,7 @@ from test_registry import MODEL, OTHER, emb, open_plain, publish, rejected
 
 from fedprompt.server.records import ROUND_FINALISED, ROUND_OPEN, AlreadyExists, Conflict, InvalidInput, NotFound
 from fedprompt.server.registry import Registry, verify_version
-from fedprompt.server.store import open_store
+from fedprompt.server.store import open_store, tensor_bytes
 
 pytest_plugins = ["pg"]
 
@@ -50,30 +50,34 @@ def run_threads(n: int, fn) -> list:
 # --- rounds -----------------------------------------------------------------------------------------------------
 
 
-def test_50_concurrent_submissions_are_each_accepted_once(reg):
+def test_50_concurrent_submissions_are_each_accepted_once(reg, store):
     base = publish(reg, 0)
-    rid = open_plain(reg, base, expected_clients=50, min_clients=50)
+    names = [f"c{i:02d}" for i in range(50)]
+    rid = open_plain(reg, base, expected_clients=50, min_clients=50, participants=names)
     deltas = [emb(100 + i) for i in range(50)]
-    out = run_threads(50, lambda i: reg.submit_update(round_id=rid, client=f"c{i:02d}", base_model=MODEL,
-                                                      delta=deltas[i], weight=float(i + 1)))  # fmt: skip
+    out = run_threads(50, lambda i: reg.submit_update(round_id=rid, client=names[i], base_model=MODEL,
+                                                      delta=deltas[i]))  # fmt: skip
     assert sorted(out) == list(range(1, 51)), [e for e in out if isinstance(e, Exception)][:3]
     assert reg.get_round(rid).received == 50
+    assert {u[3] for u in store.dump()["updates"]} == {1.0}  # the server's weight, the same for every update
     res = reg.finalise_round(round_id=rid, created_by="coord")
-    want = sum((i + 1) * deltas[i].astype(np.float64) for i in range(50)) / sum(range(1, 51))
+    want = sum(deltas[i].astype(np.float64) for i in range(50)) / 50  # equal weights, in client order
     np.testing.assert_array_equal(res.mean_update, want.astype(np.float32))
+    claimed = sum((i + 1) * deltas[i].astype(np.float64) for i in range(50)) / sum(range(1, 51))
+    assert not np.allclose(res.mean_update, claimed, atol=1e-3)  # what the holders would have claimed: no effect
     assert res.contributors == 50
 
 
 def test_concurrent_overflow_and_duplicates_are_refused(reg):
-    rid = open_plain(reg, None, expected_clients=30, min_clients=1)
-    out = run_threads(40, lambda i: reg.submit_update(round_id=rid, client=f"c{i}", base_model=MODEL, delta=emb(i),
-                                                      weight=1.0))  # fmt: skip
+    rid = open_plain(reg, None, expected_clients=30, min_clients=1, participants=[f"c{i}" for i in range(40)])
+    out = run_threads(40, lambda i: reg.submit_update(round_id=rid, client=f"c{i}", base_model=MODEL,
+                                                      delta=emb(i)))  # fmt: skip
     assert sorted(x for x in out if isinstance(x, int)) == list(range(1, 31))
     assert [type(x) for x in out].count(Conflict) == 10 and reg.get_round(rid).received == 30
 
-    dup = open_plain(reg, None, expected_clients=3, min_clients=1)
-    out = run_threads(8, lambda i: reg.submit_update(round_id=dup, client="same", base_model=MODEL, delta=emb(i),
-                                                     weight=1.0))  # fmt: skip
+    dup = open_plain(reg, None, expected_clients=3, min_clients=1, participants=["same", "other", "third"])
+    out = run_threads(8, lambda i: reg.submit_update(round_id=dup, client="same", base_model=MODEL,
+                                                     delta=emb(i)))  # fmt: skip
     assert out.count(1) == 1 and [type(x) for x in out].count(AlreadyExists) == 7
     assert reg.get_round(dup).received == 1
 
@@ -82,7 +86,10 @@ def test_concurrent_overflow_and_duplicates_are_refused(reg):
 
 
 def merged(head: np.ndarray, lr: float, items: list[tuple[np.ndarray, float, int]], exponent: float) -> np.ndarray:
-    """The expected new head: head + lr * sum(w_i delta_i) / sum(w_i), w_i = weight * (1 + staleness) ** -exponent."""
+    """The expected new head: head + lr * sum(w_i delta_i) / sum(w_i), w_i = weight * (1 + staleness) ** -exponent.
+
+    The server's ``weight`` is 1.0 for every update; a test passes another only to show what a caller's weight
+    would have done."""
     ws = [w * (1.0 + s) ** (-exponent) for _, w, s in items]
     step = sum(w * d.astype(np.float64) for w, (d, _, _) in zip(ws, items, strict=True)) / sum(ws)
     return (head.astype(np.float64) + lr * step).astype(np.float32)
@@ -94,31 +101,36 @@ def test_stream_weights_staleness_and_merges_every_k(reg):
                         staleness_exponent=0.5, server_learning_rate=0.8, created_by="coord")  # fmt: skip
     assert (s.generation, s.buffered, s.head_version_id) == (0, 0, h0.version_id)
 
-    def push(client: str, base: str, delta: np.ndarray, weight: float):
+    def push(client: str, base: str, delta: np.ndarray):
         return reg.push_update(stream_id=s.stream_id, client=client, base_model=MODEL, base_version_id=base,
-                               delta=delta, weight=weight)  # fmt: skip
+                               delta=delta)  # fmt: skip
 
-    r1 = push("a", h0.version_id, emb(1), 1.0)
-    r2 = push("b", h0.version_id, emb(2), 3.0)
+    # a caller cannot say what its update weighs: the registry takes no weight, and the store is unchanged
+    rejected(reg, TypeError, reg.push_update, stream_id=s.stream_id, client="a", base_model=MODEL,
+             base_version_id=h0.version_id, delta=emb(1), weight=3.0, match="weight")  # fmt: skip
+    r1 = push("a", h0.version_id, emb(1))
+    r2 = push("b", h0.version_id, emb(2))
     assert (r1.merged_version_id, r2.merged_version_id, r2.stream.buffered, r2.staleness) == (None, None, 2, 0)
-    r3 = push("c", h0.version_id, emb(3), 2.0)
+    r3 = push("c", h0.version_id, emb(3))
     assert r3.stream.generation == 1 and r3.stream.buffered == 0 and r3.merged_version_id == r3.stream.head_version_id
     h1 = reg.get_version(r3.merged_version_id)
-    want1 = merged(emb(0), 0.8, [(emb(1), 1.0, 0), (emb(2), 3.0, 0), (emb(3), 2.0, 0)], 0.5)
+    want1 = merged(emb(0), 0.8, [(emb(1), 1.0, 0), (emb(2), 1.0, 0), (emb(3), 1.0, 0)], 0.5)
     np.testing.assert_array_equal(h1.embeddings, want1)
+    claimed = merged(emb(0), 0.8, [(emb(1), 1.0, 0), (emb(2), 3.0, 0), (emb(3), 2.0, 0)], 0.5)
+    assert not np.allclose(h1.embeddings, claimed, atol=1e-3)  # what weights 1, 3, 2 would have given
     assert h1.parent_id == h0.version_id and verify_version(h1) and h1.metadata["generation"] == 1
 
-    r4 = push("d", h0.version_id, emb(4), 1.0)  # trained from the old head: staleness 1
-    r5 = push("e", h1.version_id, emb(5), 1.0)
+    r4 = push("d", h0.version_id, emb(4))  # trained from the old head: staleness 1
+    r5 = push("e", h1.version_id, emb(5))
     assert (r4.staleness, r5.staleness, r5.merged_version_id) == (1, 0, None)
-    r6 = push("a", h0.version_id[:12], emb(6), 2.0)
+    r6 = push("a", h0.version_id[:12], emb(6))
     assert r6.staleness == 1 and r6.stream.generation == 2
     h2 = reg.get_version(r6.merged_version_id)
-    want2 = merged(want1, 0.8, [(emb(4), 1.0, 1), (emb(5), 1.0, 0), (emb(6), 2.0, 1)], 0.5)
+    want2 = merged(want1, 0.8, [(emb(4), 1.0, 1), (emb(5), 1.0, 0), (emb(6), 1.0, 1)], 0.5)
     np.testing.assert_array_equal(h2.embeddings, want2)
     assert h2.metadata["updates"] == [{"client": "d", "staleness": 1}, {"client": "e", "staleness": 0},
                                       {"client": "a", "staleness": 1}]  # fmt: skip
-    r7 = push("f", h0.version_id, emb(7), 1.0)
+    r7 = push("f", h0.version_id, emb(7))
     assert r7.staleness == 2 and reg.get_stream(s.stream_id).buffered == 1
 
 
@@ -127,10 +139,10 @@ def test_stream_rejections(reg):
     stranger = publish(reg, 9)
     s = reg.open_stream(task="t", base_model=MODEL, head_version_id=h0.version_id, buffer_size=2,
                         staleness_exponent=1.0, server_learning_rate=1.0, created_by="coord")  # fmt: skip
-    reg.push_update(stream_id=s.stream_id, client="a", base_model=MODEL, base_version_id=h0.version_id, delta=emb(1),
-                    weight=1.0)  # fmt: skip
+    reg.push_update(stream_id=s.stream_id, client="a", base_model=MODEL, base_version_id=h0.version_id,
+                    delta=emb(1))  # fmt: skip
     ok = {"stream_id": s.stream_id, "client": "b", "base_model": MODEL, "base_version_id": h0.version_id,
-          "delta": emb(2), "weight": 1.0}  # fmt: skip
+          "delta": emb(2)}  # fmt: skip
     nan = emb(2)
     nan[0, 1] = np.nan
     cases = [
@@ -142,8 +154,8 @@ def test_stream_rejections(reg):
         ({"delta": emb(2, (8, 4))}, InvalidInput),
         ({"delta": emb(2).astype(np.float64)}, InvalidInput),
         ({"delta": nan}, InvalidInput),
-        ({"weight": 0}, InvalidInput),
-        ({"weight": float("inf")}, InvalidInput),
+        ({"weight": 0}, TypeError),  # weights are the server's: there is no parameter for a caller's
+        ({"weight": float("inf")}, TypeError),
         ({"client": ""}, InvalidInput),
     ]
     for change, exc in cases:
@@ -158,19 +170,31 @@ def test_stream_rejections(reg):
         rejected(reg, exc, reg.open_stream, **{**ok_stream, **change})
 
 
+def test_a_buffer_an_older_server_filled_with_callers_weights_merges_with_the_servers(reg, store):
+    h0 = publish(reg, 0)
+    s = reg.open_stream(task="t", base_model=MODEL, head_version_id=h0.version_id, buffer_size=2,
+                        staleness_exponent=0.5, server_learning_rate=1.0, created_by="coord")  # fmt: skip
+    with store.transaction() as tx:  # as an older server buffered it: with the weight its caller sent
+        tx.insert_buffered(s.stream_id, 0, "a", tensor_bytes(emb(1)), 1e30, 0)
+    done = reg.push_update(stream_id=s.stream_id, client="b", base_model=MODEL, base_version_id=h0.version_id,
+                           delta=emb(2))  # fmt: skip
+    head = reg.get_version(done.merged_version_id)
+    np.testing.assert_array_equal(head.embeddings, merged(emb(0), 1.0, [(emb(1), 1.0, 0), (emb(2), 1.0, 0)], 0.5))
+
+
 def test_40_concurrent_pushes_lose_nothing(reg):
     h0 = publish(reg, 0)
     lr, exponent = 0.5, 0.7
     s = reg.open_stream(task="async", base_model=MODEL, head_version_id=h0.version_id, buffer_size=4,
                         staleness_exponent=exponent, server_learning_rate=lr, created_by="coord")  # fmt: skip
     deltas = {f"c{i:02d}": emb(200 + i) for i in range(40)}
-    weights = {c: 1.0 + i % 3 for i, c in enumerate(deltas)}
+    weights = {c: 1.0 for c in deltas}  # the server's: every update the same, before its staleness discount
 
     def push(i: int):
         client = f"c{i:02d}"
         base = reg.get_stream(s.stream_id).head_version_id if i % 2 else h0.version_id  # some are stale on purpose
         return reg.push_update(stream_id=s.stream_id, client=client, base_model=MODEL, base_version_id=base,
-                               delta=deltas[client], weight=weights[client])  # fmt: skip
+                               delta=deltas[client])  # fmt: skip
 
     out = run_threads(40, push)
     assert not [e for e in out if isinstance(e, Exception)]
@@ -221,10 +245,10 @@ if mode == "hang":  # stop inside the finalising transaction of the 3rd round, a
     Tx.close_round = hang
 while True:
     r = reg.open_round(task="t", base_model=model, shape=shape, expected_clients=3, min_clients=3,
-                       base_version_id=base.version_id, created_by="child")
+                       base_version_id=base.version_id, participants=["c0", "c1", "c2"], created_by="child")
     for c in range(3):
         delta = np.random.default_rng(n * 10 + c).standard_normal(shape).astype(np.float32)
-        reg.submit_update(round_id=r.round_id, client=f"c{c}", base_model=model, delta=delta, weight=c + 1.0)
+        reg.submit_update(round_id=r.round_id, client=f"c{c}", base_model=model, delta=delta)
     base = reg.finalise_round(round_id=r.round_id, metadata={"n": n}, created_by="child").version
     print("FINALISED", r.round_id, base.version_id, n, flush=True)
     n += 1

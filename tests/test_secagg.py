@@ -12,7 +12,7 @@ from scipy.stats import chi2
 
 from fedprompt.protocols import secagg_crypto as sc
 from fedprompt.protocols.secagg import SecAggAbort, SecAggRefused, neighbour_graph, plan
-from fedprompt.protocols.secagg_client import SecAggClient
+from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
 from fedprompt.protocols.secagg_pb2 import (
     MaskedInput,
     SecAggMessage,
@@ -20,9 +20,36 @@ from fedprompt.protocols.secagg_pb2 import (
     UnmaskRequest,
 )
 from fedprompt.protocols.secagg_server import SecAggServer
-from fedprompt.server.records import Conflict
 
 N, LENGTH, CLIP = 10, 257, 1.0
+_KEYS: dict[int, ec.EllipticCurvePrivateKey] = {}
+
+
+def node_key(i: int) -> ec.EllipticCurvePrivateKey:
+    """Client i's node identity key (P-384, as fedprompt certs makes them), made once per test session."""
+    if i not in _KEYS:
+        _KEYS[i] = ec.generate_private_key(ec.SECP384R1())
+    return _KEYS[i]
+
+
+def identities(n: int) -> dict[int, tuple[str, ec.EllipticCurvePublicKey]]:
+    """What the aggregation server knows: each index's node name and registered public key."""
+    return {i: (f"node-{i}", node_key(i).public_key()) for i in range(1, n + 1)}
+
+
+def identity(i: int, n: int, **kw) -> ClientIdentity:
+    """What client i knows from its own files: its name and key, and the roster of every node's public key."""
+    roster = {f"node-{j}": node_key(j).public_key() for j in range(1, n + 1)}
+    return ClientIdentity(f"node-{i}", node_key(i), roster, **kw)
+
+
+def make_server(round_id: str, n: int, length: int, **kw) -> SecAggServer:
+    kw.setdefault("min_clients", 2)
+    return SecAggServer(round_id, n, length, CLIP, identities=identities(n), **kw)
+
+
+def make_clients(setups: dict, inputs: dict, n: int, **kw) -> dict[int, SecAggClient]:
+    return {i: SecAggClient(s, inputs[i], identity(i, n, **kw)) for i, s in setups.items()}
 
 
 def make_inputs(n: int, length: int, seed: int = 0) -> dict[int, np.ndarray]:
@@ -30,39 +57,25 @@ def make_inputs(n: int, length: int, seed: int = 0) -> dict[int, np.ndarray]:
     return {i: rng.uniform(-1.2, 1.2, length).astype(np.float32) for i in range(1, n + 1)}
 
 
-def run_round(
-    n=N,
-    length=LENGTH,
-    *,
-    drop_after=None,
-    min_clients=3,
-    signing=None,
-    verify=None,
-    tamper=None,
-    neighbourhood=None,
-    threshold=None,
-):
+STAGES = 5  # adverts, shares, masked inputs, consistency signatures, unmask responses
+
+
+def run_round(n=N, length=LENGTH, *, drop_after=None, min_clients=3, tamper=None, neighbourhood=None, threshold=None):
     """Drive one round through the generic step/handle interface.
 
     drop_after: {stage: clients} — a client listed under stage s answers stages 0..s−1 and nothing from s on:
     0 = never advertises, 1 = advertises only, 2 = shares keys but sends no masked input, 3 = sends its masked
-    input but no unmask response. tamper(stage, replies) may alter the replies in transit.
+    input but does not sign the survivors, 4 = signs but sends no unmask response. tamper(stage, replies) may alter
+    the replies in transit.
     """
     drop_after = drop_after or {}
-    server = SecAggServer(
-        "round-1",
-        n,
-        length,
-        CLIP,
-        min_clients=min_clients,
-        neighbourhood=neighbourhood,
-        threshold=threshold,
-        verify_keys=verify,
+    server = make_server(
+        "round-1", n, length, min_clients=min_clients, neighbourhood=neighbourhood, threshold=threshold
     )
     inputs = make_inputs(n, length)
     requests = server.step(0, {})
-    clients = {i: SecAggClient(m.setup, inputs[i], signing_key=(signing or {}).get(i)) for i, m in requests.items()}
-    for stage in range(4):
+    clients = make_clients({i: m.setup for i, m in requests.items()}, inputs, n)
+    for stage in range(STAGES):
         gone = set().union(*(drop_after.get(s, set()) for s in range(stage + 1)))
         replies = {i: clients[i].handle(m) for i, m in requests.items() if i not in gone}
         if tamper:
@@ -78,11 +91,11 @@ def expected(clients, inputs, survivors):
 
 
 def test_dropouts_at_every_stage_give_the_exact_sum():
-    # client 2 advertises then vanishes, 5 shares keys then vanishes, 7 sends its masked input and vanishes in unmask
-    server, clients, inputs = run_round(drop_after={1: {2}, 2: {5}, 3: {7}})
+    # 2 advertises then vanishes, 5 shares keys then vanishes, 9 signs the survivors and vanishes before unmasking
+    server, clients, inputs = run_round(drop_after={1: {2}, 2: {5}, 4: {9}})
     total, survivors = server.result
     assert server.done
-    assert survivors == [i for i in range(1, N + 1) if i not in (2, 5)]
+    assert survivors == [i for i in range(1, N + 1) if i not in (2, 5)]  # 9 sent its masked input
     q, f = expected(clients, inputs, survivors)
     assert np.array_equal(server.quantised_sum.astype(np.int64), q)  # exact integer equality
     step = server.plan.quantisation_step
@@ -99,8 +112,25 @@ def test_no_dropout():
     assert np.max(np.abs(total - f)) <= N * server.plan.quantisation_step + 1e-9
 
 
+def test_thirty_percent_dropouts_spread_over_every_stage_stay_exact():
+    # n = 10 (k = 8, t = 6 of 9): 3 of 10 drop, at three different stages
+    server, clients, inputs = run_round(drop_after={1: {3}, 3: {6}, 4: {8}})
+    _, survivors = server.result
+    assert survivors == [i for i in range(1, N + 1) if i != 3]
+    q, _ = expected(clients, inputs, survivors)
+    assert np.array_equal(server.quantised_sum.astype(np.int64), q)
+    # n = 20, 6 of 20 drop, over all five stages (the full graph: t = 11 of 20)
+    drops = {0: {1}, 1: {2}, 2: {3, 4}, 3: {5}, 4: {6}}
+    server, clients, inputs = run_round(n=20, length=33, drop_after=drops, neighbourhood=19)
+    _, survivors = server.result
+    assert survivors == list(range(5, 21))  # 5 and 6 sent their masked inputs
+    q, _ = expected(clients, inputs, survivors)
+    assert np.array_equal(server.quantised_sum.astype(np.int64), q)
+
+
 def test_sparse_graph_with_dropouts():
-    server, clients, inputs = run_round(n=20, length=33, drop_after={1: {1, 2}, 2: {3}, 3: {4, 5}})
+    # k = 10, t = 7 of 11: any neighbourhood keeps at least 8 of these 17 survivors
+    server, clients, inputs = run_round(n=20, length=33, drop_after={1: {1}, 2: {3}, 4: {4}})
     _, survivors = server.result
     q, _ = expected(clients, inputs, survivors)
     assert server.plan.neighbourhood == 10 and len(server.neighbours[6]) == 10
@@ -110,17 +140,19 @@ def test_sparse_graph_with_dropouts():
 def test_too_many_dropouts_is_a_clear_error():
     with pytest.raises(SecAggAbort, match="min_clients") as err:
         run_round(drop_after={2: set(range(1, 9))}, min_clients=3)
-    assert isinstance(err.value, Conflict)
-    # enough clients overall, but too few holders of the dropped clients' shares answer the unmask request
-    with pytest.raises(SecAggAbort, match="shares"):
-        run_round(drop_after={3: {1, 2, 3, 4, 5, 6}}, min_clients=3)
+    assert err.value.status == "ABORTED"
+    # enough clients overall, but too few holders of the dropped clients' shares are left to unmask
+    with pytest.raises(SecAggAbort, match="live holders"):
+        run_round(drop_after={3: {1, 2, 3, 4, 5}}, min_clients=3)
+    with pytest.raises(SecAggAbort, match="fewer than 6 shares"):
+        run_round(drop_after={4: {1, 2, 3, 4, 5}}, min_clients=3)
 
 
 def test_masked_vector_is_uniform_and_plain_one_is_not():
     n, length = 3, 50_000
-    server = SecAggServer("r", n, length, CLIP, min_clients=2)
+    server = make_server("r", n, length)
     setups = server.setup()
-    clients = {i: SecAggClient(s, np.zeros(length, np.float32)) for i, s in setups.items()}
+    clients = make_clients(setups, {i: np.zeros(length, np.float32) for i in setups}, n)
     bundles = server.receive_keys({i: c.advertise() for i, c in clients.items()})
     share_bundles = server.receive_shares({i: c.share_keys(bundles[i]) for i, c in clients.items()})
     masked = np.frombuffer(clients[1].masked_input(share_bundles[1]).masked, "<u4")
@@ -137,53 +169,65 @@ def test_masked_vector_is_uniform_and_plain_one_is_not():
 
 
 def _staged(n=N, length=8):
-    server = SecAggServer("r", n, length, CLIP, min_clients=3)
+    """A round driven up to the consistency check: the server, the clients, and each client's check."""
+    server = make_server("r", n, length, min_clients=3)
     setups = server.setup()
-    clients = {i: SecAggClient(s, np.zeros(length, np.float32)) for i, s in setups.items()}
+    clients = make_clients(setups, {i: np.zeros(length, np.float32) for i in setups}, n)
     bundles = server.receive_keys({i: c.advertise() for i, c in clients.items()})
     sb = server.receive_shares({i: c.share_keys(bundles[i]) for i, c in clients.items()})
-    return server, clients, sb
+    checks = server.receive_masked({i: c.masked_input(sb[i]) for i, c in clients.items()})
+    return server, clients, checks
+
+
+def _signed(server, clients, checks, signers=None):
+    """Unmask requests after the signers (default: all) signed the survivors."""
+    signers = set(clients) if signers is None else signers
+    return server.receive_signatures({i: clients[i].sign_survivors(checks[i]) for i in signers})
 
 
 def test_client_refuses_dangerous_or_out_of_order_requests():
-    _server, clients, sb = _staged()
+    server, clients, checks = _staged()
     c = clients[1]
     with pytest.raises(SecAggRefused, match="out of order"):
         c.advertise()
-    c.masked_input(sb[1])
+    requests = _signed(server, clients, checks)
     peer = min(c.neighbours)
-    alive = sorted(c.neighbours | {1})
+    both = UnmaskRequest(
+        self_mask_owners=requests[1].self_mask_owners, key_owners=[peer], signatures=requests[1].signatures
+    )
     with pytest.raises(SecAggRefused, match="both secrets"):
-        c.unmask(UnmaskRequest(self_mask_owners=alive, key_owners=[peer]))
-
-    _server, clients, sb = _staged()
-    c = clients[1]
-    c.masked_input(sb[1])
-    with pytest.raises(SecAggRefused, match="its own masked input"):
-        c.unmask(UnmaskRequest(self_mask_owners=sorted(c.neighbours), key_owners=[1]))
+        c.unmask(both)
     c = clients[2]
-    c.masked_input(sb[2])
-    outsiders = sorted(set(range(1, N + 1)) - c.neighbours - {2})
+    own = UnmaskRequest(self_mask_owners=sorted(c.neighbours), key_owners=[2], signatures=requests[2].signatures)
+    with pytest.raises(SecAggRefused, match="its own masked input"):
+        c.unmask(own)
+    c = clients[3]
+    outsiders = sorted(set(range(1, N + 1)) - c.neighbours - {3})
     if outsiders:
         with pytest.raises(SecAggRefused, match="non-neighbours"):
-            c.unmask(UnmaskRequest(self_mask_owners=sorted(c.neighbours | {2}), key_owners=outsiders[:1]))
-    c = clients[3]
-    c.masked_input(sb[3])
-    with pytest.raises(SecAggRefused, match="fewer than the threshold"):
-        c.unmask(UnmaskRequest(self_mask_owners=[3], key_owners=sorted(c.neighbours)))
+            c.unmask(UnmaskRequest(self_mask_owners=sorted(c.neighbours | {3}), key_owners=outsiders[:1]))
+    c = clients[4]
+    with pytest.raises(SecAggRefused, match="does not follow from the survivors"):
+        c.unmask(UnmaskRequest(self_mask_owners=[4], key_owners=[], signatures=requests[4].signatures))
     with pytest.raises(SecAggRefused, match="out of order"):
-        c.unmask(UnmaskRequest(self_mask_owners=sorted(c.neighbours | {3})))  # a stage never repeats
+        c.unmask(requests[4])  # a stage never repeats, even after a refusal
+    assert clients[5].unmask(requests[5]).self_mask_shares  # the honest request goes through
 
 
 def test_server_validates_replies_and_drops_the_sender():
-    server, clients, sb = _staged(n=6)
+    server = make_server("r", 6, 8, min_clients=3)
+    setups = server.setup()
+    clients = make_clients(setups, {i: np.zeros(8, np.float32) for i in setups}, 6)
+    bundles = server.receive_keys({i: c.advertise() for i, c in clients.items()})
+    sb = server.receive_shares({i: c.share_keys(bundles[i]) for i, c in clients.items()})
     replies = {i: c.masked_input(sb[i]) for i, c in clients.items()}
     replies[2] = MaskedInput(client_index=2, masked=replies[2].masked[:-4])  # wrong length
     replies[3] = MaskedInput(client_index=4, masked=replies[3].masked)  # names another client
     replies[99] = replies[1]  # never asked
-    requests = server.receive_masked(replies)
-    assert set(requests) == {1, 4, 5, 6}
+    checks = server.receive_masked(replies)
+    assert set(checks) == {1, 4, 5, 6}
     assert {2, 3, 99} <= set(server.rejected)
+    requests = _signed(server, clients, checks, signers=set(checks))
     # 2 and 3 are now treated as dropped after sharing: their key shares are asked for, never their self masks
     for req in requests.values():
         assert not set(req.self_mask_owners) & {2, 3}
@@ -196,25 +240,25 @@ def test_server_validates_replies_and_drops_the_sender():
         server.receive_keys({})
 
 
-def test_signatures_required_forged_and_tampered_drop_the_client():
-    idk = {i: ec.generate_private_key(ec.SECP384R1()) for i in range(1, N + 1)}
-    verify = {i: k.public_key() for i, k in idk.items()}
-    signing = dict(idk)
-    signing[4] = ec.generate_private_key(ec.SECP384R1())  # forged: signed with a key that is not 4's identity
+def test_signatures_forged_or_tampered_drop_the_client():
+    forger = ec.generate_private_key(ec.SECP384R1())  # not 4's identity
 
     def tamper(stage, replies):
         if stage == 0:
-            adv = replies[6].key_advertisement
-            adv.mask_public_key = bytes(b ^ 1 for b in adv.mask_public_key)  # keys swapped in transit
+            adv = replies[4].key_advertisement
+            msg = sc.advertisement_bytes(
+                "round-1", 4, adv.encryption_public_key, adv.mask_public_key, adv.self_mask_commitment
+            )
+            adv.signature = sc.sign(forger, msg)
+            adv6 = replies[6].key_advertisement
+            adv6.mask_public_key = bytes(b ^ 1 for b in adv6.mask_public_key)  # keys swapped in transit
 
-    server, clients, inputs = run_round(signing=signing, verify=verify, tamper=tamper)
+    server, clients, inputs = run_round(tamper=tamper)
     _, survivors = server.result
     assert survivors == [i for i in range(1, N + 1) if i not in (4, 6)]
     assert "signature" in server.rejected[4] and "signature" in server.rejected[6]
     q, _ = expected(clients, inputs, survivors)
     assert np.array_equal(server.quantised_sum.astype(np.int64), q)
-    with pytest.raises(SecAggRefused, match="signing key"):
-        SecAggClient(SecAggServer("x", 3, 4, 1.0, min_clients=2, verify_keys=verify).setup()[1], np.zeros(4))
 
 
 def test_tampered_ciphertext_fails_to_decrypt():
@@ -229,7 +273,11 @@ def test_tampered_ciphertext_fails_to_decrypt():
     with pytest.raises(sc.CryptoError):
         sc.decrypt(key, blob, round_id="r", sender=2, receiver=1)
     # inside the protocol: a relay flipping one bit makes the receiving client refuse
-    _server, clients, sb = _staged(n=4)
+    server = make_server("r", 4, 8)
+    setups = server.setup()
+    clients = make_clients(setups, {i: np.zeros(8, np.float32) for i in setups}, 4)
+    bundles = server.receive_keys({i: c.advertise() for i, c in clients.items()})
+    sb = server.receive_shares({i: c.share_keys(bundles[i]) for i, c in clients.items()})
     ct = bytearray(sb[1].shares[0].ciphertext)
     ct[20] ^= 0x40
     sb[1].shares[0].ciphertext = bytes(ct)
@@ -279,11 +327,14 @@ def test_quantisation_is_unbiased_and_cannot_overflow():
 
 
 def test_plan_defaults_and_graph():
+    # the least t with 2t > k + 1 + 1: a server with one colluding client cannot collect both secrets of anyone
     p = plan(10, 5, 1.0)
-    assert (p.neighbourhood, p.threshold) == (8, 5)
+    assert (p.neighbourhood, p.threshold) == (8, 6)
     assert plan(4, 5, 1.0).neighbourhood == 3  # full graph for small n
+    assert (plan(3, 5, 1.0).threshold, plan(5, 5, 1.0).threshold) == (3, 4)
     p1000 = plan(1000, 5, 1.0)
-    assert (p1000.neighbourhood, p1000.threshold) == (20, 11)
+    assert (p1000.neighbourhood, p1000.threshold) == (20, 12)
+    assert plan(10, 5, 1.0, colluders=0).threshold == 5  # a strict majority of 9 against the server alone
     with pytest.raises(ValueError, match="strict majority"):
         plan(10, 5, 1.0, threshold=4)  # 4 of 9 holders: two disjoint sets of 4 exist
     with pytest.raises(ValueError, match="even"):
@@ -302,9 +353,9 @@ def test_masks_come_from_the_full_seed():
 
 
 def test_handle_rejects_wrong_messages():
-    server = SecAggServer("r", 3, 4, 1.0, min_clients=2)
+    server = make_server("r", 3, 4)
     msgs = server.step(0, {})
-    c = SecAggClient(msgs[1].setup, np.zeros(4, np.float32))
+    c = SecAggClient(msgs[1].setup, np.zeros(4, np.float32), identity(1, 3))
     with pytest.raises(SecAggRefused):
         c.handle(SecAggMessage(masked_input=MaskedInput(client_index=1)))
     assert c.handle(msgs[1]).WhichOneof("body") == "key_advertisement"
@@ -313,9 +364,9 @@ def test_handle_rejects_wrong_messages():
 
 
 def test_server_drops_malformed_shares_and_wrong_message_kinds():
-    server = SecAggServer("r", 10, 4, 1.0, min_clients=3)
+    server = make_server("r", 10, 4, min_clients=3)
     msgs = server.step(0, {})
-    clients = {i: SecAggClient(m.setup, np.zeros(4, np.float32)) for i, m in msgs.items()}
+    clients = make_clients({i: m.setup for i, m in msgs.items()}, {i: np.zeros(4, np.float32) for i in msgs}, 10)
     replies = {i: c.handle(msgs[i]) for i, c in clients.items()}
     replies[6] = SecAggMessage(masked_input=MaskedInput(client_index=6))  # the wrong kind for this stage
     bundles = server.step(1, replies)
@@ -328,3 +379,43 @@ def test_server_drops_malformed_shares_and_wrong_message_kinds():
     assert "sender" in server.rejected[2] and "no share" in server.rejected[4]
     with pytest.raises(SecAggAbort, match="min_clients"):
         server.step(3, {1: clients[1].handle(share_bundles[1])})
+
+
+def _plus_one(share: bytes) -> bytes:
+    return sc.share_to_bytes((sc.share_from_bytes(share) + 1) % sc.PRIME)
+
+
+@pytest.mark.parametrize("checks", ["on", "off"])
+def test_a_wrong_share_or_input_aborts_and_without_the_checks_gives_a_wrong_sum(monkeypatch, checks):
+    """A malicious client's crafted share (+1 on one self-mask share) or out-of-range masked input: with the
+    server's checks (shares against the others and the commitment, the sum's range) the round aborts; with them
+    switched off it ends in a wrong sum, which is what the checks are for."""
+    from fedprompt.protocols import secagg_server
+
+    if checks == "off":
+        real = sc.shamir_combine
+        monkeypatch.setattr(sc, "shamir_combine", lambda shares, t: real(dict(sorted(shares.items())[:t]), t))
+        monkeypatch.setattr(secagg_server.SecAggServer, "_check_range", lambda self, total, count: None)
+
+    def crafted(stage, replies):
+        if stage == 4:  # client 2 reveals a wrong share of client 1's self-mask seed
+            share = replies[2].unmask_response.self_mask_shares[0]
+            share.share = _plus_one(share.share)
+            if checks == "off":  # ... and the commitment check is gone too
+                monkeypatch.setattr(sc, "commit_seed", lambda round_id, u, seed: server_adverts[u])
+
+    server_adverts: dict = {}
+
+    def keep_adverts(stage, replies):
+        if stage == 0:
+            server_adverts.update({i: m.key_advertisement.self_mask_commitment for i, m in replies.items()})
+        crafted(stage, replies)
+
+    if checks == "on":
+        with pytest.raises(SecAggAbort, match="wrong share"):
+            run_round(n=4, length=33, tamper=keep_adverts)
+        return
+    server, clients, inputs = run_round(n=4, length=33, tamper=keep_adverts)
+    _, survivors = server.result
+    q, _ = expected(clients, inputs, survivors)
+    assert not np.array_equal(server.quantised_sum.astype(np.int64), q)  # finalised, and wrong

@@ -123,3 +123,17 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
 def test_cli_models_list(capsys):
     assert main(["models", "list"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_the_cli_shows_a_bug_as_a_traceback_and_a_user_error_in_one_line(monkeypatch, capsys, tmp_path):
+    from fedprompt import cli
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_datasets", bug)  # build_parser binds it when main() builds the parser
+    with pytest.raises(ValueError, match="internal invariant"):
+        cli.main(["datasets", "list"])
+    assert cli.main(["tune", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2  # a user's setting: one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err

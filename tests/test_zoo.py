@@ -107,3 +107,24 @@ def test_concurrent_pulls_of_one_model_agree(tmp_path):
     digests = {queue.get(timeout=5) for _ in procs}
     assert len(digests) == 1
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-gpt2"]
+
+
+def test_pickled_or_corrupt_weights_are_refused_naming_the_folder(tmp_path):
+    import pickle
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo.model_folder("tiny-llama"), pickled)
+    (pickled / zoo.MANIFEST).unlink()
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    # a pickle that would run code if unpickled; fedprompt loads safetensors only
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(print))
+    with pytest.raises(ModelError, match=r"only safetensors weights are loaded"):
+        zoo.load(str(pickled))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(zoo.model_folder("tiny-llama"), corrupt)
+    (corrupt / zoo.MANIFEST).unlink()
+    for f in corrupt.glob("*.safetensors"):
+        f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelError, match=str(corrupt)):
+        zoo.load(str(corrupt))
