@@ -1,19 +1,24 @@
-"""Coordination overhead of a federation round on loopback, what the front and the holder's policy cost, and
-bytes on the wire per holder per round.
+"""Coordination overhead of a federation round on loopback, plain and secure; what the front and the holder's
+policy cost; bytes on the wire per holder per round; and the share of a demo round spent training.
 
 For 2, 4 and 8 holders (tiny model, real `fedprompt server` + `fedprompt client` processes, TLS and node
 authentication), a round's wall time on the coordinator (send the prompt, wait for every reply) minus the
-slowest holder's training compute is Flower's and fedprompt's overhead. Holders report their compute time only
-without DP (under DP it would leak), so the runs are `--no-dp` and the holders opt in with `--allow-no-dp`.
+slowest holder's training compute is Flower's and fedprompt's overhead: once with plain rounds, once with
+secure aggregation (the holders fetch their setup, train, run SecAgg+ with the aggregation server themselves;
+the round's wall time includes the protocol and the coordinator's collection of the mean). Holders report
+their compute time only without DP (under DP it would leak), so the runs are `--no-dp` and the holders opt in
+with `--allow-no-dp` (and, for secure rounds of 2, `--min-secure-cohort 2`).
 
-The front (``server/front.py``) is measured in the same run against holders that connect to the SuperLink's own
-loopback port, bypassing it (possible only on the coordinator's machine: the SuperLink listens on 127.0.0.1).
-The holder's policy checks (the rules, and the composition of the run's releases for its ε cap, over a ledger
-that already holds 50 releases) are timed in-process and set against a round's wall time. Flower counts the
-bytes of every message of the run (fleet API payloads, before TLS and HTTP framing); divided by holders and
-rounds, they stand beside the size of the prompt itself.
+The front (``server/front.py``) is measured against holders that connect to the SuperLink's own loopback port,
+bypassing it (possible only on the coordinator's machine). The holder's policy checks (the rules, and the
+composition of the run's releases for its ε cap, over a ledger that already holds 50 releases) are timed
+in-process and set against a round's wall time. Flower counts the bytes of every message of the run.
 
-    python benchmarks/round_overhead.py [--holders 2 4 8] [--rounds 4]
+The demo round: three holders on the demo's model and settings (`fedprompt demo`'s defaults, secure
+aggregation), where the share of a round's wall time that the slowest holder spends in its training steps is
+what a round is for.
+
+    python benchmarks/round_overhead.py [--holders 2 4 8] [--rounds 4] [--skip-demo-round]
 """
 
 from __future__ import annotations
@@ -34,18 +39,17 @@ from fedprompt.local_federation import HolderSpec, LocalFederation
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LENGTH = 20
-SETTINGS = (
+TINY = (
     "--model", "tiny-llama",
     "--task", "rotten-tomatoes",
     "--local-steps", "2",
     "--batch-size", "8",
     "--prompt-length", str(PROMPT_LENGTH),
-    "--no-dp",  # holders report their compute time only without DP (under DP it would leak)
-    "--set", "wait_for_nodes_s=300",
 )  # fmt: skip
+NO_DP = ("--no-dp", "--set", "wait_for_nodes_s=300")  # holders report their compute only without DP
 
 
-def write_data(folder: Path, n: int) -> list[Path]:
+def write_data(folder: Path, n: int, rows: int = 120) -> list[Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_sentiment_rows
 
@@ -53,27 +57,38 @@ def write_data(folder: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
         p = folder / f"holder-{i + 1}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(120, seed=i)))
+        p.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(rows, seed=i)))
         paths.append(p)
     return paths
 
 
-def run(n: int, rounds: int, folder: Path, *, via_front: bool = True) -> dict:
-    holders = [HolderSpec(f"holder-{i + 1}", p, 1000.0) for i, p in enumerate(write_data(folder / "data", n))]
+def federate(folder: Path, data: list[Path], settings: tuple, *, secure: bool, via_front: bool = True) -> tuple:
+    """One federation of real processes; returns its history and Flower's traffic counters."""
+    n = len(data)
+    holders = [HolderSpec(f"holder-{i + 1}", p, 1000.0) for i, p in enumerate(data)]
     superlink_port = fp.free_port()
+    holder_flags = ["--allow-no-dp"] + (["--min-secure-cohort", "2"] if secure and n < 3 else [])
     with LocalFederation(folder / "fed", holders) as fed:
         fed.start_server(
-            *SETTINGS,
-            "--num-rounds", str(rounds),
+            *settings,
             "--min-available-nodes", str(n),
             "--min-train-nodes", str(n),
             "--superlink-port", str(superlink_port),
+            *(["--secure-aggregation"] if secure else []),
         )  # fmt: skip
         direct = None if via_front else f"127.0.0.1:{superlink_port}"
         for h in holders:
-            fed.start_holder(h, "--allow-no-dp", superlink=direct)
-        history = fed.wait(1800)
+            fed.start_holder(h, *holder_flags, superlink=direct)
+        history = fed.wait(3600)
         traffic = fed.run_traffic()
+    return history, traffic
+
+
+def run(n: int, rounds: int, folder: Path, *, secure: bool = False, via_front: bool = True) -> dict:
+    history, traffic = federate(
+        folder, write_data(folder / "data", n), (*TINY, *NO_DP, "--num-rounds", str(rounds)), secure=secure,
+        via_front=via_front,
+    )  # fmt: skip
     per_round = []
     for rec in history[1:]:
         compute = max(m["train_seconds"] for m in rec["holders"].values())
@@ -83,6 +98,7 @@ def run(n: int, rounds: int, folder: Path, *, via_front: bool = True) -> dict:
     per_holder_round = traffic["total-bytes"] / (n * rounds)
     return {
         "holders": n,
+        "secure": secure,
         "path": "through the fleet front" if via_front else "straight to the SuperLink (front bypassed)",
         "rounds": per_round,
         "wall_s_median": statistics.median(r["wall_s"] for r in steady),
@@ -91,6 +107,42 @@ def run(n: int, rounds: int, folder: Path, *, via_front: bool = True) -> dict:
         "bytes_per_holder_per_round": per_holder_round,
         "prompt_bytes": prompt_bytes,
         "wire_to_prompt_ratio": per_holder_round / prompt_bytes,
+    }
+
+
+def demo_round(folder: Path, rounds: int = 3) -> dict:
+    """Rounds of the demo's federation (its model, split and settings, secure), without DP so that the holders
+    report their compute: the share of each round's wall time that the slowest holder trains."""
+    from fedprompt import datasets as ds_mod
+    from fedprompt import partition
+    from fedprompt.demo import DEMO_DEFAULTS
+
+    d = DEMO_DEFAULTS
+    full = ds_mod.load(d["dataset"])
+    data = partition.write_holder_files(full, folder / "data", d["holders"], alpha=d["alpha"], seed=0)
+    settings = (
+        "--model", d["model"],
+        "--task", d["dataset"],
+        "--num-rounds", str(rounds),
+        "--local-steps", str(d["local_steps"]),
+        "--batch-size", str(d["batch_size"]),
+        "--lr", str(d["lr"]),
+        *NO_DP,
+    )  # fmt: skip
+    history, _ = federate(folder, data, settings, secure=True)
+    shares = [
+        {
+            "round": rec["round"],
+            "wall_s": rec["train_seconds"],
+            "max_train_s": max(m["train_seconds"] for m in rec["holders"].values()),
+        }
+        for rec in history[1:]
+    ]
+    steady = shares[1:] or shares
+    return {
+        "settings": {k: d[k] for k in ("model", "dataset", "holders", "local_steps", "batch_size")},
+        "rounds": shares,
+        "training_share_median": statistics.median(r["max_train_s"] / r["wall_s"] for r in steady),
     }
 
 
@@ -116,27 +168,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--holders", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--skip-demo-round", action="store_true", help="the tiny-model rounds only")
     a = ap.parse_args()
-    results = []
+    plain, secure = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in a.holders:
-            results.append(run(n, a.rounds, tmp / f"front-{n}"))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            plain[n] = run(n, a.rounds, tmp / f"plain-{n}")
+            print(json.dumps(plain[n]), file=sys.stderr, flush=True)
+            secure[n] = run(n, a.rounds, tmp / f"secure-{n}", secure=True)
+            print(json.dumps(secure[n]), file=sys.stderr, flush=True)
         n0 = a.holders[0]
         direct = run(n0, a.rounds, tmp / f"direct-{n0}", via_front=False)
         print(json.dumps(direct), file=sys.stderr, flush=True)
         checks = policy_check_seconds(tmp)
-    front = next(r for r in results if r["holders"] == n0)
+        demo = None if a.skip_demo_round else demo_round(tmp / "demo")
+    front = plain[n0]
+    added = {n: secure[n]["overhead_s_median"] - plain[n]["overhead_s_median"] for n in a.holders}
     emit(
         {
             "benchmark": "round_overhead",
-            "results": [*results, direct],
+            "results": [*plain.values(), *secure.values(), direct],
+            "secure_round_added_s": added,
             "front_seconds_per_round": front["wall_s_median"] - direct["wall_s_median"],
             "front_share_of_round": (front["wall_s_median"] - direct["wall_s_median"]) / front["wall_s_median"],
             "policy_check_seconds_per_request": checks,
             "policy_check_share_of_round": checks / front["wall_s_median"],
-            "target": "front + policy checks under 5 % of a round's wall time",
+            "demo_round": demo,
+            "targets": {
+                "secure round adds at most 3 s to a plain one": all(v <= 3.0 for v in added.values()),
+                "a demo round spends at least 70 % training": demo is None or demo["training_share_median"] >= 0.7,
+                "front + policy checks under 5 % of a round's wall time": (
+                    front["wall_s_median"] - direct["wall_s_median"] + checks
+                )
+                / front["wall_s_median"]
+                < 0.05,
+            },
         }
     )
 

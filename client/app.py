@@ -14,7 +14,6 @@ This module imports no torch; the service loads it when it first trains.
 
 from __future__ import annotations
 
-import base64
 import json
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -30,15 +29,14 @@ _CODES = {"budget": BUDGET_EXCEEDED, "refused": REFUSED, "error": FAILED}
 
 # Flower message type -> the service's kind of request
 KINDS = {
+    "query.hello": "hello",
     "train": "train",
-    "train.secagg": "secagg",
     "evaluate": "evaluate",
     "query.dpopt_generate": "dpopt_generate",
     "query.dpopt_score": "dpopt_score",
 }
 MAX_CONFIG_ENTRIES = 256
 MAX_TEXT = 64 << 10  # a config value: a template, label words as JSON, DP-OPT candidates
-MAX_SECAGG_MESSAGE = 1 << 20  # a SecAgg+ request to a holder: a key bundle or share bundle is a few KB
 
 
 def request_of(message: Message) -> tuple[str, dict, object]:
@@ -58,14 +56,7 @@ def request_of(message: Message) -> tuple[str, dict, object]:
         if isinstance(value, list):
             raise ValueError(f"config value {key!r} is a list; fedprompt sends lists as JSON text")
     prompt = None
-    if kind == "secagg":
-        if "secagg" not in content.config_records:
-            raise ValueError("a secure aggregation message without its secagg record")
-        raw = content.config_records["secagg"]["message"]
-        if not isinstance(raw, bytes) or len(raw) > MAX_SECAGG_MESSAGE:
-            raise ValueError("the secagg record's message is not bytes of a bounded size")
-        config["message"] = base64.b64encode(raw).decode()
-    elif kind in ("train", "evaluate"):
+    if kind in ("train", "evaluate"):
         if "prompt" not in content.array_records:
             raise ValueError("the message has no prompt")
         prompt = from_record(content.array_records["prompt"], "weight")
@@ -90,8 +81,6 @@ def answer(service, message: Message) -> Message:
     }
     if kind == "train" and not header.get("secure"):
         records["update"] = to_record(delta=arr)
-    if kind == "secagg":
-        records["secagg"] = ConfigRecord({"message": base64.b64decode(header["message"])})
     if kind == "dpopt_generate":
         records["dpopt"] = ConfigRecord({"candidates_json": json.dumps(header["candidates"])})
     if kind == "dpopt_score":
@@ -113,7 +102,7 @@ def _refuse(message: Message, context: Context) -> Message:
 
 
 app.train()(_refuse)
-app.train("secagg")(_refuse)
 app.evaluate()(_refuse)
+app.query("hello")(_refuse)
 app.query("dpopt_generate")(_refuse)
 app.query("dpopt_score")(_refuse)

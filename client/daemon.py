@@ -19,6 +19,7 @@ from pathlib import Path
 from fedprompt import certs as certs_mod
 from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
+from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
@@ -30,6 +31,12 @@ RESTART_MAX_S = 60.0
 def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="the data holder's daemon: a Flower SuperNode that tunes under DP")
     p.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    p.add_argument(
+        "--aggregator",
+        default=None,
+        help="the aggregation server's HOST:PORT, where this holder runs secure rounds itself over mutual TLS "
+        f"(default: the --superlink host, port {DEFAULT_PORT})",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a CSV/TSV/JSONL file with text and label columns (and optionally split)")
     src.add_argument("--dataset", help="a bundled dataset name")
@@ -136,6 +143,19 @@ def _identity(args: argparse.Namespace) -> tuple[str, Path, Path]:
     return name, ca.resolve(), key.resolve()
 
 
+def _aggregator(args: argparse.Namespace, ca: Path, key: Path):
+    """Where secure rounds run, and this holder's TLS client certificate for it (beside its node key)."""
+    from fedprompt.client.secure_round import AggregatorAccess
+
+    address = args.aggregator or f"{args.superlink.rsplit(':', 1)[0]}:{DEFAULT_PORT}"
+    cert, tls_key = key.parent / "client.crt", key.parent / "client.key"
+    if not (cert.is_file() and tls_key.is_file()):
+        if args.aggregator:
+            raise FedPromptError(f"--aggregator needs this holder's TLS client certificate: {cert} and {tls_key}")
+        return None  # no client certificate: the holder refuses secure rounds (and says so at start)
+    return AggregatorAccess(address, ca, cert, tls_key)
+
+
 def _roster(args: argparse.Namespace, key: Path) -> dict[str, Path]:
     """The holder's own copy of every node's public key (``fedprompt certs`` writes it as ``peers/``)."""
     # fedprompt certs puts it in peers/ beside the node key; a Kubernetes Secret holds it flat beside the key
@@ -177,6 +197,11 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(f"holder {name} roster ({len(peers)} node keys): {listed}", flush=True)
     else:
         print(f"holder {name}: no roster of peer keys (--peers): secure rounds will be refused", flush=True)
+    aggregator = _aggregator(args, ca, key)
+    if aggregator is None:
+        print(f"holder {name}: no TLS client certificate beside {key}: secure rounds will be refused", flush=True)
+    else:
+        print(f"holder {name}: secure rounds with the aggregation server at {aggregator.address}", flush=True)
     if args.threads > 0:
         import torch
 
@@ -195,6 +220,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         allowed_models=set(args.allow_model) if args.allow_model else None,
         signing_key=key,
         peers=peers,
+        aggregator=aggregator,
     )
     port = args.port or fp.free_port()
     secret = write_secret(state)

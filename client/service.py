@@ -5,19 +5,19 @@ once, and its ClientApp runner (``client/runner.py``) hands it every Flower mess
 checked against the holder's :class:`~fedprompt.client.policy.HolderPolicy` before any example is read: a
 violation is a refusal naming the rule, and the ledger is unchanged.
 
-A reply is a dict (``ok``, ``holder``, ``metrics``, and per kind ``secure``, ``message``, ``candidates`` or
-``scores``) and an optional array. Refusals carry ``code`` (``refused``, ``budget``, ``error``) and a ``reason``
+A reply is a dict (``ok``, ``holder``, ``metrics``, and per kind ``secure``, ``candidates`` or ``scores``) and
+an optional array. Refusals carry ``code`` (``refused``, ``budget``, ``error``) and a ``reason``
 written for the coordinator: it names the rule but none of the holder's own numbers, which go to its log.
 
-Secure aggregation: when a round's settings ask for it, the update stays here (``_pending``) and the coordinator
-relays the SecAgg+ stages (kind ``secagg``) to a :class:`SecAggClient` that masks it; the update itself never
-leaves this process. The masking secrets live only in memory and are dropped when the round's protocol ends or
-the next round starts.
+Secure aggregation: when a round's settings ask for it (and name the secure round the coordinator opened), the
+holder runs SecAgg+ with the aggregation server itself after training (``client/secure_round.py``) and replies
+to the coordinator only once the round is done; the update never leaves this process unmasked, and the masking
+secrets live only in memory, in the round's SecAggClient.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -29,8 +29,8 @@ from fedprompt.errors import BudgetExceededError, FedPromptError
 
 log = logging.getLogger("fedprompt.client")
 
-KINDS = ("train", "evaluate", "secagg", "dpopt_generate", "dpopt_score")
-NO_PROMPT = ("secagg", "dpopt_generate", "dpopt_score")  # requests that carry no prompt array
+KINDS = ("hello", "train", "evaluate", "dpopt_generate", "dpopt_score")
+NO_PROMPT = ("hello", "dpopt_generate", "dpopt_score")  # requests that carry no prompt array
 EVALUATION_MECHANISM = "gaussian-counts"
 # adding or removing one test example moves the count of correct answers by at most 1 and the count of
 # examples by exactly 1: the pair's L2 sensitivity
@@ -53,19 +53,21 @@ class HolderService:
         allowed_models: set[str] | None = None,
         signing_key: str | Path | None = None,
         peers: dict[str, Path] | None = None,
+        aggregator=None,
     ) -> None:
         """``signing_key``: the holder's node identity key; ``peers``: its roster, node name -> public key file
-        (its own copy of every node's key: secure rounds verify neighbours against it)."""
+        (its own copy of every node's key: secure rounds verify neighbours against it); ``aggregator``: an
+        :class:`~fedprompt.client.secure_round.AggregatorAccess` (where secure rounds run), from the holder's flags."""
         self.data, self.state_dir, self.name = data, Path(state_dir), name
         self.device, self.precision = device, precision
         self.allowed_models = allowed_models
         self.policy = (policy or HolderPolicy()).resolved(num_examples)
         self.signing_key = Path(signing_key) if signing_key else None  # signs SecAgg key adverts and survivors
         self.peers = dict(peers or {})
+        self.aggregator = aggregator
+        self.transport = None  # a secure round's transport for tests (a fake server); None: the aggregation server
         self._holder = None
         self._holder_key: tuple | None = None
-        self._pending: dict[tuple[str, int], np.ndarray] = {}  # (run, round) -> update awaiting secure aggregation
-        self._secagg: dict[tuple[str, int], object] = {}  # (run, round) -> its SecAggClient
         self._secagg_started: set[tuple[str, int]] = set()  # one protocol instance per update, ever
         from fedprompt.client.dpopt_holder import DPOPTJobs
 
@@ -134,8 +136,8 @@ class HolderService:
     def _handle(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
         from fedprompt.rounds import LocalSettings
 
-        if kind == "secagg":
-            return self._secagg_step(config), None
+        if kind == "hello":  # who this node is: the coordinator names the participants of its secure rounds
+            return {"ok": True, "holder": self.name, "metrics": {}}, None
         if kind in ("dpopt_generate", "dpopt_score"):
             self.policy.check_run(
                 dp=True,
@@ -152,20 +154,67 @@ class HolderService:
         settings = LocalSettings.from_config(config)
         if kind == "evaluate":
             return self._evaluate(settings, config, prompt), None
+        if settings.secure_aggregation:
+            return self._train_secure(settings, config, prompt), None
         self.policy.check_run(
             dp=settings.dp,
             target_epsilon=settings.target_epsilon,
             delta=settings.delta or self.policy.max_delta,
-            secure_aggregation=settings.secure_aggregation,
+            secure_aggregation=False,
         )
-        holder = self.holder(config)
-        outcome = holder.train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
+        outcome = self.holder(config).train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
         metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
-        if settings.secure_aggregation:
-            self._pending = {(settings.run_id, settings.server_round): outcome.delta.numpy().reshape(-1)}
-            self._secagg.clear()  # a round's protocol that never finished ends with the next round
-            return {"ok": True, "holder": self.name, "metrics": metrics, "secure": True}, None
         return {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
+
+    def _train_secure(self, settings, config: dict, prompt: np.ndarray | None) -> dict:
+        """Train, then take part in the secure round the coordinator opened; the delta stays here. A holder that
+        will not take part (its policy, its training) tells the aggregation server at once, so that the others
+        do not wait for it."""
+        round_id = str(config.get("secure_round_id") or "")
+        if not round_id:
+            raise FedPromptError("a secure round without the id of its round on the aggregation server")
+        key = (settings.run_id, settings.server_round)
+        own = self.transport is None
+        transport = self.transport or self._transport(round_id)
+        try:
+            return self._take_part(settings, config, prompt, round_id, key, transport)
+        finally:
+            if own:
+                transport.client.close()
+
+    def _take_part(self, settings, config: dict, prompt, round_id: str, key, transport) -> dict:
+        from fedprompt.client import secure_round
+        from fedprompt.protocols.secagg import SecAggRefused
+
+        try:
+            if key in self._secagg_started:
+                # a second instance on the same update would let the server difference two protocols' results
+                raise SecAggRefused(f"a second secure round for run {key[0]} round {key[1]}: one protocol per update")
+            self._secagg_started.add(key)
+            self.policy.check_run(
+                dp=settings.dp,
+                target_epsilon=settings.target_epsilon,
+                delta=settings.delta or self.policy.max_delta,
+                secure_aggregation=True,
+            )
+            setup = secure_round.join(transport, round_id, np.asarray(prompt).size, self._check_setup)
+            outcome = self.holder(config).train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
+            secure_round.run(transport, setup, outcome.delta.numpy().reshape(-1), self._secagg_client)
+        except BaseException:
+            # out of the round (refused, or failed): say so, so that the others need not wait for this holder's
+            # stage deadline; the protocol recovers from a holder that leaves after sharing its keys
+            with contextlib.suppress(Exception):
+                transport.decline()
+            raise
+        metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
+        return {"ok": True, "holder": self.name, "metrics": metrics, "secure": True}
+
+    def _transport(self, round_id: str):
+        from fedprompt.client.secure_round import Transport
+
+        if self.aggregator is None:
+            raise FedPromptError("this holder has no aggregation server to run secure rounds with (--aggregator)")
+        return Transport(self.aggregator.connect(self.name), round_id)
 
     def _evaluate(self, settings, config: dict, prompt: np.ndarray | None) -> dict:
         """A noisy count of correct answers and of examples on the holder's test split, charged first."""
@@ -213,56 +262,32 @@ class HolderService:
 
         return [r for r in PrivacyLedger(self.state_dir).releases() if r.run_id == run_id]
 
-    def _secagg_step(self, config: dict) -> dict:
-        from fedprompt.protocols import secagg_pb2
-        from fedprompt.protocols.secagg import SecAggRefused
-
-        key = (str(config["run_id"]), int(config["server_round"]))
-        msg = secagg_pb2.SecAggMessage.FromString(base64.b64decode(config["message"]))
-        stage = msg.WhichOneof("body")
-        if stage == "setup":
-            if key in self._secagg_started:
-                # a second instance on the same update would let the server difference two protocols' results
-                raise SecAggRefused(f"a second setup for run {key[0]} round {key[1]}: one protocol per update")
-            self._secagg_started.add(key)
-            update = self._pending.pop(key, None)  # from here on the update lives only inside its SecAggClient
-            if update is None:
-                raise FedPromptError(f"no update of run {key[0]} round {key[1]} is waiting for secure aggregation")
-            self.policy.check_secure_cohort(msg.setup.num_clients)
-            if msg.setup.vector_length != update.size:
-                n = msg.setup.vector_length
-                raise FedPromptError(f"secure aggregation of {n} values; the update has {update.size}")
-            self._secagg[key] = self._secagg_client(msg.setup, update)
-        client = self._secagg.get(key)
-        if client is None:
-            raise FedPromptError(f"secure aggregation of run {key[0]} round {key[1]} is not running here")
-        try:
-            reply = client.handle(msg)
-        except BaseException:
-            self._secagg.pop(key, None)  # a refused stage ends the protocol here: its secrets go with it
-            raise
-        if stage == "unmask_request":  # the protocol's last message from this holder: forget the secrets
-            self._secagg.pop(key, None)
-        if not isinstance(reply, secagg_pb2.SecAggMessage):
-            raise SecAggRefused("no reply")
-        encoded = base64.b64encode(reply.SerializeToString()).decode()
-        return {"ok": True, "holder": self.name, "metrics": {}, "message": encoded}
-
-    def _secagg_client(self, setup, update: np.ndarray):
+    def _identity(self):
+        """This holder's SecAgg identity: its node key, its roster, its policy's cohort and colluders."""
         from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-        from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
+        from fedprompt.protocols.secagg_client import ClientIdentity
 
         if self.signing_key is None or not self.peers:
             raise FedPromptError("this holder has no node key or no roster of its peers' keys: no secure rounds")
-        identity = ClientIdentity(
+        return ClientIdentity(
             name=self.name,
             signing_key=load_ssh_private_key(self.signing_key.read_bytes(), None),
             roster={name: load_ssh_public_key(path.read_bytes()) for name, path in self.peers.items()},
             min_cohort=self.policy.min_secure_cohort,
             colluders=self.policy.secagg_colluders,
         )
-        return SecAggClient(setup, update, identity)
+
+    def _check_setup(self, setup) -> None:
+        from fedprompt.protocols.secagg_client import check_setup
+
+        self.policy.check_secure_cohort(setup.num_clients)
+        check_setup(setup, self._identity())
+
+    def _secagg_client(self, setup, update: np.ndarray):
+        from fedprompt.protocols.secagg_client import SecAggClient
+
+        return SecAggClient(setup, update, self._identity())
 
 
 def _weight(prompt: np.ndarray | None):

@@ -24,6 +24,7 @@ from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
 from fedprompt.server.records import FinaliseResult, ModelRef, PushResult, Round, Stream, TaskVector, Version
 
+DEFAULT_PORT = 9094  # the aggregation server's port, everywhere a default address is made
 DEFAULT_TIMEOUT = 30.0
 _IGNORED_WEIGHT = 1.0  # see the module docstring
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -36,30 +37,41 @@ class AggregatorError(FedPromptError):
         self.details = details
 
 
-def channel_credentials(certs_dir: str | Path, identity: str) -> grpc.ChannelCredentials:
+def identity_files(certs_dir: str | Path, identity: str) -> tuple[Path, Path, Path]:
+    """(CA certificate, client certificate, its key) of ``identity`` in a certificate folder."""
     folder = Path(certs_dir)
     if identity == certs.COORDINATOR_CN:
-        cert, key = folder / "coordinator.crt", folder / "coordinator.key"
-    else:
-        files = certs.node_files(folder, identity)
-        cert, key = files.client_cert, files.client_key
-    for p in (folder / "ca.crt", cert, key):
+        return folder / "ca.crt", folder / "coordinator.crt", folder / "coordinator.key"
+    files = certs.node_files(folder, identity)
+    return folder / "ca.crt", files.client_cert, files.client_key
+
+
+def channel_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
+    for p in (ca, cert, key):
         if not p.is_file():
-            raise FedPromptError(f"{p} is missing: run `fedprompt certs` for identity {identity!r}")
+            raise FedPromptError(f"{p} is missing: run `fedprompt certs` (a client certificate of the federation)")
     return grpc.ssl_channel_credentials(
-        root_certificates=(folder / "ca.crt").read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
+        root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
     )
 
 
 class AggregatorClient:
-    def __init__(self, address: str, certs_dir: str | Path, identity: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        certs_dir: str | Path | None,
+        identity: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        files: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``identity`` in the certificate folder ``certs_dir``, or given as ``files`` (CA, certificate, key)."""
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.channel = grpc.secure_channel(address, channel_credentials(certs_dir, identity), options=options)
+        creds = channel_credentials(*(files or identity_files(certs_dir, identity)))
+        self.channel = grpc.secure_channel(address, creds, options=options)
         self.registry = pb_grpc.PromptRegistryStub(self.channel)
         self.rounds = pb_grpc.RoundAggregationStub(self.channel)
         self.timeout = timeout
@@ -183,9 +195,21 @@ class AggregatorClient:
         req = pb.AbortRoundRequest(round_id=round_id, reason=reason)
         return convert.round_from_proto(self._call(self.rounds, "AbortRound", req))
 
-    def secagg_step(self, round_id: str, stage: int, replies: list[pb.SecAggEnvelope]) -> pb.SecAggStepResponse:
-        req = pb.SecAggStepRequest(round_id=round_id, stage=stage, replies=replies)
-        return self._call(self.rounds, "SecAggStep", req)
+    def secagg_exchange(
+        self, round_id: str, stage: int, message=None, *, decline: bool = False, timeout: float | None = None
+    ) -> pb.SecAggExchangeResponse:
+        """A holder's reply to stage ``stage - 1`` of a secure round (stage 0: ask for the setup); returns its
+        request for the next stage once that stage is complete. ``decline``: this holder will not take part."""
+        req = pb.SecAggExchangeRequest(round_id=round_id, stage=stage, decline=decline)
+        if message is not None:
+            req.message.CopyFrom(message)
+        return self._call(self.rounds, "SecAggExchange", req, timeout=timeout)
+
+    def await_secure_round(self, round_id: str, wait_seconds: float) -> FinaliseResult:
+        """The coordinator's wait for a secure round the holders run with the server: its mean."""
+        req = pb.AwaitSecureRoundRequest(round_id=round_id, wait_seconds=wait_seconds)
+        resp = self._call(self.rounds, "AwaitSecureRound", req, timeout=wait_seconds + 30)
+        return convert.finalise_result_from_proto(resp)
 
     def open_stream(
         self,

@@ -19,19 +19,36 @@ from pathlib import Path
 
 from fedprompt.errors import FedPromptError
 
+# the demo's defaults, in one place (its flags; benchmarks/round_overhead.py runs rounds of the same)
+DEMO_DEFAULTS = {
+    "model": "smollm2-135m",
+    "dataset": "rotten-tomatoes",
+    "holders": 3,
+    "alpha": 2.0,
+    "rounds": 5,
+    "local_steps": 4,
+    "batch_size": 16,
+    "lr": 0.01,
+}
+
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a private federation of simulated holders on loopback, with a report")
     p.add_argument("--out", default="runs/demo", help="folder for certificates, data, state, logs and the report")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="rotten-tomatoes")
-    p.add_argument("--holders", type=int, default=3)
-    p.add_argument("--alpha", type=float, default=2.0, help="Dirichlet label skew (smaller: more different holders)")
+    p.add_argument("--model", default=DEMO_DEFAULTS["model"])
+    p.add_argument("--dataset", default=DEMO_DEFAULTS["dataset"])
+    p.add_argument("--holders", type=int, default=DEMO_DEFAULTS["holders"])
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEMO_DEFAULTS["alpha"],
+        help="Dirichlet label skew (smaller: more different holders)",
+    )
     p.add_argument("--seed", type=int, default=0, help="fixes the split of the data among holders")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--rounds", type=int, default=DEMO_DEFAULTS["rounds"])
+    p.add_argument("--local-steps", type=int, default=DEMO_DEFAULTS["local_steps"])
+    p.add_argument("--batch-size", type=int, default=DEMO_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"])
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the holders' local optimiser")
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")

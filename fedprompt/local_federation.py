@@ -55,6 +55,7 @@ class LocalFederation:
             [
                 "client",
                 "--superlink", superlink or f"127.0.0.1:{self.port}",
+                "--aggregator", f"127.0.0.1:{self.aggregator_port}",
                 "--certs", str(self.certs),
                 "--name", h.name,
                 "--data", str(h.data),

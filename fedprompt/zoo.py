@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +273,9 @@ def locate(name_or_path: str) -> tuple[Path | str, str, bool]:
     return name_or_path, name_or_path, False
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: str | None = None) -> LoadedModel:
     """Load a zoo name, a local Hugging Face folder or (where a hub is reachable) a hub id, frozen.
 
@@ -280,24 +284,27 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: st
     config asks for.
     """
     folder, model_id, local = locate(name_or_path)
-    try:
-        hf_logging.disable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch.float32,
-            local_files_only=local,
-            trust_remote_code=False,
-            use_safetensors=True,  # never unpickle weights (a pickled .bin can run code when loaded)
-            attn_implementation=attention or _attention_for(torch.device(device)),
-        )
-    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ModelError(
-            f"cannot load model {name_or_path!r} from {folder}: {detail} (only safetensors weights are loaded)"
-        ) from exc
-    finally:
-        hf_logging.enable_progress_bar()
+    # transformers builds a model on the meta device through process-wide patches of torch, and the progress
+    # bar switch is process-wide too: two loads at once (threads) break each other
+    with _LOAD_LOCK:
+        try:
+            hf_logging.disable_progress_bar()
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=torch.float32,
+                local_files_only=local,
+                trust_remote_code=False,
+                use_safetensors=True,  # never unpickle weights (a pickled .bin can run code when loaded)
+                attn_implementation=attention or _attention_for(torch.device(device)),
+            )
+        except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+            detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise ModelError(
+                f"cannot load model {name_or_path!r} from {folder}: {detail} (only safetensors weights are loaded)"
+            ) from exc
+        finally:
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     model.eval()
     model.to(device)

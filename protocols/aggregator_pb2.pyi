@@ -619,79 +619,87 @@ class AbortRoundRequest(google.protobuf.message.Message):
 global___AbortRoundRequest = AbortRoundRequest
 
 @typing.final
-class SecAggEnvelope(google.protobuf.message.Message):
-    """One client's message in a secure round, relayed by the coordinator."""
-
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    CLIENT_INDEX_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    client_index: builtins.int
-    @property
-    def message(self) -> fedprompt.protocols.secagg_pb2.SecAggMessage: ...
-    def __init__(
-        self,
-        *,
-        client_index: builtins.int = ...,
-        message: fedprompt.protocols.secagg_pb2.SecAggMessage | None = ...,
-    ) -> None: ...
-    def HasField(self, field_name: typing.Literal["message", b"message"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["client_index", b"client_index", "message", b"message"]) -> None: ...
-
-global___SecAggEnvelope = SecAggEnvelope
-
-@typing.final
-class SecAggStepRequest(google.protobuf.message.Message):
-    """The coordinator hands the server the replies of the previous stage and gets the next stage's requests."""
+class SecAggExchangeRequest(google.protobuf.message.Message):
+    """A holder's side of a secure round, straight with the aggregation server (the coordinator relays nothing):
+    the holder sends its reply to the previous stage and gets its message for the next once that stage is
+    complete (every live participant answered or declined, or the stage's deadline passed).
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     ROUND_ID_FIELD_NUMBER: builtins.int
     STAGE_FIELD_NUMBER: builtins.int
-    REPLIES_FIELD_NUMBER: builtins.int
+    MESSAGE_FIELD_NUMBER: builtins.int
+    DECLINE_FIELD_NUMBER: builtins.int
     round_id: builtins.str
     stage: builtins.int
-    """0 starts the protocol; 1..4 carry the replies of stage - 1"""
+    """0: ask for the setup; s >= 1: `message` answers the stage s - 1 request"""
+    decline: builtins.bool
+    """the holder will not take part (its policy refused, or its training failed)"""
     @property
-    def replies(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SecAggEnvelope]: ...
+    def message(self) -> fedprompt.protocols.secagg_pb2.SecAggMessage: ...
     def __init__(
         self,
         *,
         round_id: builtins.str = ...,
         stage: builtins.int = ...,
-        replies: collections.abc.Iterable[global___SecAggEnvelope] | None = ...,
+        message: fedprompt.protocols.secagg_pb2.SecAggMessage | None = ...,
+        decline: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["replies", b"replies", "round_id", b"round_id", "stage", b"stage"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["message", b"message"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["decline", b"decline", "message", b"message", "round_id", b"round_id", "stage", b"stage"]) -> None: ...
 
-global___SecAggStepRequest = SecAggStepRequest
+global___SecAggExchangeRequest = SecAggExchangeRequest
 
 @typing.final
-class SecAggStepResponse(google.protobuf.message.Message):
+class SecAggExchangeResponse(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     STAGE_FIELD_NUMBER: builtins.int
-    REQUESTS_FIELD_NUMBER: builtins.int
+    MESSAGE_FIELD_NUMBER: builtins.int
     DONE_FIELD_NUMBER: builtins.int
-    RESULT_FIELD_NUMBER: builtins.int
+    EXCLUDED_FIELD_NUMBER: builtins.int
     stage: builtins.int
     done: builtins.bool
-    """after the unmasking replies: the round is finalised"""
+    """the round finished: its mean is with the coordinator"""
+    excluded: builtins.str
+    """why the protocol goes on without this holder"""
     @property
-    def requests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SecAggEnvelope]: ...
-    @property
-    def result(self) -> global___FinaliseRoundResponse: ...
+    def message(self) -> fedprompt.protocols.secagg_pb2.SecAggMessage:
+        """this holder's request for the next stage; unset when done or excluded"""
+
     def __init__(
         self,
         *,
         stage: builtins.int = ...,
-        requests: collections.abc.Iterable[global___SecAggEnvelope] | None = ...,
+        message: fedprompt.protocols.secagg_pb2.SecAggMessage | None = ...,
         done: builtins.bool = ...,
-        result: global___FinaliseRoundResponse | None = ...,
+        excluded: builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["done", b"done", "requests", b"requests", "result", b"result", "stage", b"stage"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["message", b"message"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["done", b"done", "excluded", b"excluded", "message", b"message", "stage", b"stage"]) -> None: ...
 
-global___SecAggStepResponse = SecAggStepResponse
+global___SecAggExchangeResponse = SecAggExchangeResponse
+
+@typing.final
+class AwaitSecureRoundRequest(google.protobuf.message.Message):
+    """The coordinator waits for a secure round the holders run with the server, and gets its mean."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: builtins.int
+    round_id: builtins.str
+    wait_seconds: builtins.float
+    def __init__(
+        self,
+        *,
+        round_id: builtins.str = ...,
+        wait_seconds: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["round_id", b"round_id", "wait_seconds", b"wait_seconds"]) -> None: ...
+
+global___AwaitSecureRoundRequest = AwaitSecureRoundRequest
 
 @typing.final
 class OpenAsyncStreamRequest(google.protobuf.message.Message):

@@ -352,10 +352,15 @@ class RoundAggregationStub:
                 request_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.AbortRoundRequest.SerializeToString,
                 response_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.Round.FromString,
                 _registered_method=True)
-        self.SecAggStep = channel.unary_unary(
-                '/fedprompt.v1.RoundAggregation/SecAggStep',
-                request_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepRequest.SerializeToString,
-                response_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepResponse.FromString,
+        self.SecAggExchange = channel.unary_unary(
+                '/fedprompt.v1.RoundAggregation/SecAggExchange',
+                request_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeRequest.SerializeToString,
+                response_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeResponse.FromString,
+                _registered_method=True)
+        self.AwaitSecureRound = channel.unary_unary(
+                '/fedprompt.v1.RoundAggregation/AwaitSecureRound',
+                request_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.AwaitSecureRoundRequest.SerializeToString,
+                response_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.FinaliseRoundResponse.FromString,
                 _registered_method=True)
         self.OpenAsyncStream = channel.unary_unary(
                 '/fedprompt.v1.RoundAggregation/OpenAsyncStream',
@@ -407,7 +412,13 @@ class RoundAggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SecAggStep(self, request, context):
+    def SecAggExchange(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitSecureRound(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -459,10 +470,15 @@ def add_RoundAggregationServicer_to_server(servicer, server):
                     request_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.AbortRoundRequest.FromString,
                     response_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.Round.SerializeToString,
             ),
-            'SecAggStep': grpc.unary_unary_rpc_method_handler(
-                    servicer.SecAggStep,
-                    request_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepRequest.FromString,
-                    response_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepResponse.SerializeToString,
+            'SecAggExchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggExchange,
+                    request_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeRequest.FromString,
+                    response_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeResponse.SerializeToString,
+            ),
+            'AwaitSecureRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitSecureRound,
+                    request_deserializer=fedprompt_dot_protocols_dot_aggregator__pb2.AwaitSecureRoundRequest.FromString,
+                    response_serializer=fedprompt_dot_protocols_dot_aggregator__pb2.FinaliseRoundResponse.SerializeToString,
             ),
             'OpenAsyncStream': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenAsyncStream,
@@ -626,7 +642,7 @@ class RoundAggregation:
             _registered_method=True)
 
     @staticmethod
-    def SecAggStep(request,
+    def SecAggExchange(request,
             target,
             options=(),
             channel_credentials=None,
@@ -639,9 +655,36 @@ class RoundAggregation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedprompt.v1.RoundAggregation/SecAggStep',
-            fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepRequest.SerializeToString,
-            fedprompt_dot_protocols_dot_aggregator__pb2.SecAggStepResponse.FromString,
+            '/fedprompt.v1.RoundAggregation/SecAggExchange',
+            fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeRequest.SerializeToString,
+            fedprompt_dot_protocols_dot_aggregator__pb2.SecAggExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitSecureRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedprompt.v1.RoundAggregation/AwaitSecureRound',
+            fedprompt_dot_protocols_dot_aggregator__pb2.AwaitSecureRoundRequest.SerializeToString,
+            fedprompt_dot_protocols_dot_aggregator__pb2.FinaliseRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

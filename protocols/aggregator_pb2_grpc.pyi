@@ -166,9 +166,14 @@ class RoundAggregationStub:
         fedprompt.protocols.aggregator_pb2.Round,
     ]
 
-    SecAggStep: grpc.UnaryUnaryMultiCallable[
-        fedprompt.protocols.aggregator_pb2.SecAggStepRequest,
-        fedprompt.protocols.aggregator_pb2.SecAggStepResponse,
+    SecAggExchange: grpc.UnaryUnaryMultiCallable[
+        fedprompt.protocols.aggregator_pb2.SecAggExchangeRequest,
+        fedprompt.protocols.aggregator_pb2.SecAggExchangeResponse,
+    ]
+
+    AwaitSecureRound: grpc.UnaryUnaryMultiCallable[
+        fedprompt.protocols.aggregator_pb2.AwaitSecureRoundRequest,
+        fedprompt.protocols.aggregator_pb2.FinaliseRoundResponse,
     ]
 
     OpenAsyncStream: grpc.UnaryUnaryMultiCallable[
@@ -212,9 +217,14 @@ class RoundAggregationAsyncStub:
         fedprompt.protocols.aggregator_pb2.Round,
     ]
 
-    SecAggStep: grpc.aio.UnaryUnaryMultiCallable[
-        fedprompt.protocols.aggregator_pb2.SecAggStepRequest,
-        fedprompt.protocols.aggregator_pb2.SecAggStepResponse,
+    SecAggExchange: grpc.aio.UnaryUnaryMultiCallable[
+        fedprompt.protocols.aggregator_pb2.SecAggExchangeRequest,
+        fedprompt.protocols.aggregator_pb2.SecAggExchangeResponse,
+    ]
+
+    AwaitSecureRound: grpc.aio.UnaryUnaryMultiCallable[
+        fedprompt.protocols.aggregator_pb2.AwaitSecureRoundRequest,
+        fedprompt.protocols.aggregator_pb2.FinaliseRoundResponse,
     ]
 
     OpenAsyncStream: grpc.aio.UnaryUnaryMultiCallable[
@@ -269,11 +279,18 @@ class RoundAggregationServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[fedprompt.protocols.aggregator_pb2.Round, collections.abc.Awaitable[fedprompt.protocols.aggregator_pb2.Round]]: ...
 
     @abc.abstractmethod
-    def SecAggStep(
+    def SecAggExchange(
         self,
-        request: fedprompt.protocols.aggregator_pb2.SecAggStepRequest,
+        request: fedprompt.protocols.aggregator_pb2.SecAggExchangeRequest,
         context: _ServicerContext,
-    ) -> typing.Union[fedprompt.protocols.aggregator_pb2.SecAggStepResponse, collections.abc.Awaitable[fedprompt.protocols.aggregator_pb2.SecAggStepResponse]]: ...
+    ) -> typing.Union[fedprompt.protocols.aggregator_pb2.SecAggExchangeResponse, collections.abc.Awaitable[fedprompt.protocols.aggregator_pb2.SecAggExchangeResponse]]: ...
+
+    @abc.abstractmethod
+    def AwaitSecureRound(
+        self,
+        request: fedprompt.protocols.aggregator_pb2.AwaitSecureRoundRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[fedprompt.protocols.aggregator_pb2.FinaliseRoundResponse, collections.abc.Awaitable[fedprompt.protocols.aggregator_pb2.FinaliseRoundResponse]]: ...
 
     @abc.abstractmethod
     def OpenAsyncStream(

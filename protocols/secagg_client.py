@@ -51,29 +51,8 @@ class SecAggClient:
     signed, or that comes out of order."""
 
     def __init__(self, setup: SecAggSetup, vector: np.ndarray, identity: ClientIdentity) -> None:
-        n, me = setup.num_clients, setup.client_index
-        neighbours = set(setup.neighbours)
-        if not setup.round_id:
-            raise SecAggRefused("setup without a round id")
-        if not 1 <= me <= n or me in neighbours or len(neighbours) != len(setup.neighbours):
-            raise SecAggRefused(f"setup: bad client index {me} or neighbour list")
-        if any(not 1 <= v <= n for v in neighbours):
-            raise SecAggRefused("setup: a neighbour index outside 1..num_clients")
-        if n < identity.min_cohort:
-            raise SecAggRefused(f"setup: a round of {n} clients; this client needs at least {identity.min_cohort}")
-        k, t = len(neighbours), setup.threshold
-        if not (2 * t > k + 1 + identity.colluders and t <= k + 1):
-            raise SecAggRefused(
-                f"setup: threshold {t} of {k + 1} holders does not resist {identity.colluders} colluding client(s) "
-                f"(needs 2t > {k + 1 + identity.colluders})"
-            )
-        if setup.modulus_bits != sc.MODULUS_BITS:
-            raise SecAggRefused(f"setup: modulus_bits {setup.modulus_bits}; this client supports {sc.MODULUS_BITS}")
-        if not 2 <= setup.quant_bits <= sc.quant_bits_for(n):
-            raise SecAggRefused(f"setup: quant_bits {setup.quant_bits} lets the sum of {n} inputs overflow")
-        if not (setup.clip_range > 0 and math.isfinite(setup.clip_range)):
-            raise SecAggRefused("setup: clip_range must be positive and finite")
-        self._peer_keys = _peer_keys(setup, identity, me, neighbours)
+        me, neighbours = setup.client_index, set(setup.neighbours)
+        self._peer_keys = check_setup(setup, identity)
         vec = np.asarray(vector)
         if vec.ndim != 1 or vec.shape[0] != setup.vector_length:
             raise SecAggRefused(f"vector of shape {vec.shape}, expected ({setup.vector_length},)")
@@ -277,6 +256,34 @@ class SecAggClient:
         if kind == "unmask_request":
             return SecAggMessage(unmask_response=self.unmask(message.unmask_request))
         raise SecAggRefused(f"client {self.index}: a client does not accept a {kind} message")
+
+
+def check_setup(setup: SecAggSetup, identity: ClientIdentity) -> dict[int, object]:
+    """Refuse a setup this client would not run (before it trains anything for the round); returns the identity
+    key of the client and of each neighbour, by index, from the client's own roster."""
+    n, me = setup.num_clients, setup.client_index
+    neighbours = set(setup.neighbours)
+    if not setup.round_id:
+        raise SecAggRefused("setup without a round id")
+    if not 1 <= me <= n or me in neighbours or len(neighbours) != len(setup.neighbours):
+        raise SecAggRefused(f"setup: bad client index {me} or neighbour list")
+    if any(not 1 <= v <= n for v in neighbours):
+        raise SecAggRefused("setup: a neighbour index outside 1..num_clients")
+    if n < identity.min_cohort:
+        raise SecAggRefused(f"setup: a round of {n} clients; this client needs at least {identity.min_cohort}")
+    k, t = len(neighbours), setup.threshold
+    if not (2 * t > k + 1 + identity.colluders and t <= k + 1):
+        raise SecAggRefused(
+            f"setup: threshold {t} of {k + 1} holders does not resist {identity.colluders} colluding client(s) "
+            f"(needs 2t > {k + 1 + identity.colluders})"
+        )
+    if setup.modulus_bits != sc.MODULUS_BITS:
+        raise SecAggRefused(f"setup: modulus_bits {setup.modulus_bits}; this client supports {sc.MODULUS_BITS}")
+    if not 2 <= setup.quant_bits <= sc.quant_bits_for(n):
+        raise SecAggRefused(f"setup: quant_bits {setup.quant_bits} lets the sum of {n} inputs overflow")
+    if not (setup.clip_range > 0 and math.isfinite(setup.clip_range)):
+        raise SecAggRefused("setup: clip_range must be positive and finite")
+    return _peer_keys(setup, identity, me, neighbours)
 
 
 def _peer_keys(setup: SecAggSetup, identity: ClientIdentity, me: int, neighbours: set[int]) -> dict[int, object]:

@@ -34,13 +34,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedprompt import certs
+from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
 from fedprompt.server.records import RegistryError
 from fedprompt.server.registry import Registry
-from fedprompt.server.secagg_rounds import SecureRounds
+from fedprompt.server.secagg_rounds import JOIN_TIMEOUT_S, STAGE_TIMEOUT_S, SecureRounds
 from fedprompt.server.store import open_store
 
 SERVICE_NAMES = ("fedprompt.v1.PromptRegistry", "fedprompt.v1.RoundAggregation")
@@ -50,7 +51,7 @@ COORDINATOR_ONLY = {
     "OpenRound",
     "FinaliseRound",
     "AbortRound",
-    "SecAggStep",
+    "AwaitSecureRound",
     "OpenAsyncStream",
     "PublishVersion",
     "PublishTaskVector",
@@ -62,12 +63,14 @@ COORDINATOR_ONLY = {
 class AggregatorSettings:
     certs_dir: Path
     store: str  # a SQLite file path or a postgresql:// URL
-    listen: str = "127.0.0.1:9094"
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     health_listen: str | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     max_elements: int = 1 << 22
     rate_per_second: float = 50.0
     burst: int = 100
+    secagg_join_timeout_s: float = JOIN_TIMEOUT_S  # a secure round waits this long for the slowest trainer
+    secagg_stage_timeout_s: float = STAGE_TIMEOUT_S  # then each stage this long for a holder that went silent
     grace_seconds: float = 10.0
 
 
@@ -141,6 +144,15 @@ class _Base:
         except FedPromptError as exc:  # other refusals: a malformed secure-aggregation message, an aborted round
             await context.abort(getattr(grpc.StatusCode, getattr(exc, "status", "INVALID_ARGUMENT")), str(exc))
 
+    async def _mapped(self, context, awaitable) -> Any:
+        """Await ``awaitable`` and map fedprompt's errors to status codes, as ``_run`` does for thread work."""
+        try:
+            return await awaitable
+        except RegistryError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+        except FedPromptError as exc:
+            await context.abort(getattr(grpc.StatusCode, getattr(exc, "status", "INVALID_ARGUMENT")), str(exc))
+
     def tensor(self, msg: pb.Tensor):
         return convert.tensor_from_proto(msg, max_elements=self.max_elements)
 
@@ -204,9 +216,9 @@ class RegistryService(_Base, pb_grpc.PromptRegistryServicer):
 
 
 class RoundService(_Base, pb_grpc.RoundAggregationServicer):
-    def __init__(self, registry: Registry, gate: Gate, max_elements: int) -> None:
+    def __init__(self, registry: Registry, gate: Gate, max_elements: int, secure: SecureRounds) -> None:
         super().__init__(registry, gate, max_elements)
-        self.secure = SecureRounds(registry, gate.certs_dir)
+        self.secure = secure
 
     async def OpenRound(self, request: pb.OpenRoundRequest, context) -> pb.Round:
         def work(who: str) -> pb.Round:
@@ -253,13 +265,22 @@ class RoundService(_Base, pb_grpc.RoundAggregationServicer):
 
     async def AbortRound(self, request: pb.AbortRoundRequest, context) -> pb.Round:
         def work(who: str) -> pb.Round:
-            self.secure.forget(request.round_id)
             return convert.round_to_proto(self.registry.abort_round(round_id=request.round_id, reason=request.reason))
 
-        return await self._run(context, "AbortRound", work)
+        aborted = await self._run(context, "AbortRound", work)
+        await self.secure.abort(request.round_id, request.reason)
+        return aborted
 
-    async def SecAggStep(self, request: pb.SecAggStepRequest, context) -> pb.SecAggStepResponse:
-        return await self._run(context, "SecAggStep", lambda who: self.secure.step(request, created_by=who))
+    async def SecAggExchange(self, request: pb.SecAggExchangeRequest, context) -> pb.SecAggExchangeResponse:
+        """A holder's stage of a secure round; waits (in the event loop, no thread held) for the stage to end."""
+        who = await self.gate.admit(context, "SecAggExchange")
+        return await self._mapped(context, self.secure.exchange(request, caller=who))
+
+    async def AwaitSecureRound(self, request: pb.AwaitSecureRoundRequest, context) -> pb.FinaliseRoundResponse:
+        await self.gate.admit(context, "AwaitSecureRound")
+        wait = min(max(request.wait_seconds, 0.0), max(0.0, (context.time_remaining() or 3600.0) - 1.0))
+        done = await self._mapped(context, self.secure.await_result(request.round_id, wait))
+        return convert.finalise_result_to_proto(done)
 
     async def OpenAsyncStream(self, request: pb.OpenAsyncStreamRequest, context) -> pb.AsyncStream:
         def work(who: str) -> pb.AsyncStream:
@@ -319,7 +340,13 @@ class Aggregator:
         self.registry = Registry(self.store, max_elements=settings.max_elements)
         self.health = health.aio.HealthServicer()
         gate = Gate(Path(settings.certs_dir), RateLimiter(settings.rate_per_second, settings.burst))
-        self.rounds = RoundService(self.registry, gate, settings.max_elements)
+        secure = SecureRounds(
+            self.registry,
+            gate.certs_dir,
+            join_timeout=settings.secagg_join_timeout_s,
+            stage_timeout=settings.secagg_stage_timeout_s,
+        )
+        self.rounds = RoundService(self.registry, gate, settings.max_elements, secure)
         self.prompts = RegistryService(self.registry, gate, settings.max_elements)
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None

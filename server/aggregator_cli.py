@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.errors import FedPromptError
 
 STORE_ENV = "FEDPROMPT_AGGREGATOR_STORE"  # lets a deployment pass a PostgreSQL URL from a secret
@@ -48,7 +49,7 @@ def add_aggregator_parser(sub) -> None:
     p = sub.add_parser("aggregator", help="run the aggregation server (prompt registry, rounds, secure aggregation)")
     p.add_argument("--certs", required=True, help="the folder of `fedprompt certs` (ca.crt, server.crt/key, nodes/)")
     p.add_argument("--store", default=None, help=f"SQLite file or postgresql:// URL (default: ${STORE_ENV})")
-    p.add_argument("--listen", default="127.0.0.1:9094", help="address of the mutual-TLS gRPC port")
+    p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="address of the mutual-TLS gRPC port")
     p.add_argument(
         "--health-listen", default=None, help="also serve grpc.health.v1 alone, without TLS, here (for probes)"
     )
@@ -182,7 +183,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 def add_prompts_parser(sub) -> None:
     p = sub.add_parser("prompts", help="list, show, export, publish and compose prompts on the aggregation server")
-    p.add_argument("--aggregator", default="127.0.0.1:9094", help="HOST:PORT of the aggregation server")
+    p.add_argument("--aggregator", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of the aggregation server")
     p.add_argument("--certs", required=True, help="certificate folder (ca.crt and this caller's certificate)")
     p.add_argument("--as", dest="identity", default="coordinator", help="'coordinator' or a node name")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")

@@ -28,6 +28,7 @@ from fedprompt.rounds import TaskSpec
 from fedprompt.server import checkpoint, secure_round
 from fedprompt.server.aggregate import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.server.config import FederationConfig
+from fedprompt.server.exchange import send_and_receive
 from fedprompt.server.records import ModelRef
 from fedprompt.task import Verbalizer
 from fedprompt.training import TuneConfig, initial_prompt
@@ -118,6 +119,11 @@ class Federation:
         self.aggregator = (
             AggregatorClient(cfg.aggregator, cfg.aggregator_certs, "coordinator") if cfg.aggregator else None
         )
+        self.secure_rounds = (
+            AggregatorClient(cfg.secure_rounds or cfg.aggregator, cfg.aggregator_certs, "coordinator")
+            if cfg.secure_aggregation
+            else None
+        )
         self.server_eval = ServerEvaluation.create(loaded, self.task, cfg) if cfg.server_eval else None
         self.fingerprint = {
             "task": self.task.name,
@@ -154,10 +160,26 @@ class Federation:
 
     # ------------------------------------------------------------------ messages
 
-    def _messages(self, nodes: list[int], weight: torch.Tensor, kind: str, rnd: int) -> list[Message]:
+    def _messages(
+        self, nodes: list[int], weight: torch.Tensor, kind: str, rnd: int, extra: dict | None = None
+    ) -> list[Message]:
         config = {**self.task.to_config(), **self.cfg.local_settings(run_id=self.run_id, server_round=rnd).to_config()}
+        config.update(extra or {})
         content = RecordDict({"prompt": to_record(weight=weight.numpy()), "config": ConfigRecord(config)})
         return [Message(content, dst_node_id=n, message_type=kind, group_id=str(rnd)) for n in nodes]
+
+    def learn_names(self, nodes: list[int]) -> None:
+        """Ask the nodes whose holder name is not known yet who they are (a secure round names its participants
+        before they train). The holder answers from its name alone; nothing of its data is touched."""
+        unknown = [n for n in nodes if n not in self.names]
+        if not unknown:
+            return
+        content = RecordDict({"config": ConfigRecord({})})
+        msgs = [Message(content, dst_node_id=n, message_type=f"{MessageType.QUERY}.hello") for n in unknown]
+        for reply in send_and_receive(self.grid, msgs, timeout=min(120.0, self.cfg.round_timeout_s)):
+            name = holder_of(reply)
+            if not reply.has_error() and name != str(reply.metadata.src_node_id):
+                self.names[reply.metadata.src_node_id] = name
 
     def train_round(self, rnd: int, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
         nodes = self.sample(self.wait_for_nodes(self.cfg.min_train_nodes))
@@ -165,14 +187,34 @@ class Federation:
         if not nodes:
             log(WARNING, "round %d: no holder sampled; the prompt is unchanged", rnd)
             return weight, record
+        secure = self.cfg.secure_aggregation
+        extra, round_id = {}, None
+        if secure:
+            self.learn_names(nodes)
+            nodes = [n for n in nodes if n in self.names]  # a node that did not say who it is cannot be invited
+            try:
+                round_id = secure_round.open_round(
+                    self.secure_rounds,
+                    task=self.task,
+                    shape=tuple(weight.shape),
+                    participants=[self.names[n] for n in nodes],
+                    min_clients=self.cfg.min_train_nodes,
+                    clip_range=self.cfg.secagg_clip_range,
+                )
+            except secure_round.SecureRoundFailed as exc:
+                record["failed"]["secure aggregation"] = str(exc)
+                log(WARNING, "round %d: %s; the prompt is unchanged", rnd, exc)
+                return weight, record
+            extra["secure_round_id"] = round_id
         started = time.monotonic()
         replies = list(
-            self.grid.send_and_receive(
-                self._messages(nodes, weight, MessageType.TRAIN, rnd), timeout=self.cfg.round_timeout_s
+            send_and_receive(
+                self.grid,
+                self._messages(nodes, weight, MessageType.TRAIN, rnd, extra),
+                timeout=self.cfg.round_timeout_s,
             )
         )
         record["train_seconds"] = time.monotonic() - started
-        secure = self.cfg.secure_aggregation
         parsed = [parse_train_reply(m, weight.shape, secure=secure) for m in replies]
         for r in parsed:
             if r.holder != str(r.node_id):
@@ -200,21 +242,11 @@ class Federation:
             record.update(stats)
         elif secure:
             if len(ok) < max(2, self.cfg.min_train_nodes):  # the "sum" of one holder would be its update
-                log(WARNING, "round %d: %d holder(s) trained, too few to aggregate securely; unchanged", rnd, len(ok))
+                secure_round.abort(self.secure_rounds, round_id, f"{len(ok)} holder(s) took part")
+                log(WARNING, "round %d: %d holder(s) took part, too few to aggregate securely; unchanged", rnd, len(ok))
                 return weight, record
             try:
-                mean_np, stats = secure_round.relay(
-                    self.grid,
-                    self.aggregator,
-                    task=self.task,
-                    shape=tuple(weight.shape),
-                    holders={r.node_id: r.holder for r in ok},
-                    run_id=self.run_id,
-                    rnd=rnd,
-                    min_clients=self.cfg.min_train_nodes,
-                    clip_range=self.cfg.secagg_clip_range,
-                    timeout=self.cfg.round_timeout_s,
-                )
+                mean_np, stats = secure_round.collect(self.secure_rounds, round_id, tuple(weight.shape))
             except secure_round.SecureRoundFailed as exc:
                 record["failed"]["secure aggregation"] = str(exc)
                 log(WARNING, "round %d: secure aggregation failed, the prompt is unchanged: %s", rnd, exc)
@@ -253,8 +285,8 @@ class Federation:
 
     def evaluate_on_holders(self, rnd: int, weight: torch.Tensor) -> dict:
         nodes = self.wait_for_nodes(1)
-        replies = self.grid.send_and_receive(
-            self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
+        replies = send_and_receive(
+            self.grid, self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
         )
         correct = total = 0.0
         per_holder, refused = {}, {}

@@ -69,6 +69,10 @@ class FederationConfig:
     aggregator_certs: str = ""
     # SecAgg+ through the aggregation server: the coordinator sees only the mean of the holders' updates
     secure_aggregation: bool = False
+    # the aggregation server that runs the secure rounds (default: aggregator). A round's protocol lives in the
+    # memory of one server process, which the holders call themselves: with several registry replicas behind
+    # one address, this names the single one the holders reach
+    secure_rounds: str = ""
     # each update value is clipped to [-secagg_clip_range, secagg_clip_range] before quantisation
     secagg_clip_range: float = 1.0
     # "prompt-tuning" (rounds of DP soft-prompt tuning) or "dpopt" (every holder writes DP text candidates,
@@ -101,6 +105,8 @@ class FederationConfig:
             raise ConfigError(
                 "aggregator and aggregator_certs go together (the address and the coordinator's certificate)"
             )
+        if self.secure_rounds and not self.secure_aggregation:
+            raise ConfigError("secure_rounds names where secure rounds run: it needs secure_aggregation")
         if self.secure_aggregation and not self.aggregator:
             raise ConfigError("secure_aggregation needs the aggregation server: set aggregator and aggregator_certs")
         if self.secure_aggregation and self.min_train_nodes < 2:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
+from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.server.aggregator_cli import STORE_ENV
@@ -349,8 +350,9 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--aggregator-listen",
-        default="127.0.0.1:9094",
-        help="address of the aggregation server started beside the SuperLink (prompt registry, secure rounds)",
+        default=None,
+        help="address of the aggregation server started beside the SuperLink (prompt registry, secure rounds; "
+        f"mutual TLS; holders reach it for secure rounds) (default: --host, port {DEFAULT_PORT})",
     )
     p.add_argument(
         "--aggregator-store",
@@ -377,6 +379,13 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="SecAgg+ through the aggregation server: the coordinator sees only the mean of the updates",
     )
+    p.add_argument(
+        "--secure-rounds",
+        default=None,
+        metavar="HOST:PORT",
+        help="the aggregation server process that runs the secure rounds, when --aggregator has several replicas "
+        "(a round's protocol lives in one process's memory; the holders' --aggregator must reach the same one)",
+    )
     p.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the federation")
     g = p.add_argument_group("POST (the federation tuned a prompt on a distilled student)")
     g.add_argument("--post-teacher", default=None, help="afterwards, transfer the global prompt to this large model")
@@ -384,6 +393,11 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--post-alpha", type=float, default=None, help="weight of the shift term (default 0.5)")
     g.add_argument("--post-steps", type=int, default=None, help="transfer steps (default 200)")
     p.set_defaults(func=cmd_server)
+
+
+def aggregator_listen(args: argparse.Namespace) -> str:
+    """Where the aggregation server started here listens: beside the fleet front, since holders reach both."""
+    return args.aggregator_listen or f"{args.host}:{DEFAULT_PORT}"
 
 
 def config_from_args(args: argparse.Namespace) -> FederationConfig:
@@ -401,11 +415,13 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     if args.aggregator:
         values["aggregator"] = args.aggregator
     elif not args.no_aggregator and not args.superlink:
-        values["aggregator"] = loopback(args.aggregator_listen)
+        values["aggregator"] = loopback(aggregator_listen(args))
     if "aggregator" in values:
         values["aggregator_certs"] = str(Path(args.certs).resolve())
     if args.secure_aggregation:
         values["secure_aggregation"] = True
+    if args.secure_rounds:
+        values["secure_rounds"] = args.secure_rounds
     known = {f.name for f in fields(FederationConfig)}
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -500,9 +516,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             coord.start()
         if args.aggregator:
             wait_reachable(args.aggregator, "aggregation server")
+        if args.secure_rounds:
+            wait_reachable(args.secure_rounds, "aggregation server for secure rounds")
         if not (args.no_aggregator or args.aggregator or args.superlink):
             store = args.aggregator_store or os.environ.get(STORE_ENV) or str(state / "registry.sqlite")
-            coord.start_aggregator(args.aggregator_listen, store, args.aggregator_health_listen)
+            coord.start_aggregator(aggregator_listen(args), store, args.aggregator_health_listen)
         coord.register_nodes()
         run_id = coord.submit(cfg)
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)

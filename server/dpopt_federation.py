@@ -24,6 +24,7 @@ from fedprompt import text_prompt, zoo
 from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.cache import write_json_atomic
 from fedprompt.server.config import FederationConfig
+from fedprompt.server.exchange import send_and_receive
 from fedprompt.server.records import ModelRef
 
 INFO = 20
@@ -46,7 +47,7 @@ def _wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
 def _exchange(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, config: dict) -> dict[int, Message]:
     content = RecordDict({"config": ConfigRecord(config)})
     msgs = [Message(content, dst_node_id=n, message_type=f"{MessageType.QUERY}.{kind}") for n in nodes]
-    return {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs, timeout=cfg.round_timeout_s)}
+    return {m.metadata.src_node_id: m for m in send_and_receive(grid, msgs, timeout=cfg.round_timeout_s)}
 
 
 def _holder(msg: Message) -> str:

@@ -42,7 +42,7 @@ def render(work: Path, overlay: str) -> dict:
     certs_dir = work / f"certs-{overlay}"
     certs = [FEDPROMPT, "certs", "--out", certs_dir, "--kustomize", folder / "secrets"]
     certs += [a for n in OVERLAYS[overlay][1] for a in ("--node", n)]
-    certs += ["--host", "fedprompt-aggregator", "--host", "fedprompt-superlink"]
+    certs += ["--host", "fedprompt-aggregator", "--host", "fedprompt-secure-rounds", "--host", "fedprompt-superlink"]
     made = run(certs)
     assert made.returncode == 0, made.stderr
     built = run([KUBECTL, "kustomize", folder])

@@ -38,7 +38,8 @@ def cert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def agg(cert_dir, tmp_path):
-    with RunningAggregator(cert_dir, str(tmp_path / "registry.sqlite")) as running:
+    # a holder that goes silent mid-round is a dropout after 2 s (the deployed default waits a minute)
+    with RunningAggregator(cert_dir, str(tmp_path / "registry.sqlite"), secagg_stage_timeout_s=2.0) as running:
         yield running
 
 
@@ -404,75 +405,126 @@ def node_identity(certs_dir: Path, name: str) -> ClientIdentity:
     return ClientIdentity(name, key, roster)
 
 
+class _Silent(Exception):
+    """A holder that stops answering (its process died): no decline, the server's stage deadline notices."""
+
+
 def _run_secure_round(agg, names, vectors, drop_after: dict[str, int] | None = None, tamper=None):
-    """Drive SecAggStep as the coordinator would, with each holder's SecAggClient signing with its node key.
-    ``tamper(stage, name, reply)`` may change a holder's reply (a malicious holder)."""
+    """The coordinator opens a secure round, then each holder (a thread) runs its side with the server directly,
+    as its daemon does (``client/secure_round.py`` over its own mutual-TLS channel), signing with its node key.
+    ``drop_after[name] = s``: the holder goes silent after its stage-``s`` reply; ``tamper(stage, name, reply)``
+    may change a holder's reply (a malicious holder). Returns the round and the coordinator's result, or raises
+    the coordinator's AggregatorError."""
+    import threading
+
+    from fedprompt.client import secure_round
+
     drop_after = drop_after or {}
     with agg.client() as coord:
         r = coord.open_round(
             task="sst", base_model=MODEL, shape=SHAPE, expected_clients=len(names), secure=True,
             participants=names, clip_range=1.0, min_clients=2,
         )  # fmt: skip
-        resp = coord.secagg_step(r.round_id, 0, [])
-        clients: dict[int, SecAggClient] = {}
-        for stage in range(1, 6):
-            replies = []
-            for env in resp.requests:
-                name = names[env.client_index - 1]
-                if drop_after.get(name, 99) < stage:
-                    continue
-                if env.message.WhichOneof("body") == "setup":
-                    clients[env.client_index] = SecAggClient(
-                        env.message.setup, vectors[name].reshape(-1), node_identity(agg.certs_dir, name)
-                    )
-                reply = clients[env.client_index].handle(env.message)
-                if tamper is not None:
-                    tamper(stage, name, reply)
-                replies.append(pb.SecAggEnvelope(client_index=env.client_index, message=reply))
-            resp = coord.secagg_step(r.round_id, stage, replies)
-        return r, resp
+
+    class Holder:
+        def __init__(self, name: str, client: SecAggClient) -> None:
+            self.name, self.client, self.stage = name, client, 0
+
+        def handle(self, message):
+            reply = self.client.handle(message)
+            self.stage += 1
+            if self.stage > drop_after.get(self.name, 99):
+                raise _Silent
+            if tamper is not None:
+                tamper(self.stage, self.name, reply)
+            return reply
+
+    ended: dict[str, BaseException | None] = {}
+
+    def take_part(name: str) -> None:
+        def make_client(setup, update):
+            return Holder(name, SecAggClient(setup, update, node_identity(agg.certs_dir, name)))
+
+        try:
+            with agg.client(name) as c:
+                transport = secure_round.Transport(c, r.round_id)
+                setup = secure_round.join(transport, r.round_id, vectors[name].size, lambda setup: None)
+                secure_round.run(transport, setup, vectors[name].reshape(-1), make_client)
+            ended[name] = None
+        except BaseException as exc:
+            ended[name] = exc
+
+    threads = [threading.Thread(target=take_part, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    try:
+        with agg.client() as coord:
+            result = coord.await_secure_round(r.round_id, 120)
+    finally:
+        for t in threads:
+            t.join(timeout=60)
+    return r, result, ended
 
 
 def test_secure_round_over_grpc_gives_the_mean_of_the_survivors(agg):
     rng = np.random.default_rng(3)
     vectors = {n: rng.uniform(-0.5, 0.5, size=SHAPE).astype(np.float32) for n in HOLDERS}
-    r, resp = _run_secure_round(agg, HOLDERS, vectors, drop_after={"dave": 2})  # dave drops after sharing keys
-    assert resp.done and resp.result.contributors == 3
-    mean = convert.tensor_from_proto(resp.result.mean_update)
+    r, result, ended = _run_secure_round(agg, HOLDERS, vectors, drop_after={"dave": 2})  # dave goes after its keys
+    assert result.contributors == 3
     expected = np.mean([vectors[n] for n in ("alice", "bob", "carol")], axis=0)
-    np.testing.assert_allclose(mean, expected, atol=1e-5)  # quantisation error only
+    np.testing.assert_allclose(result.mean_update, expected, atol=1e-5)  # quantisation error only
+    assert {n: e for n, e in ended.items() if n != "dave"} == dict.fromkeys(["alice", "bob", "carol"])
+    assert isinstance(ended["dave"], _Silent)
     with agg.client() as coord:
         assert coord.get_round(r.round_id).state == "finalised"
         # nothing of any single holder was stored: no plain updates for a secure round
         assert agg.server.store.dump().get("updates", []) == []
 
 
-def test_secure_round_refuses_unregistered_participants_and_plain_updates(agg):
+def test_secure_round_calls_are_for_its_participants_and_the_coordinator_only(agg):
     with agg.client() as coord:
         r = coord.open_round(
             task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
             participants=["alice", "mallory"], clip_range=1.0, min_clients=2,
         )  # fmt: skip
-        with pytest.raises(AggregatorError) as e:
-            coord.secagg_step(r.round_id, 0, [])
-        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "mallory" in e.value.details
+    with agg.client("alice") as alice, pytest.raises(AggregatorError) as e:
+        alice.secagg_exchange(r.round_id, 0)  # mallory has no registered node key: no round can start
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "mallory" in e.value.details
+    with agg.client() as coord:
         r2 = coord.open_round(
             task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
             participants=["alice", "bob"], clip_range=1.0, min_clients=2,
         )  # fmt: skip
-        with agg.client("alice") as alice, pytest.raises(AggregatorError) as e:
-            alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32))
-        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    with agg.client("alice") as alice:
         with pytest.raises(AggregatorError) as e:
-            coord.secagg_step(r2.round_id, 2, [])  # out of order: the protocol has not started
+            alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32))
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION  # no plain update in a secure round
+        setup = alice.secagg_exchange(r2.round_id, 0).message.setup
+        assert setup.round_id == r2.round_id and setup.num_clients == 2
+        with pytest.raises(AggregatorError) as e:
+            alice.secagg_exchange(r2.round_id, 3)  # out of order: the round waits for key advertisements
         assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(AggregatorError) as e:  # the mean is the coordinator's to collect
+            alice.await_secure_round(r2.round_id, 1)
+        assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
+    with agg.client("carol") as carol, pytest.raises(AggregatorError) as e:  # registered, but not invited
+        carol.secagg_exchange(r2.round_id, 0)
+    assert _code(e) == grpc.StatusCode.PERMISSION_DENIED and "not a participant" in e.value.details
+    with agg.client() as coord:
+        with pytest.raises(AggregatorError) as e:
+            coord.await_secure_round(r2.round_id, 0.5)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "still running" in e.value.details
+        coord.abort_round(r2.round_id, "the test gave up")
+        with pytest.raises(AggregatorError) as e:  # whoever waits on an aborted round hears why
+            coord.await_secure_round(r2.round_id, 5)
+        assert _code(e) == grpc.StatusCode.ABORTED and "the test gave up" in e.value.details
         r3 = coord.open_round(
             task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
             participants=["alice", "bob"], clip_range=1.0, min_clients=1,
         )  # fmt: skip
-        with pytest.raises(AggregatorError) as e:  # a "sum" of one survivor would be that holder's update
-            coord.secagg_step(r3.round_id, 0, [])
-        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "min_clients" in e.value.details
+    with agg.client("alice") as alice, pytest.raises(AggregatorError) as e:
+        alice.secagg_exchange(r3.round_id, 0)  # a "sum" of one survivor would be that holder's update
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "min_clients" in e.value.details
 
 
 def test_async_stream_over_grpc(agg):
@@ -577,7 +629,7 @@ def _bad_holder(attack: str):
             return
         if attack == "out-of-range input" and stage == 3:
             words = np.frombuffer(reply.masked_input.masked, "<u4").copy()
-            words[0] += np.uint32(1 << 31)  # a value no clipped, quantised update can take
+            words[0] ^= np.uint32(1 << 31)  # adds 2**31 mod 2**32: a value no clipped, quantised update can take
             reply.masked_input.masked = words.tobytes()
         if stage == 5 and attack != "out-of-range input":  # the unmasking: bob reveals one wrong share
             share = reply.unmask_response.self_mask_shares[0]

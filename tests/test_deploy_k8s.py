@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 EXTERNAL_SECRETS = {"fedprompt-postgres"}  # referenced, created by hand (kubectl create secret), never rendered
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
 CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}
-COMPONENTS = {"aggregator", "superlink", "federation", "client"}
+COMPONENTS = {"aggregator", "secure-rounds", "superlink", "federation", "client"}
 # Ports a NetworkPolicy may open: operator, fleet, aggregation, health; out also DNS and (coordinator) PostgreSQL.
 INGRESS_PORTS = {9092, 9093, 9094, 9095, 9096, 9097}
 EGRESS_PORTS = {9092, 9093, 9094, 53, 5432}
@@ -279,6 +279,72 @@ def check_operator_port(objects: list[dict]) -> list[str]:
     return bad
 
 
+ADDRESS_ARG = re.compile(r"([a-z0-9]([a-z0-9.-]*[a-z0-9])?):(\d+)")
+
+
+def _admits(policies: list[dict], labels: dict, direction: str, port: int, peer: dict | None) -> bool:
+    """Whether the NetworkPolicies selecting a pod with ``labels`` let ``port`` through in ``direction``
+    (``ingress``/``egress``) from or to ``peer``: a pod's labels of this namespace, or None for an address
+    outside the cluster."""
+    key = "from" if direction == "ingress" else "to"
+    for o in policies:
+        spec = o["spec"]
+        if is_default_deny(o) or not is_subset(spec["podSelector"], labels):
+            continue
+        for rule in spec.get(direction) or []:
+            if not any(p.get("port") == port for p in rule.get("ports") or []):
+                continue
+            for allowed in rule.get(key) or [{}]:
+                if not allowed:
+                    return True
+                if peer is None and "ipBlock" in allowed:
+                    return True
+                if peer is not None and "namespaceSelector" in allowed and not allowed.get("podSelector"):
+                    return True
+                if peer is not None and "podSelector" in allowed and is_subset(allowed["podSelector"], peer):
+                    return True
+    return False
+
+
+def check_connections(objects: list[dict]) -> list[str]:
+    """Every address a container is given (``SERVICE:PORT`` of this overlay, or a host outside it) is one its
+    pod's NetworkPolicies let it reach, and, for a Service, one the pods behind it let it in from: what a
+    default-deny cluster would otherwise cut silently (a holder that cannot reach its secure rounds)."""
+    bad = []
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    workloads = [(obj, spec, meta.get("labels") or {}) for obj, spec, meta in pod_specs(objects)]
+    for obj, spec, labels in workloads:
+        for c, _ in containers_of(spec):
+            for arg in expanded_args(objects, c):
+                m = ADDRESS_ARG.fullmatch(arg)
+                if not m or m[1] in ("0.0.0.0", "127.0.0.1", "localhost"):
+                    continue
+                host, port = m[1], int(m[3])
+                svc = services.get(host)
+                if svc is None:
+                    if "." in host and not _admits(policies, labels, "egress", port, None):
+                        bad.append(f"{name_of(obj)}/{c['name']}: no egress to {arg} outside the cluster")
+                    continue
+                sp = next((p for p in svc["spec"]["ports"] if p["port"] == port), None)
+                if sp is None:
+                    bad.append(f"{name_of(obj)}/{c['name']}: {arg}: Service {host} has no port {port}")
+                    continue
+                for target, tspec, tlabels in workloads:
+                    if not is_subset({"matchLabels": svc["spec"].get("selector") or {}}, tlabels):
+                        continue
+                    named = {
+                        q["name"]: q["containerPort"] for tc, _ in containers_of(tspec) for q in tc.get("ports") or []
+                    }
+                    tport = sp.get("targetPort", port)
+                    tport = named.get(tport, tport) if isinstance(tport, str) else tport
+                    if not _admits(policies, labels, "egress", tport, tlabels):
+                        bad.append(f"{name_of(obj)}/{c['name']}: no egress to {arg} ({name_of(target)} port {tport})")
+                    if not _admits(policies, tlabels, "ingress", tport, labels):
+                        bad.append(f"{name_of(target)}: no ingress on port {tport} from {name_of(obj)} ({arg})")
+    return bad
+
+
 def is_subset(selector: dict, labels: dict) -> bool:
     match = selector.get("matchLabels") or {}
     return bool(match) and all(labels.get(k) == v for k, v in match.items()) and not selector.get("matchExpressions")
@@ -342,6 +408,7 @@ def violations(objects: list[dict], namespace: str) -> list[str]:
         *check_secret_values(objects),
         *check_network_policies(objects),
         *check_operator_port(objects),
+        *check_connections(objects),
         *check_services(objects),
         *check_labels(objects),
         *check_namespaces(objects, namespace),
@@ -539,6 +606,12 @@ BREAKAGES = {
     "namespace None": lambda o: find(o, "Job")[0]["metadata"].pop("namespace"),
     "drop ALL": lambda o: container(find(o, "Job")[0], "federation")["securityContext"].pop("capabilities"),
     "opens every port": lambda o: find(o, "NetworkPolicy", "fedprompt-superlink")[0]["spec"]["ingress"][0].pop("ports"),
+    "no egress to fedprompt-aggregator:9094": lambda o: find(o, "NetworkPolicy", "fedprompt-client")[0]["spec"][
+        "egress"
+    ].pop(1),
+    "no ingress on port 9094 from StatefulSet/fedprompt-client-holder-1": lambda o: find(
+        o, "NetworkPolicy", "fedprompt-aggregator"
+    )[0]["spec"]["ingress"][0]["from"].pop(2),
     "the operator port is open": lambda o: find(o, "NetworkPolicy", "fedprompt-superlink")[0]["spec"]["ingress"][0][
         "ports"
     ].append({"protocol": "TCP", "port": OPERATOR_PORT}),

@@ -168,20 +168,16 @@ def _npy_claiming(shape: tuple[int, ...], payload: bytes = b"\0" * 16) -> bytes:
 def test_hostile_messages_are_refused_and_the_service_keeps_answering(tiny_llama, holder_files, as_serverapp):
     """What a malicious coordinator can put in a message (its ServerApp is its own code, whatever the bundle):
     each is refused with an error reply before anything is allocated or trained, and the next request is served."""
-    import base64
-
     from flwr.app import Array, ArrayRecord
 
     data, state = holder_files
     service = _service(data, state)
     good = np.zeros((4, tiny_llama.hidden_size), np.float32)
 
-    def message(prompt_record, config=None, kind="train", secagg=None) -> Message:
+    def message(prompt_record, config=None, kind="train") -> Message:
         records = {"config": ConfigRecord(config if config is not None else _config(tiny_llama))}
         if prompt_record is not None:
             records["prompt"] = prompt_record
-        if secagg is not None:
-            records["secagg"] = ConfigRecord({"message": secagg})
         return Message(RecordDict(records), dst_node_id=7, message_type=kind)
 
     def npy(blob: bytes) -> ArrayRecord:
@@ -197,8 +193,9 @@ def test_hostile_messages_are_refused_and_the_service_keeps_answering(tiny_llama
         "JSON nested 30,000 deep": message(
             to_record(weight=good), {**_config(tiny_llama), "task_label_names": "[" * 30_000 + "]" * 30_000}
         ),
-        "random bytes as a secure-aggregation message": message(
-            None, {"run_id": "r", "server_round": 1}, "train.secagg", base64.b64encode(os.urandom(64))
+        "the old relay's secure-aggregation stage": message(None, {"run_id": "r", "server_round": 1}, "train.secagg"),
+        "a secure round with no round on the aggregation server": message(
+            to_record(weight=good), {**_config(tiny_llama), "secure_aggregation": True}
         ),
         "an unknown message type": message(to_record(weight=good), kind="query.shell"),
         "no config": Message(RecordDict({"prompt": to_record(weight=good)}), dst_node_id=7, message_type="train"),

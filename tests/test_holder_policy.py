@@ -98,23 +98,32 @@ def test_evaluation_is_off_by_default_and_each_answer_is_charged(tiny_llama, hol
     assert all(r.noise_multiplier == pytest.approx(5.0 / np.sqrt(2)) and r.sample_rate == 1.0 for r in releases)
 
 
-def test_secure_rounds_smaller_than_the_policy_allows_are_refused(tiny_llama, holder):
-    import base64
+def test_secure_rounds_smaller_than_the_policy_allows_are_refused_before_training(tiny_llama, holder):
+    from fedprompt.protocols import aggregator_pb2, secagg_pb2
 
-    from fedprompt.protocols import secagg_pb2
+    prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
+    setup = secagg_pb2.SecAggSetup(
+        round_id="x", client_index=1, num_clients=3, neighbours=[2, 3], threshold=3, modulus_bits=32,
+        quant_bits=28, clip_range=1.0, vector_length=prompt.size, node_names={1: "h1", 2: "h2", 3: "h3"},
+    )  # fmt: skip
+
+    class FirstAnswer:  # the aggregation server as far as its first answer: the setup of a round of three
+        declined = False
+
+        def exchange(self, stage, message=None):
+            return aggregator_pb2.SecAggExchangeResponse(message=secagg_pb2.SecAggMessage(setup=setup))
+
+        def decline(self):
+            self.declined = True
 
     service = _service(holder, min_secure_cohort=4)
-    prompt = np.zeros((4, tiny_llama.hidden_size), np.float32)
-    assert service.handle("train", _config(tiny_llama, secure_aggregation=True), prompt)[0]["secure"]
-    setup = secagg_pb2.SecAggMessage(
-        setup=secagg_pb2.SecAggSetup(
-            round_id="x", client_index=1, num_clients=3, neighbours=[2, 3], threshold=2, modulus_bits=32,
-            quant_bits=28, clip_range=1.0, vector_length=prompt.size,
-        )
-    )  # fmt: skip
-    message = base64.b64encode(setup.SerializeToString()).decode()
-    reply, _ = service.handle("secagg", {"run_id": "r", "server_round": 1, "message": message}, None)
+    service.transport = FirstAnswer()
+    before = PrivacyLedger(holder[1]).spent().epsilon
+    config = _config(tiny_llama, secure_aggregation=True) | {"secure_round_id": "x"}
+    reply, _ = service.handle("train", config, prompt)
     assert not reply["ok"] and "rule min_secure_cohort" in reply["reason"]
+    assert service.transport.declined  # the others need not wait for this holder
+    assert PrivacyLedger(holder[1]).spent().epsilon == before  # refused before any training: nothing charged
 
 
 def test_policy_file_and_flags(tmp_path):

@@ -1,6 +1,7 @@
-"""The malicious aggregation server (and relay), played against the holders' own code path: each holder is a
-real :class:`HolderService` with its node key and its roster from ``fedprompt certs``, holding an update it
-trained; the test drives SecAgg+ at it as a server that lies would.
+"""The malicious aggregation server, played against the holders' own code path: each holder is a real
+:class:`HolderService` with its node key and its roster from ``fedprompt certs``, asked to train in a secure
+round; it trains, then runs its side of SecAgg+ (``client/secure_round.py``) with a server the test plays, one
+that lies as a malicious server would.
 
 Each attack is also run with the protection it defeats switched off (a client that skips the signature check; a
 threshold and a client policy that do not count a colluder), and there it recovers the victim's exact quantised
@@ -9,8 +10,9 @@ update: the harness can break a holder, so the refusals it meets with the real c
 
 from __future__ import annotations
 
-import base64
 import json
+import queue
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedprompt import certs
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.client.service import HolderService
+from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import secagg_crypto as sc
 from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
 from fedprompt.protocols.secagg_pb2 import (
@@ -35,7 +38,7 @@ from fedprompt.protocols.secagg_pb2 import (
 from fedprompt.protocols.secagg_server import SecAggServer
 
 NAMES = [f"h{i}" for i in range(1, 6)]
-RUN, ROUND = "r", 1
+WAIT_S = 300.0
 
 
 @pytest.fixture(scope="module")
@@ -45,42 +48,109 @@ def cert_dir(tmp_path_factory):
     return d
 
 
+class PlayedServer:
+    """Stands where the holder's transport to the aggregation server is (``HolderService.transport``): each
+    request the test hands over (``ask``) is the server's answer to the holder's last call; the holder's next
+    call brings its reply, or its train request ends with a refusal. The holder runs its real code in a thread."""
+
+    def __init__(self, service: HolderService, config: dict, prompt: np.ndarray) -> None:
+        self.service, self.declined, self.over = service, False, False
+        self.update: np.ndarray | None = None  # what the holder trained, for the test to compare a theft with
+        self._requests: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
+        service.transport = self
+        make_client = service._secagg_client
+
+        def seen(setup, update):  # the test's own view of the victim's update; the holder is unchanged
+            self.update = update.copy()
+            return make_client(setup, update)
+
+        service._secagg_client = seen
+        self.thread = threading.Thread(target=self._train, args=(config, prompt), daemon=True)
+        self.thread.start()
+
+    # the holder's calls (what client/secure_round.Transport makes over gRPC)
+    def exchange(self, stage: int, message=None):
+        if message is not None:
+            self._replies.put(message)
+        return self._requests.get(timeout=WAIT_S)
+
+    def decline(self) -> None:
+        self.declined = True
+
+    def _train(self, config, prompt) -> None:
+        header, _ = self.service.handle("train", config, prompt)
+        self._replies.put(header)
+
+    # the test's side
+    def ask(self, message: SecAggMessage) -> SecAggMessage | str:
+        """The holder's reply to ``message``, or the reason it refused (its train request's answer)."""
+        assert not self.over, "the holder's part of the round has ended: it reads nothing more"
+        self._requests.put(pb.SecAggExchangeResponse(message=message))
+        got = self._replies.get(timeout=WAIT_S)
+        if isinstance(got, dict):
+            assert not got["ok"], got
+            self.over = True
+            return got["reason"]
+        return got
+
+    def ended(self) -> bool:
+        """The holder's protocol is over (it refused), its secrets gone with its SecAggClient."""
+        self.thread.join(timeout=30)
+        return self.over and not self.thread.is_alive()
+
+    def finish(self) -> None:
+        if self.thread.is_alive():
+            self._requests.put(pb.SecAggExchangeResponse(done=True))
+            self.thread.join(timeout=30)
+
+
+class Cohort:
+    """Five holders, each with its own data, ledger, node key and roster."""
+
+    def __init__(self, model, cert_dir, folder) -> None:
+        from fedprompt.dp.ledger import Budget, PrivacyLedger
+
+        self.model, self.services, self.played = model, {}, {}
+        for i, name in enumerate(NAMES):
+            data = folder / f"{name}.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(40, seed=i)))
+            PrivacyLedger.create(folder / name, Budget(50.0, 1e-3))
+            peers_dir = certs.node_files(cert_dir, name).private_key.parent / "peers"
+            self.services[name] = HolderService(
+                data=str(data),
+                state_dir=folder / name,
+                name=name,
+                num_examples=32,
+                policy=HolderPolicy(),
+                device="cpu",
+                precision="fp32",
+                signing_key=certs.node_files(cert_dir, name).private_key,
+                peers=certs.node_public_keys(peers_dir),
+            )
+
+    def config(self, round_id: str, server_round: int = 1) -> dict:
+        return round_config(
+            self.model, local_steps=1, num_rounds=1, server_round=server_round, secure_aggregation=True
+        ) | {"secure_round_id": round_id}
+
+    def start(self, round_id: str, names=NAMES) -> dict[str, PlayedServer]:
+        """Ask ``names`` to train in secure round ``round_id``: each trains, then waits for the server's setup."""
+        prompt = np.zeros((2, self.model.hidden_size), np.float32)
+        for name in names:
+            self.played[name] = PlayedServer(self.services[name], self.config(round_id), prompt)
+        return {n: self.played[n] for n in names}
+
+    def close(self) -> None:
+        for p in self.played.values():
+            p.finish()
+
+
 @pytest.fixture
-def holders(tiny_llama, cert_dir, tmp_path) -> dict[str, HolderService]:
-    """Five holders, each with its own data, ledger, node key and roster, each holding a trained update."""
-    from fedprompt.dp.ledger import Budget, PrivacyLedger
-
-    services = {}
-    for i, name in enumerate(NAMES):
-        data = tmp_path / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in make_sentiment_rows(40, seed=i)))
-        PrivacyLedger.create(tmp_path / name, Budget(50.0, 1e-3))
-        peers_dir = certs.node_files(cert_dir, name).private_key.parent / "peers"
-        services[name] = HolderService(
-            data=str(data),
-            state_dir=tmp_path / name,
-            name=name,
-            num_examples=32,
-            policy=HolderPolicy(),
-            device="cpu",
-            precision="fp32",
-            signing_key=certs.node_files(cert_dir, name).private_key,
-            peers=certs.node_public_keys(peers_dir),
-        )
-        prompt = np.zeros((2, tiny_llama.hidden_size), np.float32)
-        config = round_config(tiny_llama, local_steps=1, num_rounds=1, secure_aggregation=True)
-        reply, _ = services[name].handle("train", config, prompt)
-        assert reply["ok"] and reply["secure"], reply
-    return services
-
-
-def ask(service: HolderService, message: SecAggMessage) -> SecAggMessage | str:
-    """One SecAgg message to a holder, as the relay delivers it: its reply, or the reason it refused."""
-    config = {"run_id": RUN, "server_round": ROUND, "message": base64.b64encode(message.SerializeToString()).decode()}
-    header, _ = service.handle("secagg", config, None)
-    if not header["ok"]:
-        return header["reason"]
-    return SecAggMessage.FromString(base64.b64decode(header["message"]))
+def cohort(tiny_llama, cert_dir, tmp_path):
+    c = Cohort(tiny_llama, cert_dir, tmp_path)
+    yield c
+    c.close()
 
 
 def identities(cert_dir) -> dict[int, tuple[str, object]]:
@@ -90,12 +160,8 @@ def identities(cert_dir) -> dict[int, tuple[str, object]]:
     return {i: (n, load_ssh_public_key(keys[n].read_bytes())) for i, n in enumerate(NAMES, start=1)}
 
 
-def vector_length(holders) -> int:
-    return next(iter(holders.values()))._pending[(RUN, ROUND)].size
-
-
-def pending(holders, name) -> np.ndarray:
-    return holders[name]._pending[(RUN, ROUND)].copy()
+def vector_length(model) -> int:
+    return 2 * model.hidden_size
 
 
 def unmasked(masked: bytes, b: bytes, pair_seeds: list[tuple[bytes, bool]], length: int) -> np.ndarray:
@@ -118,15 +184,15 @@ def quantised(update: np.ndarray, setup) -> np.ndarray:
 
 
 @pytest.mark.parametrize("client", ["fedprompt", "without the signature check"])
-def test_a_server_that_substitutes_neighbours_keys_learns_nothing(holders, cert_dir, monkeypatch, client):
+def test_a_server_that_substitutes_neighbours_keys_learns_nothing(cohort, tiny_llama, cert_dir, monkeypatch, client):
     if client != "fedprompt":
         monkeypatch.setattr(sc, "verify", lambda key, message, signature: True)
-    length = vector_length(holders)
+    length = vector_length(tiny_llama)
     server = SecAggServer("kx", 5, length, 1.0, min_clients=3, identities=identities(cert_dir))
     setups = server.setup()
-    victim = holders["h1"]
-    update = pending(holders, "h1")
-    advert = ask(victim, SecAggMessage(setup=setups[1]))
+    victim = cohort.start("kx", ["h1"])["h1"]
+    advert = victim.ask(SecAggMessage(setup=setups[1]))
+    update = victim.update
     assert isinstance(advert, SecAggMessage), advert
     mine = advert.key_advertisement
     # the server's own keys in place of every neighbour's, under the neighbours' indices
@@ -139,11 +205,11 @@ def test_a_server_that_substitutes_neighbours_keys_learns_nothing(holders, cert_
         fake.self_mask_commitment = bytes(32)
         fake.signature = b"not a signature of the node's key"
         fakes[v] = (enc_sk, mask_sk, fake)
-    reply = ask(victim, SecAggMessage(key_bundle=KeyBundle(neighbours=[f[2] for f in fakes.values()])))
+    reply = victim.ask(SecAggMessage(key_bundle=KeyBundle(neighbours=[f[2] for f in fakes.values()])))
     if client == "fedprompt":
         assert isinstance(reply, str) and "not signed by its identity" in reply
-        # the protocol ended on the holder: it answers nothing more for this round
-        assert "not running" in ask(victim, SecAggMessage(share_bundle=ShareBundle()))
+        # the protocol ended on the holder, which told the server it is out: nothing more is asked of it
+        assert victim.ended() and victim.declined
         return
     # the broken client encrypted its shares to the server's keys: the server opens them, ...
     b_shares, s_shares = {}, {}
@@ -163,7 +229,7 @@ def test_a_server_that_substitutes_neighbours_keys_learns_nothing(holders, cert_
         )
         ct = sc.encrypt(key, plain.SerializeToString(), round_id="kx", sender=v, receiver=1)
         bundle.shares.append(EncryptedShare(sender=v, receiver=1, ciphertext=ct))
-    masked = ask(victim, SecAggMessage(share_bundle=bundle)).masked_input.masked
+    masked = victim.ask(SecAggMessage(share_bundle=bundle)).masked_input.masked
     seeds = [
         (sc.agree(mask_sk, mine.mask_public_key, purpose="mask", round_id="kx", a=v, b=1), 1 < v)
         for v, (_, mask_sk, _) in fakes.items()
@@ -182,20 +248,21 @@ def _colluder(cert_dir, setup, length) -> SecAggClient:
     return SecAggClient(setup, np.zeros(length, np.float32), ClientIdentity("h5", key, roster, colluders=0))
 
 
-def _split_view_attack(holders, cert_dir, *, threshold: int):
+def _split_view_attack(cohort, cert_dir, *, threshold: int):
     """A server with one colluding holder (h5) tells h1 and h2 that {h1, h2, h5} survived and h3 and h4 that
     {h3, h4, h5} did, to collect both of h1's secrets. Returns what each honest holder answered at each stage,
     and h1's update when the attack got it."""
-    length = vector_length(holders)
+    length = vector_length(cohort.model)
     server = SecAggServer("split", 5, length, 1.0, min_clients=3, identities=identities(cert_dir), threshold=threshold)
     first = server.step(0, {})
     setups = {i: m.setup for i, m in first.items()}
-    honest = {i: holders[n] for i, n in enumerate(NAMES[:4], start=1)}
+    played = cohort.start("split", NAMES[:4])
+    honest = {i: played[n] for i, n in enumerate(NAMES[:4], start=1)}
     colluder = _colluder(cert_dir, setups[5], length)
     answers: dict[str, dict[int, object]] = {}
 
     def stage(name: str, messages: dict[int, SecAggMessage]) -> dict[int, SecAggMessage]:
-        got = {i: ask(h, messages[i]) for i, h in honest.items() if i in messages}
+        got = {i: h.ask(messages[i]) for i, h in honest.items() if i in messages and not h.over}
         answers[name] = got
         out = {i: r for i, r in got.items() if isinstance(r, SecAggMessage)}
         if 5 in messages:
@@ -204,7 +271,7 @@ def _split_view_attack(holders, cert_dir, *, threshold: int):
 
     replies = stage("setup", first)
     if set(replies) != {1, 2, 3, 4, 5}:
-        return answers, None
+        return answers, None, honest
     replies = stage("keys", server.step(1, replies))
     replies = stage("masked", server.step(2, replies))
     adverts = {i: server._adverts[i] for i in range(1, 6)}
@@ -235,69 +302,92 @@ def _split_view_attack(holders, cert_dir, *, threshold: int):
     s_sh = {i: s for i, s in s_sh.items() if s is not None} | {5: colluder._s_shares[1]}
     t = setups[1].threshold
     if len(b_sh) < t or len(s_sh) < t:
-        return answers, None
+        return answers, None, honest
     b = sc.shamir_combine(dict(list(b_sh.items())[:t]), t)
     s_key = sc.private_from_bytes(sc.shamir_combine(dict(list(s_sh.items())[:t]), t))
     seeds = [
         (sc.agree(s_key, adverts[v].mask_public_key, purpose="mask", round_id="split", a=1, b=v), 1 < v)
         for v in range(2, 6)
     ]
-    return answers, (unmasked(masked_h1, b, seeds, length), setups[1])
+    return answers, (unmasked(masked_h1, b, seeds, length), setups[1], honest[1].update), honest
 
 
-def test_a_threshold_that_does_not_count_a_colluder_is_refused_at_setup(holders, cert_dir):
+def test_a_threshold_that_does_not_count_a_colluder_is_refused_at_setup(cohort, cert_dir):
     # the old default (a strict majority, 3 of 5): every holder refuses to start, before it holds any secret
-    answers, stolen = _split_view_attack(holders, cert_dir, threshold=3)
+    answers, stolen, honest = _split_view_attack(cohort, cert_dir, threshold=3)
     assert stolen is None and set(answers) == {"setup"}
     assert all("does not resist 1 colluding" in a for a in answers["setup"].values()), answers
+    assert all(h.ended() and h.declined for h in honest.values())
 
 
-def test_split_view_at_the_default_threshold_is_refused_before_any_reveal(holders, cert_dir):
-    answers, stolen = _split_view_attack(holders, cert_dir, threshold=4)
+def test_split_view_at_the_default_threshold_is_refused_before_any_reveal(cohort, cert_dir):
+    answers, stolen, honest = _split_view_attack(cohort, cert_dir, threshold=4)
     assert stolen is None
     for i in range(1, 5):
         assert "fewer than the threshold" in answers[f"sign {i}"][i], answers[f"sign {i}"]
-        assert isinstance(answers[f"unmask {i}"][i], str)  # nothing revealed: the holder's protocol has ended
+        assert answers[f"unmask {i}"] == {}  # nothing revealed: the holder's protocol had ended
+        assert honest[i].ended() and honest[i].declined
 
 
-def test_without_the_colluder_margin_the_split_view_steals_an_update(holders, cert_dir, monkeypatch):
+def test_without_the_colluder_margin_the_split_view_steals_an_update(cohort, cert_dir, monkeypatch):
     """The harness's power: holders whose policy counts no colluder accept a strict-majority threshold, and the
     same split view then yields h1's update. This is what the refusals above prevent."""
     from dataclasses import replace
 
-    for h in holders.values():
+    for h in cohort.services.values():
         monkeypatch.setattr(h, "policy", replace(h.policy, secagg_colluders=0))
-    update = pending(holders, "h1")
-    _answers, stolen = _split_view_attack(holders, cert_dir, threshold=3)
+    _answers, stolen, _ = _split_view_attack(cohort, cert_dir, threshold=3)
     assert stolen is not None, _answers
-    recovered, setup = stolen
+    recovered, setup, update = stolen
     assert np.max(np.abs(recovered.astype(np.float64) - quantised(update, setup))) <= 1.0
 
 
 # ------------------------------------------------------------------ one protocol instance, one secret per peer
 
 
-def test_a_repeated_setup_and_a_request_for_both_secrets_are_refused(holders, cert_dir):
-    length = vector_length(holders)
-    server = SecAggServer("rep", 5, length, 1.0, min_clients=3, identities=identities(cert_dir))
-    setups = server.step(0, {})
-    h1 = holders["h1"]
-    assert isinstance(ask(h1, setups[1]), SecAggMessage)
-    again = ask(h1, setups[1])
-    assert "one protocol per update" in again
+def test_one_protocol_per_update(cohort, tiny_llama, cert_dir):
+    """A server that runs a second protocol instance over the same update could difference the two results."""
+    from fedprompt.dp.ledger import PrivacyLedger
+
+    length = vector_length(tiny_llama)
+    setups = SecAggServer("rep", 5, length, 1.0, min_clients=3, identities=identities(cert_dir)).step(0, {})
     other = SecAggServer("rep-2", 5, length, 1.0, min_clients=3, identities=identities(cert_dir)).step(0, {})
-    assert "one protocol per update" in ask(h1, other[1])
-    # an honest run of the other holders up to the unmasking, then a request for both secrets of a peer
-    answers = {i: ask(holders[n], setups[i]) for i, n in enumerate(NAMES, start=1) if i != 1}
-    assert all(isinstance(a, SecAggMessage) for a in answers.values()), answers
-    bundles = server.step(1, answers)
-    shares = server.step(2, {i: ask(holders[NAMES[i - 1]], m) for i, m in bundles.items()})
-    masked = server.step(3, {i: ask(holders[NAMES[i - 1]], m) for i, m in shares.items()})
-    requests = server.step(4, {i: ask(holders[NAMES[i - 1]], m) for i, m in masked.items()})
-    h2 = holders["h2"]
+    h1 = cohort.start("rep", ["h1"])["h1"]
+    assert isinstance(h1.ask(setups[1]), SecAggMessage)
+    assert "a second, different setup" in h1.ask(other[1])
+    assert h1.ended() and h1.declined
+    h3 = cohort.start("rep", ["h3"])["h3"]
+    assert isinstance(h3.ask(setups[3]), SecAggMessage)
+    assert "out of order" in h3.ask(setups[3])  # the same setup again: no second set of keys either
+    assert h3.ended() and h3.declined
+    # the coordinator asks again for the same run and round (a new update of the same prompt): refused at once,
+    # before training, with nothing charged
+    service = cohort.services["h1"]
+    before = PrivacyLedger(service.state_dir).spent().epsilon
+    header, _ = service.handle("train", cohort.config("rep-3"), np.zeros((2, tiny_llama.hidden_size), np.float32))
+    assert not header["ok"] and "one protocol per update" in header["reason"]
+    assert PrivacyLedger(service.state_dir).spent().epsilon == before
+    # and a setup for another round than the one the coordinator named is refused before any secret exists
+    h2 = cohort.start("rep", ["h2"])["h2"]
+    assert "not the round" in h2.ask(other[2])
+    assert h2.ended() and h2.declined
+
+
+def test_a_request_for_both_secrets_of_a_survivor_is_refused(cohort, tiny_llama, cert_dir):
+    server = SecAggServer("both", 5, vector_length(tiny_llama), 1.0, min_clients=3, identities=identities(cert_dir))
+    setups = server.step(0, {})
+    played = cohort.start("both")
+    at = {i: played[n] for i, n in enumerate(NAMES, start=1)}
+    # an honest run up to the unmasking, then a request for both secrets of a peer
+    bundles = server.step(1, {i: h.ask(setups[i]) for i, h in at.items()})
+    shares = server.step(2, {i: at[i].ask(m) for i, m in bundles.items()})
+    masked = server.step(3, {i: at[i].ask(m) for i, m in shares.items()})
+    requests = server.step(4, {i: at[i].ask(m) for i, m in masked.items()})
     both = SecAggMessage()
     both.unmask_request.CopyFrom(requests[2].unmask_request)
     both.unmask_request.key_owners.append(3)  # 3 survived: its self-mask share is asked for too
-    reason = ask(h2, both)
+    reason = at[2].ask(both)
     assert isinstance(reason, str) and "both secrets" in reason
-    assert "not running" in ask(h2, requests[2])  # refused once, the holder's protocol is over
+    assert at[2].ended() and at[2].declined  # refused once, the holder's protocol is over
+    honest = at[3].ask(requests[3])  # the same stage asked honestly of another holder is answered
+    assert honest.WhichOneof("body") == "unmask_response"
