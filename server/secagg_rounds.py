@@ -92,10 +92,8 @@ class SecureRounds:
     # ------------------------------------------------------------------ the holders' calls
 
     async def exchange(self, request: pb.SecAggExchangeRequest, *, caller: str) -> pb.SecAggExchangeResponse:
-        session = await self._session(request.round_id)
-        me = session.index.get(caller)
-        if me is None:
-            raise Forbidden(f"{caller!r} is not a participant of secure round {request.round_id}")
+        session = await self._session(request.round_id, caller=caller)
+        me = session.index[caller]
         if request.decline:
             async with session.lock:
                 session.declined.add(me)
@@ -147,23 +145,28 @@ class SecureRounds:
 
     # ------------------------------------------------------------------ the protocol's progress
 
-    async def _session(self, round_id: str) -> _Session:
+    async def _session(self, round_id: str, *, caller: str | None = None) -> _Session:
+        """The round's protocol, started on the first call of one of its participants (``caller``) or of the
+        coordinator (``None``): anyone else is refused before anything starts."""
         session = self.sessions.get(round_id)
-        if session is not None:
-            return session
-        async with self._creating:
-            session = self.sessions.get(round_id)
-            if session is None:
-                session = await asyncio.to_thread(self._start, round_id)
-                self.sessions[round_id] = session
-                asyncio.get_running_loop().create_task(self._watch(session))
-            self._drop_old()
+        if session is None:
+            async with self._creating:
+                session = self.sessions.get(round_id)
+                if session is None:
+                    session = await asyncio.to_thread(self._start, round_id, caller)
+                    self.sessions[round_id] = session
+                    asyncio.get_running_loop().create_task(self._watch(session))
+                self._drop_old()
+        if caller is not None and caller not in session.index:
+            raise Forbidden(f"{caller!r} is not a participant of secure round {round_id}")
         return session
 
-    def _start(self, round_id: str) -> _Session:
+    def _start(self, round_id: str, caller: str | None) -> _Session:
         if not isinstance(round_id, str) or not round_id:
             raise InvalidInput("a secure round id is a non-empty string")
         r = self.registry.get_round(round_id)
+        if caller is not None and caller not in r.participants:
+            raise Forbidden(f"{caller!r} is not a participant of secure round {round_id}")
         if not r.secure or r.state != ROUND_OPEN:
             raise Conflict(f"round {round_id} is not an open secure round (secure={r.secure}, state={r.state})")
         try:

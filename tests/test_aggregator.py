@@ -495,6 +495,10 @@ def test_secure_round_calls_are_for_its_participants_and_the_coordinator_only(ag
             task="sst", base_model=MODEL, shape=SHAPE, expected_clients=2, secure=True,
             participants=["alice", "bob"], clip_range=1.0, min_clients=2,
         )  # fmt: skip
+    with agg.client("carol") as carol, pytest.raises(AggregatorError) as e:  # registered, but not invited
+        carol.secagg_exchange(r2.round_id, 0)
+    assert _code(e) == grpc.StatusCode.PERMISSION_DENIED and "not a participant" in e.value.details
+    assert r2.round_id not in agg.server.rounds.secure.sessions  # her call started nothing
     with agg.client("alice") as alice:
         with pytest.raises(AggregatorError) as e:
             alice.submit_update(round_id=r2.round_id, base_model=MODEL, delta=np.zeros(SHAPE, np.float32))
