@@ -86,6 +86,12 @@ class Holder:
                 f"has {self.session.loaded.model_id} with weights {self.session.loaded.weights_sha256[:12]}"
             )
         self.num_train = len(dataset.split("train"))
+        # Two options of the local optimisation that benchmarks/federation_settings.py measures; no federation
+        # setting turns them on (neither beat the default there: README "The federation, measured"). Offsets
+        # from the holder's label counts would need a DP estimate of those counts, charged to the ledger.
+        self.logit_offsets: torch.Tensor | None = None
+        self.keep_optimizer_state = False  # each round's Adam starts from the state the last one ended with
+        self._optimizer_states: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ privacy
 
@@ -157,7 +163,14 @@ class Holder:
             # before that cancels the reservation, nothing having left this process
             with self.release(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p)) as charged:
                 weight, spent, steps_done, _ = private_steps(
-                    self.session, start, cfg, p, secure_mode=s.secure_mode, desc=desc
+                    self.session,
+                    start,
+                    cfg,
+                    p,
+                    secure_mode=s.secure_mode,
+                    desc=desc,
+                    logit_offsets=self.logit_offsets,
+                    optimizer_state=self._optimizer_state(s.run_id) if self.keep_optimizer_state else None,
                 )
                 charged.settle(steps=steps_done, epsilon=spent)
             run_spend = self.ledger.run_epsilon(s.run_id, p.delta)
@@ -179,6 +192,12 @@ class Holder:
             # depends on the lengths of the sampled private examples)
             metrics["train_seconds"] = time.perf_counter() - started
         return RoundOutcome(weight, weight - start, num_examples, metrics)
+
+    def _optimizer_state(self, run_id: str) -> dict:
+        # one run's state only: a new run starts afresh, and a finished run's state is not kept
+        if run_id not in self._optimizer_states:
+            self._optimizer_states = {run_id: {}}
+        return self._optimizer_states[run_id]
 
     def _plain_steps(self, start: torch.Tensor, cfg: TuneConfig, desc: str) -> torch.Tensor:
         prompted = self.session.prompted(start)

@@ -39,11 +39,17 @@ def make_accountant(name: str, history: Iterable[tuple[float, float, int]] = ())
 
 def epsilon(accountant: str, history: Iterable[tuple[float, float, int]], *, delta: float) -> float:
     """Epsilon of composing every (noise_multiplier, sample_rate, steps) in ``history`` at ``delta``."""
-    hist = [h for h in history if h[2] > 0]
-    if not hist:
+    # T steps of one (sigma, q) then T' more of it are T + T' steps of it, exactly, for every accountant here:
+    # a ledger's many rounds of one run are composed as one entry instead of one per round
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, t in history:
+        if t > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(t)
+    if not merged:
         return 0.0
-    if any(s <= 0 for s, _, _ in hist):
+    if any(s <= 0 for s, _ in merged):
         return math.inf
+    hist = [(s, q, t) for (s, q), t in merged.items()]
     return float(make_accountant(accountant, hist).get_epsilon(delta))
 
 

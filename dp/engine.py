@@ -221,18 +221,30 @@ def make_private(
 
 
 def private_steps(
-    session: Session, start: torch.Tensor, cfg: TuneConfig, p: PrivacyPlan, *, secure_mode: bool = False, desc: str = ""
+    session: Session,
+    start: torch.Tensor,
+    cfg: TuneConfig,
+    p: PrivacyPlan,
+    *,
+    secure_mode: bool = False,
+    desc: str = "",
+    logit_offsets: torch.Tensor | None = None,
+    optimizer_state: dict | None = None,
 ) -> tuple[torch.Tensor, float, int, list[dict]]:
     """``cfg.steps`` DP-SGD steps from the prompt ``start`` (fresh optimiser state) under the plan ``p``.
 
     Returns the new prompt, the epsilon of these steps alone, the steps taken and the loop's history.
-    The caller charges the ledger with ``p`` *before* calling this.
+    The caller charges the ledger with ``p`` *before* calling this. ``logit_offsets`` must not depend on the
+    data beyond a DP release the caller has charged too (the loss must be fixed before the data is read).
+    ``optimizer_state``, a dict, carries the optimiser's state from one call to the next (empty at first).
     """
     train = session.encode_split("train")
     if len(train) != p.num_examples:
         raise RuntimeError(f"the plan was made for {p.num_examples} examples, the data has {len(train)}")
     prompted = session.prompted(start, base_dropout=cfg.base_dropout)
     optimizer = make_optimizer(prompted.prompt.parameters(), cfg)
+    if optimizer_state:  # the optimiser's state from the caller's earlier rounds (a function of noised gradients)
+        optimizer.load_state_dict(optimizer_state["state"])
     private = make_private(
         session, prompted, optimizer, train, p, batch_size=cfg.batch_size, steps=cfg.steps, secure_mode=secure_mode
     )
@@ -250,9 +262,12 @@ def private_steps(
         desc=desc or f"DP tune (sigma={p.noise_multiplier:.3f})",
         on_empty_batch=private.on_empty_batch,
         after_step=after_step,
+        logit_offsets=logit_offsets,
     )
     spent = float(private.engine.get_epsilon(p.delta))
     steps_done = sum(t for _, _, t in private.engine.accountant.history)
+    if optimizer_state is not None:
+        optimizer_state["state"] = optimizer.state_dict()
     private.module.remove_hooks()
     return weight.detach().cpu().clone(), spent, steps_done, history
 

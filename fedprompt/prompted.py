@@ -60,9 +60,23 @@ class PromptedLM(nn.Module):
         return verbalizer.scores(logits)
 
     def classification_loss(
-        self, batch: dict[str, torch.Tensor], verbalizer: Verbalizer, reduction: str = "mean"
+        self,
+        batch: dict[str, torch.Tensor],
+        verbalizer: Verbalizer,
+        reduction: str = "mean",
+        *,
+        logit_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return F.cross_entropy(self.class_scores(batch, verbalizer), batch["labels"], reduction=reduction)
+        """Cross-entropy of the class scores; ``logit_offsets`` (one per class, a constant) are added first.
+
+        With the log of the training data's label prior as offsets this is the logit-adjusted loss (Menon et
+        al. 2021): the scores it trains are those of a classifier with a uniform prior, so holders with opposite
+        label skews pull the shared prompt towards one balanced classifier instead of towards their own priors.
+        """
+        scores = self.class_scores(batch, verbalizer)
+        if logit_offsets is not None:
+            scores = scores + logit_offsets.to(scores.device, scores.dtype)
+        return F.cross_entropy(scores, batch["labels"], reduction=reduction)
 
     def lm_loss(
         self,

@@ -10,24 +10,41 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt
 
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
+from fedprompt.stats import accuracy_interval, gain_interval
 
 
-def plot_accuracy(history: list[dict], baselines: dict[str, float], path: Path) -> None:
-    rounds = [r["round"] for r in history if r.get("accuracy") is not None]
-    accs = [100 * r["accuracy"] for r in history if r.get("accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(rounds, accs, marker="o", linewidth=2, label="federated, DP (global prompt)")
-    styles = ["--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1))]
-    for i, (name, acc) in enumerate(baselines.items()):
-        ax.axhline(100 * acc, linestyle=styles[i % len(styles)], color=f"C{i + 1}", label=f"{name}: {100 * acc:.1f} %")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(rounds)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def summarise(right: dict[str, list[bool]]) -> dict[str, dict]:
+    """Each method's accuracy with its 95 % interval, and its gain over zero-shot with a paired 95 % interval."""
+    base = right["zero-shot"]
+    return {
+        name: {
+            "accuracy": accuracy_interval(r).as_dict(),
+            "gain_over_zero_shot": gain_interval(r, base).as_dict(),
+            "examples": len(r),
+        }
+        for name, r in right.items()
+    }
+
+
+def plot_methods(summary: dict[str, dict], path: Path) -> None:
+    names = list(summary)
+    acc = [100 * summary[n]["accuracy"]["value"] for n in names]
+    err = [
+        [100 * (summary[n]["accuracy"]["value"] - summary[n]["accuracy"]["low"]) for n in names],
+        [100 * (summary[n]["accuracy"]["high"] - summary[n]["accuracy"]["value"]) for n in names],
+    ]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
+    colours = ["C0" if n == "federated" else "C7" for n in names]
+    ax.barh(names, acc, xerr=err, color=colours, capsize=3)
+    ax.axvline(acc[names.index("zero-shot")], linestyle="--", color="grey", label="zero-shot")
+    ax.set_xlim(max(0.0, min(acc) - 15), min(100.0, max(acc) + 8))
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%), 95 % interval")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -52,32 +69,64 @@ def plot_epsilon(history: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
-def write(folder: Path, *, history: list[dict], results: dict, settings: dict, splits: list[dict]) -> Path:
+METHOD_NOTES = {
+    "zero-shot": "the frozen model with the template `{template}`",
+    "untuned prompt": "the federation's initial soft prompt, before any round",
+    "federated": "**DP epsilon = {eps:g} per holder, {rounds} rounds**",
+    "centralised DP": "the pooled data under DP epsilon = {eps:g}, the federation's compute "
+    "({steps} steps of batch {central_batch})",
+    "centralised, non-private": "the pooled data without DP, the federation's compute",
+}
+
+
+def write(
+    folder: Path, *, history: list[dict], right: dict[str, list[bool]], settings: dict, splits: list[dict]
+) -> Path:
     """``report.md``, ``accuracy.png``, ``epsilon.png`` and ``results.json`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    baselines = {"zero-shot": results["zero_shot"], "centralised, non-private": results["centralised"]}
-    baselines.update({f"{h} alone, DP": acc for h, acc in results["local_only"].items()})
-    plot_accuracy(history, baselines, folder / "accuracy.png")
+    summary = summarise(right)
+    plot_methods(summary, folder / "accuracy.png")
     plot_epsilon(history, settings["target_epsilon"], folder / "epsilon.png")
     (folder / "results.json").write_text(
-        json.dumps({"results": results, "settings": settings, "splits": splits, "history": history}, indent=2) + "\n"
+        json.dumps({"results": summary, "settings": settings, "splits": splits, "history": history}, indent=2) + "\n"
     )
+    steps = settings["rounds"] * settings["local_steps"]
+    fill = {
+        "template": settings["template"].replace("\n", "\\n"),
+        "eps": settings["target_epsilon"],
+        "rounds": settings["rounds"],
+        "steps": steps,
+        "central_batch": settings["batch_size"] * settings["holders"],
+    }
+    holders = [h for h in right if h.endswith(" alone")]
+    rows = []
+    for name, r in summary.items():
+        note = METHOD_NOTES.get(name, "the same DP budget and steps on its own data only").format(**fill)
+        a, g = r["accuracy"], r["gain_over_zero_shot"]
+        gain = "" if name == "zero-shot" else f"{100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]"
+        bold = "**" if name == "federated" else ""
+        rows.append(
+            f"| {bold}{name}{bold} | {note} | {bold}{_pct(a['value'])}{bold} [{_pct(a['low'])}, {_pct(a['high'])}] "
+            f"| {gain} |"
+        )
+    seconds = settings["seconds"]
     lines = [
         "# fedprompt demo: a private federation on loopback",
         "",
         f"{settings['holders']} data holders with label-skewed splits of `{settings['dataset']}` "
-        f"(Dirichlet alpha = {settings['alpha']}), model `{settings['model']}`, {settings['rounds']} rounds of "
-        f"{settings['local_steps']} local DP-SGD steps (expected batch {settings['batch_size']}, "
-        f"{settings['optimizer']} lr {settings['lr']}), each holder at epsilon = {settings['target_epsilon']:g} "
-        f"(delta = {settings.get('delta', 1e-5):g}) over the "
-        "whole run. "
+        f"(Dirichlet alpha = {settings['alpha']}, seed {settings['seed']}), model `{settings['model']}`, a "
+        f"{settings['prompt_length']}-token soft prompt (initialised as the embeddings of {settings['init_text']!r}), "
+        f"{settings['rounds']} rounds of {settings['local_steps']} "
+        f"local DP-SGD steps (expected batch {settings['batch_size']}, {settings['optimizer']} lr {settings['lr']}), "
+        f"each holder at epsilon = {settings['target_epsilon']:g} (delta = {settings['delta']:g}) over the whole run. "
         + (
-            "Updates are merged by secure aggregation (SecAgg+ through the aggregation server): the coordinator "
+            "Updates are merged by secure aggregation (SecAgg+ with the aggregation server): the coordinator "
             "saw only their mean. "
-            if settings.get("secure_aggregation")
+            if settings["secure_aggregation"]
             else "Updates went to the coordinator in the clear (no secure aggregation). "
         )
-        + "Accuracy is on the dataset's test split (the union of the holders' test splits).",
+        + f"Accuracy is on the dataset's test split ({len(right['zero-shot'])} examples, public); intervals are 95 %: "
+        "Wilson's for an accuracy, paired over the same test examples for a gain.",
         "",
         "| holder | train | test | train labels |",
         "|---|---:|---:|---|",
@@ -88,48 +137,34 @@ def write(folder: Path, *, history: list[dict], results: dict, settings: dict, s
             for s in splits
         ],
         "",
-        "| method | test accuracy | gain over zero-shot |",
-        "|---|---:|---:|",
-        f"| zero-shot (template `{settings['template']!r}`) | {_pct(results['zero_shot'])} | |",
-        f"| initial prompt (untuned) | {_pct(results['initial'])} | "
-        f"{_gain(results['initial'], results['zero_shot'])} |",
-        *[
-            f"| {h} alone, DP epsilon = {settings['target_epsilon']:g} | {_pct(a)} | {_gain(a, results['zero_shot'])} |"
-            for h, a in results["local_only"].items()
-        ],
-        f"| **federated, DP epsilon = {settings['target_epsilon']:g} each** | **{_pct(results['federated'])}** | "
-        f"**{_gain(results['federated'], results['zero_shot'])}** |",
-        f"| centralised, non-private (pooled data) | {_pct(results['centralised'])} | "
-        f"{_gain(results['centralised'], results['zero_shot'])} |",
+        "| method | what | test accuracy [95 %] | gain over zero-shot, points [95 %] |",
+        "|---|---|---:|---:|",
+        *rows,
         "",
-        "Per round (global test accuracy; each holder's epsilon, all its rounds composed):",
+        "![accuracy of each method](accuracy.png)",
         "",
-        "| round | accuracy | " + " | ".join(f"{h} epsilon" for h in results["local_only"]) + " |",
-        "|---:|---:|" + "---:|" * len(results["local_only"]),
+        "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" ({settings['machine']}).",
+        "",
+        "Per round (each holder's epsilon, all its rounds composed):",
+        "",
+        "| round | " + " | ".join(f"{h.removesuffix(' alone')} epsilon" for h in holders) + " |",
+        "|---:|" + "---:|" * len(holders),
         *[
-            f"| {r['round']} | {_pct(r.get('accuracy'))} | "
+            f"| {r['round']} | "
             + " | ".join(
-                f"{r.get('holders', {}).get(h, {}).get('epsilon', float('nan')):.2f}" if r["round"] else "0"
-                for h in results["local_only"]
+                f"{r.get('holders', {}).get(h.removesuffix(' alone'), {}).get('epsilon', float('nan')):.2f}"
+                for h in holders
             )
             + " |"
             for r in history
+            if r["round"]
         ],
-        "",
-        "![accuracy per round](accuracy.png)",
         "",
         "![epsilon per round](epsilon.png)",
         "",
-        f"Wall time: federation {settings['federation_seconds']:.0f} s, baselines {settings['baseline_seconds']:.0f} s "
-        f"({settings['machine']}).",
-        "",
-        "The local-only and centralised runs are comparisons made for this report: a real holder that also "
+        "The holders-alone and centralised runs are comparisons made for this report: a real holder that also "
         "trained alone would spend its privacy budget twice.",
     ]
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _gain(x: float | None, base: float | None) -> str:
-    return "" if x is None or base is None else f"{100 * (x - base):+.1f} points"

@@ -138,22 +138,34 @@ class Session:
 
     # -------------------------------------------------------------- evaluation
 
-    @torch.inference_mode()
     def evaluate(
         self, prompted: PromptedLM, examples: list[Example], *, batch_size: int = 32, desc: str = "eval"
     ) -> float:
         """Accuracy of ``prompted`` on ``examples`` (batched by length, so little padding is computed)."""
+        right = self.correct(prompted, examples, batch_size=batch_size, desc=desc)
+        return sum(right) / len(right)
+
+    @torch.inference_mode()
+    def correct(
+        self, prompted: PromptedLM, examples: list[Example], *, batch_size: int = 32, desc: str = "eval"
+    ) -> list[bool]:
+        """Whether ``prompted`` classifies each of ``examples`` right, in their order: paired comparisons of two
+        prompts on one test set need the examples, not only the accuracy."""
         if not examples:
             raise ConfigError("no examples to evaluate")
         prompted.eval()
-        encoded = sorted(((self.encoder.encode(e.text), e.label) for e in examples), key=lambda p: len(p[0]))
-        correct = 0
-        for i in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, unit="batch"):
-            batch = self.collate(encoded[i : i + batch_size])
+        ids = [self.encoder.encode(e.text) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
+        encoded = [(ids[i], examples[i].label) for i in order]
+        right = [False] * len(examples)
+        for start in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, unit="batch"):
+            batch = self.collate(encoded[start : start + batch_size])
             with self.runtime.autocast():
                 scores = prompted.class_scores(batch, self.verbalizer)
-            correct += int((scores.argmax(-1) == batch["labels"]).sum())
-        return correct / len(encoded)
+            hits = (scores.argmax(-1) == batch["labels"]).tolist()
+            for i, hit in zip(order[start : start + batch_size], hits, strict=True):
+                right[i] = bool(hit)
+        return right
 
     def validation_subset(self, n: int) -> list[Example]:
         val = self.dataset.split("validation")
@@ -175,6 +187,7 @@ def run_steps(
     desc: str = "tune",
     on_empty_batch: Callable[[], None] | None = None,
     after_step: Callable[[int], dict] | None = None,
+    logit_offsets: torch.Tensor | None = None,
 ) -> list[dict]:
     """The training loop shared by private and non-private tuning; returns one record per eval point."""
     history = []
@@ -186,7 +199,7 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         if batch["labels"].numel():
             with session.runtime.autocast():
-                loss = prompted.classification_loss(batch, session.verbalizer)
+                loss = prompted.classification_loss(batch, session.verbalizer, logit_offsets=logit_offsets)
             loss.backward()
             loss_value = float(loss.detach())
         else:  # possible under Poisson sampling; the step (and its noise) still happens

@@ -398,10 +398,10 @@ class Federation:
             )
             log(
                 INFO,
-                "round %d/%d: global test accuracy %s; %d/%d holders merged (%s)%s",
+                "round %d/%d:%s %d/%d holders merged (%s)%s",
                 rnd,
                 cfg.num_rounds,
-                _pct(record.get("accuracy")),
+                "" if record.get("accuracy") is None else f" global test accuracy {_pct(record['accuracy'])};",
                 record.get("replied", 0),
                 record["sampled"],
                 eps,

@@ -37,7 +37,8 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
 
 
-def _round_dir(folder: Path, rnd: int) -> Path:
+def round_dir(folder: Path, rnd: int) -> Path:
+    """Round ``rnd``'s prompt artifact in a checkpoint folder (a stock PEFT folder plus fedprompt.json)."""
     return folder / f"round-{rnd:04d}"
 
 
@@ -48,7 +49,7 @@ def _strategy_file(folder: Path, rnd: int) -> Path:
 def save(folder: str | Path, ckpt: Checkpoint, fingerprint: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    prompt_dir = _round_dir(folder, ckpt.round)
+    prompt_dir = round_dir(folder, ckpt.round)
     artifact.save(prompt_dir, ckpt.weight, ckpt.meta)
     strategy = _strategy_file(folder, ckpt.round)
     tmp = strategy.with_name(f".{strategy.name}.tmp")

@@ -269,12 +269,11 @@ class Coordinator:
 
 def format_round(rec: dict, num_rounds: int) -> str:
     acc = rec.get("accuracy")
-    head = f"round {rec['round']}/{num_rounds}: global test accuracy " + (
-        "n/a" if acc is None else f"{100 * acc:.2f} %"
-    )
+    head = f"round {rec['round']}/{num_rounds}" + ("" if acc is None else f": global test accuracy {100 * acc:.2f} %")
     if rec["round"] == 0:
         return head + " (initial prompt)"
-    eps = ", ".join(f"{h} eps={m['epsilon']:.2f}" for h, m in sorted(rec.get("holders", {}).items()) if "epsilon" in m)
+    # under DP a holder replies with its bound for the whole run (its per-round spend would depend on its n)
+    eps = ", ".join(f"{h} eps<={m['epsilon']:.2f}" for h, m in sorted(rec.get("holders", {}).items()) if "epsilon" in m)
     parts = [head, f"{rec.get('replied', 0)}/{rec.get('sampled', 0)} holders merged"]
     if eps:
         parts.append(eps)

@@ -348,8 +348,11 @@ async def serve(
             ready.set()
         await (stop.wait() if stop is not None else asyncio.Event().wait())
     finally:
-        for _, listener, _ in listeners:
+        for name, listener, _ in listeners:
             await listener.close()
+            log.info(
+                "%s listener: forwarded %d requests, refused %d", name, listener.stats.forwarded, listener.stats.refused
+            )
         await upstream.aclose()
 
 

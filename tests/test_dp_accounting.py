@@ -62,6 +62,14 @@ def test_composition_is_the_same_whether_split_or_not_and_grows():
     assert epsilon("rdp", [], delta=1e-5) == 0.0
 
 
+def test_a_ledgers_rounds_compose_as_opacus_composes_them_entry_by_entry():
+    # rounds of one run repeat one (sigma, q): they are merged into one entry, which must change nothing
+    history = [(1.0, 0.01, 4)] * 30 + [(0.8, 0.02, 3)] * 5 + [(1.0, 0.01, 2)]
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert epsilon("rdp", history, delta=1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_plan_calibrates_to_the_target(accountant):
     p = plan(DPConfig(target_epsilon=8.0, accountant=accountant), num_examples=11752, batch_size=32, steps=200)

@@ -79,6 +79,19 @@ def test_dp_round_charges_the_ledger_and_reports_a_constant_count(tiny_llama, se
     assert first < h.ledger.run_epsilon(s.run_id, p.delta) <= s.target_epsilon * 1.02
 
 
+def test_the_optimiser_state_can_survive_rounds_of_one_run_only(tiny_llama, sentiment_file, tmp_path):
+    h = _holder(tiny_llama, sentiment_file, tmp_path / "state")
+    h.keep_optimizer_state = True
+    out = h.train_round(_global(h), _settings())
+    h.train_round(out.weight, _settings(server_round=2))
+    (state,) = h._optimizer_states["run-1"]["state"]["state"].values()
+    assert int(state["step"]) == 6  # Adam counted both rounds' steps: its moments carried over
+    h.train_round(out.weight, _settings(run_id="run-2"))
+    assert list(h._optimizer_states) == ["run-2"]
+    (state,) = h._optimizer_states["run-2"]["state"]["state"].values()
+    assert int(state["step"]) == 3
+
+
 def test_over_budget_round_is_refused_before_training(tiny_llama, sentiment_file, tmp_path, monkeypatch):
     h = _holder(tiny_llama, sentiment_file, tmp_path / "state", budget=1.0)
 

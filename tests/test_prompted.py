@@ -118,3 +118,17 @@ def test_template_truncates_the_text_not_the_template(tiny_llama):
     ids = enc.encode("great movie " * 100)
     assert len(ids) <= 24
     assert tiny_llama.tokenizer.decode(ids).endswith("\nSentiment:")
+
+
+def test_logit_offsets_shift_the_class_scores_inside_the_loss(tiny_llama):
+    from fedprompt.task import Verbalizer, collate
+
+    tok = tiny_llama.tokenizer
+    verbalizer = Verbalizer.build(tok, [[" good"], [" bad"]])
+    batch = collate([tok("a fine film").input_ids, tok("dull").input_ids], [0, 1], tok.pad_token_id or 0, "cpu")
+    prompted = PromptedLM(tiny_llama.model, None)
+    offsets = torch.tensor([0.7, -1.3])
+    scores = prompted.class_scores(batch, verbalizer)
+    expected = torch.nn.functional.cross_entropy(scores + offsets, batch["labels"])
+    assert prompted.classification_loss(batch, verbalizer, logit_offsets=offsets) == pytest.approx(float(expected))
+    assert prompted.classification_loss(batch, verbalizer) != pytest.approx(float(expected))
