@@ -202,6 +202,26 @@ def evaluate_all(a: argparse.Namespace, out: Path, data_files: list[Path], parts
     return right
 
 
+def spend_per_round(out: Path, holders: int, rounds: int) -> dict[str, list[float]]:
+    """Each holder's ε after each round, its run's releases composed at the run's δ, read from its ledger.
+
+    The holders run on this machine, so the demo can read what in a real federation only each holder sees
+    (under DP a holder replies with its bound for the run, never its per-round spend, which depends on its n).
+    """
+    from fedprompt.dp.ledger import PrivacyLedger, compose
+    from fedprompt.server.config import FederationConfig
+
+    spend = {}
+    for i in range(1, holders + 1):
+        name = f"holder-{i}"
+        releases = PrivacyLedger(out / "holders" / name).releases()
+        spend[name] = [
+            compose([r for r in releases if r.round <= rnd], FederationConfig.delta).epsilon
+            for rnd in range(1, rounds + 1)
+        ]
+    return spend
+
+
 def _pct(right: list[bool]) -> str:
     return f"{100 * sum(right) / len(right):.2f} %"
 
@@ -231,6 +251,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     with parts.timed("federation"):
         history = run_federation(a, out, data_files)
     right = evaluate_all(a, out, data_files, parts)
+    spend = spend_per_round(out, a.holders, a.rounds)
     settings = {
         **{k: getattr(a, k) for k in ("model", "dataset", "holders", "alpha", "seed", "rounds", "local_steps")},
         **{k: getattr(a, k) for k in ("batch_size", "prompt_length", "init_text", "lr", "optimizer", "target_epsilon")},
@@ -241,7 +262,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
     }
-    path = report.write(out / "report", history=history, right=right, settings=settings, splits=splits)
+    path = report.write(out / "report", history=history, right=right, spend=spend, settings=settings, splits=splits)
     print(f"\nreport: {path}")
     print(path.read_text().split("Per round")[0])
     return 0

@@ -50,15 +50,10 @@ def plot_methods(summary: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_epsilon(history: list[dict], target: float, path: Path) -> None:
-    holders = sorted({h for r in history for h in r.get("holders", {})})
+def plot_epsilon(spend: dict[str, list[float]], target: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for h in holders:
-        pts = [
-            (r["round"], r["holders"][h]["epsilon"]) for r in history if "epsilon" in r.get("holders", {}).get(h, {})
-        ]
-        if pts:
-            ax.plot([0] + [p[0] for p in pts], [0.0] + [p[1] for p in pts], marker="o", label=h)
+    for h, eps in spend.items():
+        ax.plot(range(len(eps) + 1), [0.0, *eps], marker="o", label=h)
     ax.axhline(target, linestyle="--", color="grey", label=f"target epsilon = {target:g}")
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent (per example, each holder)")
@@ -80,15 +75,24 @@ METHOD_NOTES = {
 
 
 def write(
-    folder: Path, *, history: list[dict], right: dict[str, list[bool]], settings: dict, splits: list[dict]
+    folder: Path,
+    *,
+    history: list[dict],
+    right: dict[str, list[bool]],
+    spend: dict[str, list[float]],
+    settings: dict,
+    splits: list[dict],
 ) -> Path:
     """``report.md``, ``accuracy.png``, ``epsilon.png`` and ``results.json`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarise(right)
     plot_methods(summary, folder / "accuracy.png")
-    plot_epsilon(history, settings["target_epsilon"], folder / "epsilon.png")
+    plot_epsilon(spend, settings["target_epsilon"], folder / "epsilon.png")
     (folder / "results.json").write_text(
-        json.dumps({"results": summary, "settings": settings, "splits": splits, "history": history}, indent=2) + "\n"
+        json.dumps(
+            {"results": summary, "spend": spend, "settings": settings, "splits": splits, "history": history}, indent=2
+        )
+        + "\n"
     )
     steps = settings["rounds"] * settings["local_steps"]
     fill = {
@@ -98,7 +102,6 @@ def write(
         "steps": steps,
         "central_batch": settings["batch_size"] * settings["holders"],
     }
-    holders = [h for h in right if h.endswith(" alone")]
     rows = []
     for name, r in summary.items():
         note = METHOD_NOTES.get(name, "the same DP budget and steps on its own data only").format(**fill)
@@ -145,19 +148,13 @@ def write(
         "",
         "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" ({settings['machine']}).",
         "",
-        "Per round (each holder's epsilon, all its rounds composed):",
+        "Each holder's epsilon after each round, all its rounds composed (from its own ledger):",
         "",
-        "| round | " + " | ".join(f"{h.removesuffix(' alone')} epsilon" for h in holders) + " |",
-        "|---:|" + "---:|" * len(holders),
+        "| round | " + " | ".join(f"{h} epsilon" for h in spend) + " |",
+        "|---:|" + "---:|" * len(spend),
         *[
-            f"| {r['round']} | "
-            + " | ".join(
-                f"{r.get('holders', {}).get(h.removesuffix(' alone'), {}).get('epsilon', float('nan')):.2f}"
-                for h in holders
-            )
-            + " |"
-            for r in history
-            if r["round"]
+            f"| {rnd} | " + " | ".join(f"{eps[rnd - 1]:.2f}" for eps in spend.values()) + " |"
+            for rnd in range(1, settings["rounds"] + 1)
         ],
         "",
         "![epsilon per round](epsilon.png)",

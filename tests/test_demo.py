@@ -38,10 +38,14 @@ def test_the_demo_reports_every_comparison_with_its_interval(tmp_path: Path):
     report = (out / "report" / "report.md").read_text()
     for name in summary:
         assert f"| {name} |" in report or f"| **{name}** |" in report
-    # the holders spent what the run targets, no more, through the real daemons' ledgers
+    # the holders spent what the run targets, no more, through the real daemons' ledgers; the report's
+    # per-round figures are those ledgers' own
+    assert set(results["spend"]) == {"holder-1", "holder-2", "holder-3"}
     for i in (1, 2, 3):
         spent = PrivacyLedger(out / "holders" / f"holder-{i}").spent()
         assert 0 < spent.epsilon <= 8.0 + 1e-6
+        per_round = results["spend"][f"holder-{i}"]
+        assert len(per_round) == 2 and 0 < per_round[0] < per_round[1] <= 8.0 + 1e-6
 
 
 def test_a_gpu_gets_more_rounds_and_larger_batches_unless_the_user_chose():
