@@ -57,7 +57,10 @@ def federate(holders: list[Holder], initial: torch.Tensor, cfg: FederationConfig
     weight = initial.clone()
     for rnd in range(1, cfg.num_rounds + 1):
         settings = cfg.local_settings(run_id=run_id, server_round=rnd)
-        deltas = [h.train_round(weight, settings).delta for h in holders]
+        outcomes = [h.train_round(weight, settings) for h in holders]
+        for o in outcomes:
+            o.sent()  # as a holder's service does before its reply leaves: the round's spend counts
+        deltas = [o.delta for o in outcomes]
         weight = strategy.apply(weight, torch.stack(deltas).mean(0))
     return weight
 

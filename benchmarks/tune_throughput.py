@@ -47,7 +47,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.prompt_length),
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        label_ids = [ids[0] for ids in session.verbalizer.token_ids]
+        label_ids = [words[0][0] for words in session.verbalizer.token_ids]  # single-token words (bundled sets)
 
         def loss_of(batch):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

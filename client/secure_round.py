@@ -66,14 +66,17 @@ def join(transport: Transport, round_id: str, vector_length: int, check) -> SecA
     return setup
 
 
-def run(transport: Transport, setup: SecAggSetup, update: np.ndarray, make_client) -> None:
+def run(transport: Transport, setup: SecAggSetup, update: np.ndarray, make_client, before_masked_input=None) -> None:
     """Take part with ``update`` in the round ``setup`` opened; returns once the round is done, raises when this
     holder refuses (SecAggRefused) or the protocol went on without it. ``make_client(setup, update)`` builds the
-    holder's SecAggClient (its identity, roster and policy)."""
+    holder's SecAggClient (its identity, roster and policy). ``before_masked_input()`` is called just before the
+    masked update is sent, the first message that depends on the update (the keys and shares before it do not)."""
     client = make_client(setup, update)
     message, stage = SecAggMessage(setup=setup), 0
     while True:
         reply = client.handle(message)  # SecAggRefused ends the protocol here; the client and its secrets go
+        if before_masked_input is not None and reply.WhichOneof("body") == "masked_input":
+            before_masked_input()
         stage += 1
         response = transport.exchange(stage, reply)
         if response.done:

@@ -163,8 +163,14 @@ class HolderService:
             secure_aggregation=False,
         )
         outcome = self.holder(config).train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
-        metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
-        return {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
+        try:
+            metrics = {"num_examples": outcome.num_examples, **outcome.metrics}
+            reply = {"ok": True, "holder": self.name, "metrics": metrics}, outcome.delta.numpy()
+        except BaseException:
+            outcome.dropped()
+            raise
+        outcome.sent()  # the reply goes from here to the runner, which sends it: from now on it counts
+        return reply
 
     def _train_secure(self, settings, config: dict, prompt: np.ndarray | None) -> dict:
         """Train, then take part in the secure round the coordinator opened; the delta stays here. A holder that
@@ -199,7 +205,14 @@ class HolderService:
             )
             setup = secure_round.join(transport, round_id, np.asarray(prompt).size, self._check_setup)
             outcome = self.holder(config).train_round(_weight(prompt), settings, run_cap=self.policy.max_run_epsilon)
-            secure_round.run(transport, setup, outcome.delta.numpy().reshape(-1), self._secagg_client)
+            try:
+                # counted from just before the masked update is sent, whatever happens after; a round that ends
+                # before that (refused, excluded, stopped) charges nothing
+                secure_round.run(transport, setup, outcome.delta.numpy().reshape(-1), self._secagg_client, outcome.sent)
+            except BaseException:
+                outcome.dropped()  # a no-op once sent
+                raise
+            outcome.sent()
         except BaseException:
             # out of the round (refused, or failed): say so, so that the others need not wait for this holder's
             # stage deadline; the protocol recovers from a holder that leaves after sharing its keys

@@ -19,7 +19,7 @@ from fedprompt import datasets as ds_mod
 from fedprompt.client.policy import PolicyViolation
 from fedprompt.dp.accounting import epsilon
 from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, release_of
-from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.dp.ledger import PrivacyLedger, Reservation
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
 from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
@@ -39,6 +39,17 @@ class RoundOutcome:
     delta: torch.Tensor
     num_examples: int
     metrics: dict[str, float | int | str] = field(default_factory=dict)
+    # under DP, the round's open reservation: the caller marks it ``sent`` just before the update leaves, or
+    # drops it if it never will (a stop in between leaves it reserved, and the next start cancels it)
+    reservation: Reservation | None = None
+
+    def sent(self) -> None:
+        if self.reservation is not None:
+            self.reservation.sent()
+
+    def dropped(self) -> None:
+        if self.reservation is not None:
+            self.reservation.close(failed=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -118,6 +129,11 @@ class Holder:
         self.check_run_cap(run_id, release, run_cap)
         return self.ledger.release(task=self.task.name, run_id=run_id, round=round, **release)
 
+    def reserve(self, *, run_id: str, round: int, run_cap: float | None = None, **release) -> Reservation:
+        """As :meth:`release`, but the reservation stays open for the caller to send (``sent``) or drop."""
+        self.check_run_cap(run_id, release, run_cap)
+        return self.ledger.open(task=self.task.name, run_id=run_id, round=round, **release)
+
     def check_run_cap(self, run_id: str, release: dict, run_cap: float | None) -> None:
         """Refuse (PolicyViolation) a release that would bring the run's composed spend above ``run_cap``."""
         if run_cap is None:
@@ -153,15 +169,17 @@ class Holder:
         start = global_weight.detach().to(torch.float32).clone()
         desc = f"{self.name} round {s.server_round}/{s.num_rounds}"
         started = time.perf_counter()
+        reservation = None
         if not s.dp:
             weight = self._plain_steps(start, cfg, desc)
             metrics: dict = {"dp": 0}
             num_examples = self.num_train
         else:
             p = self.privacy_plan(s)
-            # settled before the service replies with the delta (or keeps it for secure aggregation): a failure
-            # before that cancels the reservation, nothing having left this process
-            with self.release(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p)) as charged:
+            # the spend is recorded here and the reservation stays open until the update leaves (RoundOutcome.sent):
+            # a failure, or a stop, before that cancels it, nothing having left this process
+            reservation = self.reserve(run_id=s.run_id, round=s.server_round, run_cap=run_cap, **release_of(p))
+            try:
                 weight, spent, steps_done, _ = private_steps(
                     self.session,
                     start,
@@ -172,7 +190,12 @@ class Holder:
                     logit_offsets=self.logit_offsets,
                     optimizer_state=self._optimizer_state(s.run_id) if self.keep_optimizer_state else None,
                 )
-                charged.settle(steps=steps_done, epsilon=spent)
+                reservation.settle(steps=steps_done, epsilon=spent)
+                if not torch.isfinite(weight).all():
+                    raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
+            except BaseException:
+                reservation.close(failed=True)
+                raise
             run_spend = self.ledger.run_epsilon(s.run_id, p.delta)
             print(
                 f"{self.name} round {s.server_round}/{s.num_rounds}: epsilon {spent:.3f} this round, "
@@ -184,14 +207,14 @@ class Holder:
             if s.delta:
                 metrics["delta"] = s.delta
             num_examples = DP_NUM_EXAMPLES
-        if not torch.isfinite(weight).all():
+        if not s.dp and not torch.isfinite(weight).all():  # under DP, checked before the reservation closes
             raise FedPromptError("local training produced a non-finite prompt; nothing is sent")
         metrics["steps"] = s.local_steps
         if not s.dp:
             # compute time, for the overhead benchmark; under DP it would be an unaccounted release (it
             # depends on the lengths of the sampled private examples)
             metrics["train_seconds"] = time.perf_counter() - started
-        return RoundOutcome(weight, weight - start, num_examples, metrics)
+        return RoundOutcome(weight, weight - start, num_examples, metrics, reservation)
 
     def _optimizer_state(self, run_id: str) -> dict:
         # one run's state only: a new run starts afresh, and a finished run's state is not kept

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, default_state_dir
+from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, Reservation, default_state_dir
 from fedprompt.errors import ConfigError, FedPromptError
 
 if TYPE_CHECKING:  # torch and opacus load when a command trains, not to build the command line
@@ -106,9 +108,13 @@ def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
     )
 
 
-def run_private_tuning(
+@contextlib.contextmanager
+def private_tuning(
     session: Session, cfg: TuneConfig, dp: DPConfig, args: argparse.Namespace
-) -> tuple[TuneResult, dict]:
+) -> Iterator[tuple[TuneResult, dict, Reservation]]:
+    """Private tuning charged to the holder's ledger. The body gets (result, spend, reservation) and must call
+    ``reservation.leaving()`` just before anything of the result leaves (the artifact is written): a stop
+    before that (an error, Ctrl-C, or a kill, cancelled at the next start) charges nothing."""
     from fedprompt.dp.engine import plan, private_tune, release_of
 
     n = len(session.dataset.split("train"))
@@ -118,13 +124,12 @@ def run_private_tuning(
         f"{p.steps} steps, epsilon = {p.epsilon:.3f} at delta = {p.delta:.3g} ({p.accountant})"
     )
     ledger = open_ledger(args, p.delta)
-    # nothing leaves before the artifact is written, after the settlement: a failure cancels the reservation
     with ledger.release(task=session.dataset.name, run_id=uuid.uuid4().hex, **release_of(p)) as release:
         result, spend = private_tune(session, cfg, dp, privacy_plan=p)
-        release.settle(steps=spend["steps"], epsilon=spend["epsilon"])
+        release.settle(steps=spend["steps"], epsilon=spend["epsilon"])  # recorded; committed once it leaves
+        yield result, spend, release
     total = ledger.spent()  # printed for the holder, never written into the released artifact
     print(f"ledger {ledger.path}: total spend epsilon = {total.epsilon:.3f} (delta = {total.delta:g}; {total.method})")
-    return result, spend
 
 
 def cmd_budget(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ budget, so two concurrent jobs can never both squeeze under it. Then, in two pha
 - ``releasing``: the result may have left (``mark_releasing`` comes before anything is sent). Counted as spent
   whatever happens next; ``commit`` settles it with what was actually spent (never more than reserved).
 
+A job that knows its actual spend before its result leaves (``amend``) stays ``reserved`` until it sends: a
+holder stopped between its training and its reply is charged nothing for that round.
+
 :meth:`PrivacyLedger.release` wraps one job in these steps. Cancelled reservations stay in the file for the
 record (``budget show`` lists them) and are never counted.
 
@@ -327,6 +330,21 @@ class PrivacyLedger:
                 (steps, epsilon, release_id),
             )
 
+    def amend(self, release_id: int, *, steps: int | None, epsilon: float) -> None:
+        """Record a reserved job's actual spend (at most what was reserved) while nothing has left yet: the
+        reservation stays open, to be cancelled if the job stops before sending, or committed once it sent."""
+        with self._write() as conn:
+            row = conn.execute("SELECT steps, epsilon, status FROM releases WHERE id = ?", (release_id,)).fetchone()
+            if row is None or row[2] != "reserved":
+                raise FedPromptError(f"release {release_id} is not an open reservation")
+            if steps is not None and row[0] is not None and steps > row[0]:
+                raise FedPromptError(f"release {release_id}: {steps} steps run, only {row[0]} reserved")
+            if epsilon > row[1] * (1 + 1e-9):
+                raise FedPromptError(f"release {release_id}: epsilon {epsilon:.4f} spent, only {row[1]:.4f} reserved")
+            conn.execute(
+                "UPDATE releases SET steps = COALESCE(?, steps), epsilon = ? WHERE id = ?", (steps, epsilon, release_id)
+            )
+
     def cancel(self, release_id: int) -> None:
         """Cancel a reservation whose mechanism released nothing (the job failed before any output). A release
         marked as leaving is never cancelled: what may have left stays counted."""
@@ -345,15 +363,21 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def release(self, **reservation) -> Iterator[Reservation]:
         """One job's release: reserve (refused past the budget), run the body, settle. If the body fails before
-        it called ``leaving()``, nothing left and the reservation is cancelled; after, it is settled at what was
-        reserved unless the body settled it. Takes :meth:`reserve`'s arguments."""
-        handle = Reservation(self, self.reserve(**reservation))
+        it called ``leaving()``, nothing left and the reservation is cancelled (whether or not it recorded its
+        spend with ``settle``); after, or when the body ends, it is committed at what the body settled, else at
+        what was reserved. Takes :meth:`reserve`'s arguments."""
+        handle = self.open(**reservation)
         try:
             yield handle
         except BaseException:
             handle.close(failed=True)
             raise
         handle.close(failed=False)
+
+    def open(self, **reservation) -> Reservation:
+        """Reserve (refused past the budget) and return the open :class:`Reservation`, for a job whose result
+        leaves after the call that reserved it returns; its owner must ``close`` it."""
+        return Reservation(self, self.reserve(**reservation))
 
     # ------------------------------------------------------------------ backup
 
@@ -387,28 +411,39 @@ class PrivacyLedger:
 
 
 class Reservation:
-    """A reserved release inside :meth:`PrivacyLedger.release`."""
+    """An open release: ``settle`` records the spend, ``leaving`` comes before anything is sent, ``close`` ends it
+    (cancelled if it failed before leaving, else committed)."""
 
     def __init__(self, ledger: PrivacyLedger, release_id: int) -> None:
         self.ledger, self.id = ledger, release_id
         self.state = "reserved"
 
     def leaving(self) -> None:
-        """Call before any output of the job leaves the holder."""
-        self.ledger.mark_releasing(self.id)
-        self.state = "releasing"
+        """Call before any output of the job leaves the holder: from here on it counts whatever happens."""
+        if self.state == "reserved":
+            self.ledger.mark_releasing(self.id)
+            self.state = "releasing"
 
     def settle(self, *, steps: int | None, epsilon: float) -> None:
-        """The job's actual spend (at most what was reserved)."""
-        self.ledger.commit(self.id, steps=steps, epsilon=epsilon)
-        self.state = "committed"
+        """The job's actual spend (at most what was reserved). Before ``leaving`` it is recorded and the
+        reservation stays open (a stop before sending still cancels it); after, it is committed."""
+        if self.state == "reserved":
+            self.ledger.amend(self.id, steps=steps, epsilon=epsilon)
+        else:
+            self.ledger.commit(self.id, steps=steps, epsilon=epsilon)
+            self.state = "committed"
+
+    def sent(self) -> None:
+        """The result is leaving (or left): mark it and commit it."""
+        self.leaving()
+        self.close(failed=False)
 
     def close(self, *, failed: bool) -> None:
-        if self.state == "committed":
+        if self.state in ("committed", "cancelled"):
             return
         if self.state == "reserved" and failed:
             self.ledger.cancel(self.id)  # nothing left the holder
             self.state = "cancelled"
             return
-        self.ledger.commit(self.id)  # something may have left, or the job ended without settling: as reserved
+        self.ledger.commit(self.id)  # something may have left, or the job ended: at what was settled or reserved
         self.state = "committed"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from fedprompt.cache import check_out_folder
-from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from_args, run_private_tuning
+from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from_args, private_tuning
 from fedprompt.errors import FedPromptError
 
 
@@ -121,42 +122,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     dp = dp_config_from_args(args)  # before loading anything: bad privacy settings fail fast
     session = _session(args, args.model, args.dataset)
     init_weight, init_info = session.initial_prompt(cfg)
-    private = None
-    if dp is not None:
-        result, private = run_private_tuning(session, cfg, dp, args)
-    else:
-        result = tune(session, cfg)
-    test = session.dataset.split(args.eval_split)
-    accs = {
-        "zero_shot": session.evaluate(session.prompted(None), test, desc="zero-shot"),
-        "initial_prompt": session.evaluate(session.prompted(init_weight), test, desc="initial prompt"),
-        "tuned_prompt": session.evaluate(session.prompted(result.weight), test, desc="tuned prompt"),
-    }
-    training = {
-        "steps": cfg.steps,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "prompt_length": cfg.prompt_length,
-        "precision": session.runtime.precision,
-    }
-    if private is None:
-        training[f"{args.eval_split}_accuracy"] = accs
-    # A private prompt carries no accuracy on the holder's own data: that number is not covered by the
-    # DP guarantee, so it is printed here for the holder and never shipped with the prompt.
-    meta = artifact.ArtifactMeta(
-        task=session.dataset.name,
-        template=session.template,
-        label_names=session.dataset.label_names,
-        label_words=session.label_words,
-        base_model_id=session.loaded.model_id,
-        base_model_sha256=session.loaded.weights_sha256,
-        origin_id=result.origin_id,
-        init=init_info,
-        privacy=private,
-        training=training,
-    )
-    artifact.save(out, result.weight, meta)
+    with contextlib.ExitStack() as stack:
+        if dp is not None:
+            result, private, reservation = stack.enter_context(private_tuning(session, cfg, dp, args))
+        else:
+            result, private, reservation = tune(session, cfg), None, None
+        test = session.dataset.split(args.eval_split)
+        accs = {
+            "zero_shot": session.evaluate(session.prompted(None), test, desc="zero-shot"),
+            "initial_prompt": session.evaluate(session.prompted(init_weight), test, desc="initial prompt"),
+            "tuned_prompt": session.evaluate(session.prompted(result.weight), test, desc="tuned prompt"),
+        }
+        training = {
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "prompt_length": cfg.prompt_length,
+            "precision": session.runtime.precision,
+        }
+        if private is None:
+            training[f"{args.eval_split}_accuracy"] = accs
+        # A private prompt carries no accuracy on the holder's own data: that number is not covered by the
+        # DP guarantee, so it is printed here for the holder and never shipped with the prompt.
+        meta = artifact.ArtifactMeta(
+            task=session.dataset.name,
+            template=session.template,
+            label_names=session.dataset.label_names,
+            label_words=session.label_words,
+            base_model_id=session.loaded.model_id,
+            base_model_sha256=session.loaded.weights_sha256,
+            origin_id=result.origin_id,
+            init=init_info,
+            privacy=private,
+            training=training,
+        )
+        if reservation is not None:
+            reservation.leaving()  # the artifact is the release: from here on the spend counts
+        artifact.save(out, result.weight, meta)
     print(
         f"\n{args.eval_split} accuracy on {session.dataset.name} ({len(test)} examples, "
         f"model {session.loaded.model_id}):"

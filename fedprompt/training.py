@@ -82,7 +82,7 @@ def initial_prompt(
     if cfg.init == "vocab":
         return init_from_vocab(emb, cfg.prompt_length, seed=cfg.seed), {"method": "vocab", "seed": cfg.seed}
     if cfg.init == "labels":
-        ids = [t for group in verbalizer.token_ids for t in group]
+        ids = [t for words in verbalizer.token_ids for seq in words for t in seq]
         return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "labels"}
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
     return init_from_token_ids(emb, ids, cfg.prompt_length), {"method": "text", "text": text}

@@ -234,7 +234,14 @@ def transfer(
         raise DatasetError(f"{public.name} has no validation examples to choose a checkpoint on")
 
     encoder = TemplateEncoder(teacher.tokenizer, meta.template, cfg.max_length)
-    verbalizer = Verbalizer.build(teacher.tokenizer, meta.label_words)
+    verbalizer = Verbalizer.build(teacher.tokenizer, meta.label_words, label_names=meta.label_names)
+    if not verbalizer.single_token:
+        # POST distils the teacher's next-token distribution at the answer position: a word's later tokens
+        # are not in it
+        raise ConfigError(
+            f"POST transfers prompts of single-token label words only; {meta.label_words!r} has multi-token words "
+            "on the teacher's tokenizer"
+        )
     enc_train = [encoder.encode(e.text) for e in train]
     enc_val = [encoder.encode(e.text) for e in validation]
     bs = cfg.batch_size

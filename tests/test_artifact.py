@@ -10,9 +10,11 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from fedprompt import artifact, zoo
+from fedprompt.datasets import Example
 from fedprompt.errors import ArtifactError
 from fedprompt.prompt import SoftPrompt, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
+from fedprompt.task import TemplateEncoder, Verbalizer
 
 
 def _meta(loaded, weight, privacy=None):
@@ -121,3 +123,36 @@ def test_unreadable_artifacts_are_one_line_errors_naming_the_file(tiny_llama, tm
     (folder / artifact.META_FILE).write_bytes(b'{"task": "\xff\xfe"}')
     with pytest.raises(ArtifactError, match=r"fedprompt\.json: malformed \(UnicodeDecodeError"):
         artifact.load(folder)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_stock_peft_gives_fedprompts_scores_for_multi_token_label_words(model, tmp_path):
+    """fedprompt scores every word of a class in one packed row; stock PEFT, one word at a time appended to the
+    text, must give the same log-probabilities (words sharing their first token, of different lengths)."""
+    loaded = zoo.load(model)
+    emb = loaded.model.get_input_embeddings().weight
+    noise = torch.randn(5, emb.shape[1], generator=torch.Generator().manual_seed(2))
+    weight = init_from_vocab(emb, 5, seed=3) + 0.5 * noise
+    folder = artifact.save(tmp_path / "prompt", weight, _meta(loaded, weight))
+    words = [[" nprhealth"], [" nytimeshealth", " nyt"], [" good"]]
+    verb = Verbalizer.build(loaded.tokenizer, words, label_names=["npr", "nyt", "good"])
+    assert not verb.single_token
+    enc = TemplateEncoder(loaded.tokenizer, "Tweet: {text}\nSource:")
+    examples = [Example("I love this", 0), Example("the government announced a new policy on trade", 1)]
+    with torch.no_grad():
+        ours = PromptedLM(loaded.model, SoftPrompt(artifact.load(folder)[0])).class_scores(enc.batch(examples), verb)
+    peft_model = PeftModel.from_pretrained(loaded.model, str(folder)).eval()
+    for row, example in zip(ours, examples, strict=True):
+        text_ids = enc.encode(example.text)
+        expected = []
+        for class_words in verb.token_ids:
+            per_word = []
+            for seq in class_words:
+                ids = torch.tensor([text_ids + list(seq)])
+                with torch.no_grad():
+                    logp = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].log_softmax(-1)
+                # PEFT's logits include its virtual tokens; word token j is predicted at the position before it
+                at = 5 + len(text_ids) - 1
+                per_word.append(sum(logp[at + j, t] for j, t in enumerate(seq)))
+            expected.append(torch.logsumexp(torch.stack(per_word), 0))
+        torch.testing.assert_close(row, torch.stack(expected), atol=1e-4, rtol=1e-5)

@@ -31,13 +31,19 @@ def _float64(name: str):
     return loaded
 
 
+# single-token words, and multi-token words sharing a first token (their later tokens ride in each example's row)
+WORDS = {"single": [[" negative"], [" positive"]], "multi": [[" nprhealth"], [" nytimeshealth", " nyt"]]}
+
+
+@pytest.mark.parametrize("words", ["single", "multi"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_per_example_gradients_equal_separate_backward_passes(name):
+def test_per_example_gradients_equal_separate_backward_passes(name, words):
     loaded = _float64(name)
     emb = loaded.model.get_input_embeddings().weight
     prompted = PromptedLM(loaded.model, SoftPrompt(init_from_vocab(emb, 5)).double())
     enc = TemplateEncoder(loaded.tokenizer, "Review: {text}\nSentiment:")
-    verb = Verbalizer.build(loaded.tokenizer, [[" negative"], [" positive"]])
+    verb = Verbalizer.build(loaded.tokenizer, WORDS[words])
+    assert verb.single_token == (words == "single")
     examples = [Example(t, i % 2) for i, t in enumerate(TEXTS)]
     batch = enc.batch(examples)  # left-padded: examples of different lengths in one batch
 

@@ -180,6 +180,30 @@ def test_cli_refuses_before_training_and_writes_nothing(tmp_path, sentiment_file
     assert "budget: epsilon = 2.2" in shown and "left" in shown
 
 
+def test_a_tune_stopped_before_its_artifact_is_written_is_charged_nothing(tmp_path, sentiment_file, monkeypatch):
+    """Ctrl-C after the DP steps, while the prompt is being evaluated: nothing was released, nothing counts."""
+    from fedprompt.training import Session
+
+    state, out = tmp_path / "state", tmp_path / "prompt"
+    args = ["tune", "--model", "tiny-llama", "--dataset", str(sentiment_file), "--steps", "3", "--eval-every", "0",
+            "--prompt-length", "4", "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--dp",
+            "--target-epsilon", "2", "--budget-epsilon", "5", "--state", str(state), "--out", str(out)]  # fmt: skip
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not out.exists()
+    (stopped,) = PrivacyLedger(state).releases(cancelled=True)
+    assert stopped.status == "cancelled" and stopped.steps == 3  # its spend had been recorded, then cancelled
+    assert PrivacyLedger(state).releases() == []
+    monkeypatch.undo()
+    assert main(args) == 0 and (out / "fedprompt.json").exists()
+    assert [r.status for r in PrivacyLedger(state).releases()] == ["committed"]
+
+
 def test_privacy_flags_without_dp_are_an_error_not_a_silent_non_private_run(tmp_path, sentiment_file, capsys):
     out = tmp_path / "prompt"
     code = main(

@@ -65,6 +65,9 @@ def test_dp_round_charges_the_ledger_and_reports_a_constant_count(tiny_llama, se
     assert out.num_examples == DP_NUM_EXAMPLES
     assert torch.allclose(out.weight - start, out.delta)
     assert out.delta.abs().max() > 0
+    # trained, not sent: the spend is recorded but still a reservation (a stop now would cancel it)
+    assert [(r.status, r.round, r.steps) for r in h.ledger.releases("reviews")] == [("reserved", 1, 3)]
+    out.sent()
     releases = h.ledger.releases("reviews")
     assert [(r.status, r.round, r.steps) for r in releases] == [("committed", 1, 3)]
     p = h.privacy_plan(s)
@@ -75,7 +78,7 @@ def test_dp_round_charges_the_ledger_and_reports_a_constant_count(tiny_llama, se
     assert out.metrics == {"dp": 1, "epsilon": s.target_epsilon, "steps": s.local_steps}
     first = h.ledger.run_epsilon(s.run_id, p.delta)
     assert 0 < first < s.target_epsilon
-    h.train_round(out.weight, _settings(server_round=2))
+    h.train_round(out.weight, _settings(server_round=2)).sent()
     assert first < h.ledger.run_epsilon(s.run_id, p.delta) <= s.target_epsilon * 1.02
 
 

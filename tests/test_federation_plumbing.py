@@ -98,6 +98,48 @@ def test_service_trains_and_refuses_without_crashing(tiny_llama, holder_files):
     assert service.handle("train", _config(tiny_llama), prompt)[0]["ok"]
 
 
+def _train_and_stop(data: str, state: str, config: dict, prompt, stop_after_sending: bool) -> None:
+    """A holder's process that trains a round and is killed just before its reply leaves (or just after)."""
+    from fedprompt.client.trainer import RoundOutcome
+
+    sent = RoundOutcome.sent
+
+    def stop(outcome):
+        if stop_after_sending:
+            sent(outcome)
+        os._exit(0)  # killed: no cancel, no commit
+
+    RoundOutcome.sent = stop
+    _service(data, state).handle("train", config, prompt)
+    os._exit(1)  # not reached: the reply would have gone
+
+
+def test_a_holder_stopped_before_its_update_left_is_charged_nothing_for_that_round(tiny_llama, holder_files, capsys):
+    import multiprocessing as mp
+
+    from fedprompt.cli import main
+
+    data, state = holder_files
+    prompt = np.random.default_rng(0).normal(0, 0.02, (4, tiny_llama.hidden_size)).astype(np.float32)
+    config = _config(tiny_llama)
+    ctx = mp.get_context("spawn")
+    for after in (False, True):
+        proc = ctx.Process(target=_train_and_stop, args=(str(data), str(state), config, prompt, after))
+        proc.start()
+        proc.join(300)
+        assert proc.exitcode == 0
+    # trained both times, its spend recorded; neither settled by the process
+    assert [r.status for r in PrivacyLedger(state).releases()] == ["reserved", "committed"]
+    assert main(["budget", "show", "--state", str(state)]) == 0  # what the daemon's next start runs first
+    out = capsys.readouterr()
+    assert "its job stopped before releasing anything" in out.err
+    stopped, sent = PrivacyLedger(state).releases(cancelled=True)
+    assert (stopped.status, sent.status) == ("cancelled", "committed")
+    # only the round whose update may have left counts
+    assert PrivacyLedger(state).spent().epsilon == pytest.approx(PrivacyLedger(state).run_epsilon(sent.run_id, 1e-3))
+    assert [r.id for r in PrivacyLedger(state).releases()] == [sent.id]
+
+
 @pytest.fixture
 def as_serverapp(monkeypatch):
     """Messages are made inside a run's process, whose identity Flower sets; set it as a ServerApp's would be."""

@@ -108,9 +108,34 @@ def test_initialisations(tiny_llama):
         SoftPrompt(torch.zeros(3))
 
 
-def test_verbalizer_refuses_words_sharing_a_first_token(tiny_llama):
-    with pytest.raises(ValueError, match="share a first token"):
-        Verbalizer.build(tiny_llama.tokenizer, [[" positive"], [" positive"]])
+def test_verbalizer_refuses_the_same_word_for_two_labels_naming_both(tiny_llama):
+    same = r"' positive' of label 'great' and ' positive' of label 'good' are the same tokens"
+    with pytest.raises(ValueError, match=same):
+        Verbalizer.build(tiny_llama.tokenizer, [[" positive"], [" positive"]], label_names=["good", "great"])
+
+
+def test_single_token_scores_are_the_next_token_log_probabilities(tiny_llama):
+    """The first-token path is kept only where it is exact: each class's one-token word's log-probability."""
+    tok = tiny_llama.tokenizer
+    verb = Verbalizer.build(tok, [[" good"], [" bad"]])
+    assert verb.single_token
+    batch = TemplateEncoder(tok, "Review: {text}\nSentiment:").batch([Example("a fine film", 0), Example("dull", 1)])
+    prompted = PromptedLM(tiny_llama.model, None)
+    logits = prompted(batch["input_ids"], batch["attention_mask"])[:, -1].float()
+    ids = [tok(" good", add_special_tokens=False).input_ids[0], tok(" bad", add_special_tokens=False).input_ids[0]]
+    torch.testing.assert_close(prompted.class_scores(batch, verb), logits.log_softmax(-1)[:, ids])
+
+
+def test_mean_scoring_divides_each_words_log_probability_by_its_length(tiny_llama):
+    tok = tiny_llama.tokenizer
+    words = [[" nprhealth"], [" good"]]
+    batch = TemplateEncoder(tok, "Tweet: {text}\nSource:").batch([Example("I love this", 0)])
+    prompted = PromptedLM(tiny_llama.model, None)
+    total = prompted.class_scores(batch, Verbalizer.build(tok, words))
+    mean = prompted.class_scores(batch, Verbalizer.build(tok, words, scoring="mean"))
+    n = len(tok(" nprhealth", add_special_tokens=False).input_ids)
+    assert n > 1
+    torch.testing.assert_close(mean, total / torch.tensor([n, 1.0]))
 
 
 def test_template_truncates_the_text_not_the_template(tiny_llama):
