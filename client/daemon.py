@@ -19,7 +19,9 @@ from pathlib import Path
 from fedprompt import certs as certs_mod
 from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
+from fedprompt import taskfile
 from fedprompt.aggregator_client import DEFAULT_PORT
+from fedprompt.client.connection import SupernodeLog
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
@@ -37,9 +39,15 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
         help="the aggregation server's HOST:PORT, where this holder runs secure rounds itself over mutual TLS "
         f"(default: the --superlink host, port {DEFAULT_PORT})",
     )
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a CSV/TSV/JSONL file with text and label columns (and optionally split)")
     src.add_argument("--dataset", help="a bundled dataset name")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="this holder's task file: its data's columns, the labels it trains (a run with other labels is "
+        "refused), and its data when --data is not given",
+    )
     p.add_argument("--state", required=True, help="the holder's state folder (privacy ledger, logs)")
     p.add_argument("--budget-epsilon", type=float, default=None, help="total epsilon budget (needed on first use)")
     p.add_argument("--budget-delta", type=float, default=None, help="total delta (default: 1/(2n) for n examples)")
@@ -64,7 +72,13 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16: autocast on fp32 weights"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: an equal share of this machine's usable cores among the holder daemons running "
+        "on it, counted again before each round)",
+    )
     p.add_argument(
         "--port", type=int, default=0, help="the SuperNode's local runtime port, on 127.0.0.1 (0: a free one)"
     )
@@ -176,8 +190,15 @@ def cmd_client(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the runner polls the SuperNode every 0.2 s
     name, ca, key = _identity(args)
     state = Path(args.state).resolve()
-    data = args.dataset or str(Path(args.data).resolve())
-    dataset = ds_mod.load(data)  # fail here, not in the first round, when the data is unusable
+    task = taskfile.read(args.task) if args.task else None
+    if args.dataset or args.data:
+        data = args.dataset or str(Path(args.data).resolve())
+    elif task is not None and task.data:
+        data = task.data
+    else:
+        raise FedPromptError("give the holder's data: --data FILE, --dataset NAME, or a --task file that names it")
+    # fail here, not in the first round, when the data is unusable
+    dataset = ds_mod.load_task(task, data) if task is not None else ds_mod.load(data)
     n = len(dataset.split("train"))
     args.state = str(state)
     policy = policy_from_args(args, state)
@@ -202,10 +223,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(f"holder {name}: no TLS client certificate beside {key}: secure rounds will be refused", flush=True)
     else:
         print(f"holder {name}: secure rounds with the aggregation server at {aggregator.address}", flush=True)
-    if args.threads > 0:
-        import torch
+    from fedprompt.client.threads import ThreadChoice
 
-        torch.set_num_threads(args.threads)
+    threads = ThreadChoice(args.threads, say=lambda message: print(f"holder {name}: {message}", flush=True))
+    threads.apply()
     from fedprompt.client.runner import ClientAppRunner, installed_app_sha256, write_secret
     from fedprompt.client.service import HolderService
 
@@ -221,6 +242,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         signing_key=key,
         peers=peers,
         aggregator=aggregator,
+        local_task=task,
+        threads=threads,
     )
     port = args.port or fp.free_port()
     secret = write_secret(state)
@@ -254,11 +277,16 @@ def cmd_client(args: argparse.Namespace) -> int:
         # (a restart, a registration still under way): start it again, backing off, until stopped.
         delay = RESTART_MIN_S / 2
         while not stopping:
+            follower = SupernodeLog(log, args.superlink)
             supernode = fp.start(cmd, log, fp.flower_env(state / "flwr-home"))
-            print(f"SuperNode connecting to {args.superlink}; log: {log}", flush=True)
+            print(f"holder {name}: SuperNode connecting to {args.superlink}; log: {log}", flush=True)
             started = time.monotonic()
             while not stopping and supernode.poll() is None:
                 time.sleep(0.5)
+                for message in follower.poll():
+                    print(f"holder {name}: {message}", flush=True)
+            for message in follower.poll():
+                print(f"holder {name}: {message}", flush=True)
             if stopping:
                 break
             ran = time.monotonic() - started

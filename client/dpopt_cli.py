@@ -9,6 +9,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from fedprompt import taskfile
 from fedprompt.dp.cli import _add_state_arguments, open_ledger
 from fedprompt.errors import ConfigError, FedPromptError
 
@@ -25,11 +26,13 @@ def add_dpopt_parser(sub: argparse._SubParsersAction) -> None:
         "the non-private ensemble and the DP prompt.",
     )
     p.add_argument("--model", default="smollm2-135m", help="the local model that writes the prompt")
-    p.add_argument("--dataset", default="rotten-tomatoes")
+    taskfile.add_task_arguments(p, default="rotten-tomatoes")
     p.add_argument("--out", required=True, help="folder for the text prompt artifact")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.add_argument("--eval-model", action="append", default=[], help="also evaluate on this model (repeatable)")
-    p.add_argument("--eval-split", default="test", choices=["validation", "test"])
+    p.add_argument(
+        "--eval-split", default="test", choices=["validation", "test"], help="the split the prompts are scored on"
+    )
     p.add_argument("--eval-examples", type=int, default=0, help="evaluate on the first N examples (0: all)")
     p.add_argument("--instruction", default=None, help="the initial instruction (default: the dataset's)")
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private ensemble baseline")
@@ -41,24 +44,43 @@ def add_dpopt_parser(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "cpu", "quick", "paper"],
         help="auto: paper on a GPU, cpu otherwise",
     )
-    g.add_argument("--target-epsilon", type=float, default=8.0)
+    g.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=8.0,
+        help="epsilon the whole run may spend, token generation and candidate selection (default 8)",
+    )
     g.add_argument("--delta", type=float, default=None, help="default: 1/(2n), n generation examples")
     g.add_argument("--teachers", type=int, default=None, help="J, teachers per token")
     g.add_argument("--shots", type=int, default=None, help="m, expected demonstrations per teacher")
     g.add_argument("--candidates", type=int, default=None, help="K")
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens one candidate instruction may have")
     g.add_argument("--temperature", type=float, default=None, help="teachers' sampling temperature (0: greedy)")
     g.add_argument("--token-epsilon", type=float, default=None, help="eps0 of one token release")
     g.add_argument("--token-delta", type=float, default=None, help="delta0 of one token release")
-    g.add_argument("--k-bar", type=int, default=None)
-    g.add_argument("--holdout-fraction", type=float, default=None)
-    g.add_argument("--teacher-batch-size", type=int, default=None)
+    g.add_argument(
+        "--k-bar", type=int, default=None, help="k-bar, the most voted tokens the limited-domain release looks at"
+    )
+    g.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=None,
+        help="share of the training examples kept apart to select a candidate, in (0, 1)",
+    )
+    g.add_argument(
+        "--teacher-batch-size", type=int, default=None, help="teachers run in one forward pass (memory vs speed)"
+    )
     g.add_argument(
         "--seed", type=int, default=None, help="TESTS ONLY: seeds sampling and DP noise (never in production)"
     )
     _add_state_arguments(g)
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
+    )
     p.add_argument("--max-length", type=int, default=256, help="evaluation: longest input in tokens")
     p.set_defaults(func=cmd_dpopt)
 
@@ -99,17 +121,17 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eval-examples must be >= 0, got {args.eval_examples}")
     print(f"runtime: {runtime.describe()}; preset {preset}", file=sys.stderr)
 
-    from fedprompt import datasets, zoo
+    from fedprompt import zoo
     from fedprompt.client import dpopt
     from fedprompt.task import Verbalizer
     from fedprompt.training import DEFAULT_INIT_TEXT
 
-    dataset = datasets.load(args.dataset)
+    dataset = taskfile.dataset_for(args.task, args.data)
     instruction = (
         args.instruction or dataset.init_text or DEFAULT_INIT_TEXT.format(labels=", ".join(dataset.label_names))
     )
     writer = zoo.load(args.model, device=runtime.device, attention="sdpa")
-    verbalizer = Verbalizer.build(writer.tokenizer, dataset.label_words)
+    verbalizer = Verbalizer.of(writer.tokenizer, dataset)
     words = [w[0] for w in dataset.label_words]
     train = dataset.split("train")
     gen, holdout = dpopt.prepare(writer, runtime, verbalizer, dataset.template, words, instruction, train, cfg)
@@ -163,6 +185,7 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
         template=dataset.template,
         label_names=list(dataset.label_names),
         label_words=[list(w) for w in dataset.label_words],
+        scoring=dataset.scoring,
         writer_model_id=writer.model_id,
         writer_model_sha256=writer.weights_sha256,
         initial_instruction=instruction,
@@ -228,7 +251,7 @@ def evaluate_prompts(model, runtime, dataset, prompts: dict, examples, max_lengt
     from fedprompt.client.dpopt_text import correct_count, instruction_template
     from fedprompt.task import Verbalizer
 
-    verbalizer = Verbalizer.build(model.tokenizer, dataset.label_words)
+    verbalizer = Verbalizer.of(model.tokenizer, dataset)
     out = {}
     for name, instruction in prompts.items():
         template = dataset.template if instruction is None else instruction_template(instruction, dataset.template)

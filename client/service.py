@@ -54,6 +54,8 @@ class HolderService:
         signing_key: str | Path | None = None,
         peers: dict[str, Path] | None = None,
         aggregator=None,
+        local_task=None,
+        threads=None,
     ) -> None:
         """``signing_key``: the holder's node identity key; ``peers``: its roster, node name -> public key file
         (its own copy of every node's key: secure rounds verify neighbours against it); ``aggregator``: an
@@ -65,6 +67,8 @@ class HolderService:
         self.signing_key = Path(signing_key) if signing_key else None  # signs SecAgg key adverts and survivors
         self.peers = dict(peers or {})
         self.aggregator = aggregator
+        self.threads = threads  # a ThreadChoice (the daemon's): torch's threads, set before each request
+        self.local_task = local_task  # the holder's own task file: its data's columns, the labels it expects
         self.transport = None  # a secure round's transport for tests (a fake server); None: the aggregation server
         self._holder = None
         self._holder_key: tuple | None = None
@@ -100,6 +104,7 @@ class HolderService:
                 task=task,
                 runtime=Runtime.create(self.device, self.precision),
                 max_length=key[1],
+                local_task=self.local_task,
             )
             self._holder_key = key
         return self._holder
@@ -136,6 +141,8 @@ class HolderService:
     def _handle(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
         from fedprompt.rounds import LocalSettings
 
+        if self.threads is not None and kind != "hello":
+            self.threads.apply()
         if kind == "hello":  # who this node is: the coordinator names the participants of its secure rounds
             return {"ok": True, "holder": self.name, "metrics": {}}, None
         if kind in ("dpopt_generate", "dpopt_score"):

@@ -23,6 +23,7 @@ from fedprompt.dp.ledger import PrivacyLedger, Reservation
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
 from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
+from fedprompt.taskfile import Task
 from fedprompt.training import Session, TuneConfig, make_optimizer, run_steps
 from fedprompt.zoo import LoadedModel
 
@@ -74,13 +75,23 @@ class Holder:
         task: TaskSpec,
         runtime: Runtime | None = None,
         max_length: int = 128,
+        local_task: Task | None = None,
     ) -> None:
+        """``local_task``: the holder's own task file (its data's columns; the labels it agreed to train)."""
         self.name = name or Path(str(data)).stem
         self.task = task
         self.ledger = PrivacyLedger(state_dir)
         if self.ledger.budget() is None:
             raise FedPromptError(f"{self.ledger.path}: no privacy budget set; start the client with --budget-epsilon")
-        dataset = ds_mod.load(data, label_names=list(task.label_names))
+        if local_task is not None:
+            if list(local_task.labels) != list(task.label_names):
+                raise DatasetError(
+                    f"the coordinator's task has the labels {list(task.label_names)}; this holder's task file "
+                    f"{local_task.source} lists {list(local_task.labels)}"
+                )
+            dataset = ds_mod.load_task(local_task, data)
+        else:
+            dataset = ds_mod.load(data, label_names=list(task.label_names))
         if list(dataset.label_names) != list(task.label_names):
             raise DatasetError(f"{data}: labels {dataset.label_names} differ from the task's {list(task.label_names)}")
         self.session = Session(
@@ -90,6 +101,7 @@ class Holder:
             max_length=max_length,
             template=task.template,
             label_words=[list(w) for w in task.label_words],
+            scoring=task.scoring,
         )
         if self.session.loaded.weights_sha256 != task.model_sha256:
             raise ModelError(

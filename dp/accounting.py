@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 ACCOUNTANTS = ("rdp", "prv")
 DEFAULT_ACCOUNTANT = "rdp"
 
+# Opacus's RDP orders (1.1 ... 63) and larger ones. The conversion to (epsilon, delta) is valid at every order, so
+# more orders never loosen a bound; Opacus's own range ends at 63, where strong noise or few steps put the best
+# order (it warns "Optimal order is the largest alpha" and reports a looser epsilon).
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 512, 1024]
+
+
+def _orders(accountant: str) -> dict:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+
 
 def check_accountant(name: str) -> str:
     if name not in ACCOUNTANTS:
@@ -50,7 +59,7 @@ def epsilon(accountant: str, history: Iterable[tuple[float, float, int]], *, del
     if any(s <= 0 for s, _ in merged):
         return math.inf
     hist = [(s, q, t) for (s, q), t in merged.items()]
-    return float(make_accountant(accountant, hist).get_epsilon(delta))
+    return float(make_accountant(accountant, hist).get_epsilon(delta, **_orders(accountant)))
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
@@ -64,5 +73,6 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             sample_rate=sample_rate,
             steps=steps,
             accountant=check_accountant(accountant),
+            **_orders(accountant),
         )
     )

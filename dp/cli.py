@@ -27,7 +27,12 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise multiplier instead")
     g.add_argument("--delta", type=float, default=None, help="default: 1/(2n) for n training examples")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
-    g.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, choices=ACCOUNTANTS)
+    g.add_argument(
+        "--accountant",
+        default=DEFAULT_ACCOUNTANT,
+        choices=ACCOUNTANTS,
+        help="privacy accountant: rdp (Renyi DP, the default) or prv (privacy loss random variables; tighter)",
+    )
     g.add_argument(
         "--secure-mode",
         action="store_true",
@@ -183,7 +188,12 @@ STATUS_WORDS = {
 
 def add_budget_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("budget", help="show or set a data holder's privacy budget; back up or restore the ledger")
-    p.add_argument("action", choices=["show", "set", "backup", "restore"])
+    p.add_argument(
+        "action",
+        choices=["show", "set", "backup", "restore"],
+        help="show: the budget, spend and releases; set: set (or raise) the budget from --budget-epsilon/"
+        "--budget-delta; backup: copy the ledger to PATH; restore: restore a backup at PATH into --state",
+    )
     p.add_argument("path", nargs="?", help="backup: destination file; restore: the backup to restore")
     _add_state_arguments(p)
     p.set_defaults(func=cmd_budget)

@@ -250,8 +250,12 @@ def private_steps(
     )
     weight = prompted.prompt.weight
 
+    def spent_so_far() -> float:
+        # the ledger's own accounting (its RDP orders), not the engine's: a round never reports more than it reserved
+        return epsilon(p.accountant, private.engine.accountant.history, delta=p.delta)
+
     def after_step(step: int) -> dict:
-        return {"eps": f"{private.engine.get_epsilon(p.delta):.3f}"}
+        return {"eps": f"{spent_so_far():.3f}"}
 
     history = run_steps(
         session,
@@ -264,7 +268,7 @@ def private_steps(
         after_step=after_step,
         logit_offsets=logit_offsets,
     )
-    spent = float(private.engine.get_epsilon(p.delta))
+    spent = spent_so_far()
     steps_done = sum(t for _, _, t in private.engine.accountant.history)
     if optimizer_state is not None:
         optimizer_state["state"] = optimizer.state_dict()

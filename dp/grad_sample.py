@@ -1,7 +1,7 @@
 """Exact per-example gradients of the soft prompt, from one ordinary backward pass.
 
 Stock PEFT prompt tuning builds the prompt once and repeats it over the batch, so Opacus sees a
-batch of one and reports the *batch* gradient as if it were per-example (DESIGN.md, Known traps):
+batch of one and reports the *batch* gradient as if it were per-example (a trap found on this project):
 clipping then bounds the batch sum, not each example, and the reported epsilon is meaningless.
 
 fedprompt's :class:`~fedprompt.prompt.SoftPrompt` takes the input embeddings as its input and

@@ -45,6 +45,7 @@ class ArtifactMeta:
     privacy: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
+    scoring: str = "sum"  # how multi-token label words are scored (fedprompt.task.Verbalizer)
     prompt_sha256: str = ""
     format_version: int = FORMAT_VERSION
     fedprompt_version: str = __version__
@@ -74,7 +75,50 @@ def save(folder: str | Path, weight: torch.Tensor, meta: ArtifactMeta) -> Path:
         config.save_pretrained(str(scratch))
         save_file({"prompt_embeddings": w}, str(scratch / WEIGHTS_FILE))
         (scratch / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+        (scratch / "README.md").write_text(readme(meta, w.shape[0]), encoding="utf-8")
     return folder
+
+
+def readme(meta: ArtifactMeta, num_virtual_tokens: int) -> str:
+    """How to use the prompt without fedprompt: the base model's folder, stock PEFT, the template and scoring."""
+    privacy = (
+        f"differentially private: epsilon = {meta.privacy['epsilon']:.3g}, delta = {meta.privacy['delta']:.3g} "
+        f"({meta.privacy['accountant']})"
+        if meta.privacy
+        else "not private"
+    )
+    words = "\n".join(
+        f"- `{name}`: {', '.join(repr(w) for w in ws)}"
+        for name, ws in zip(meta.label_names, meta.label_words, strict=True)
+    )
+    return f"""# Soft prompt for {meta.task}
+
+A prompt-tuning adapter ({num_virtual_tokens} virtual tokens) for the frozen model `{meta.base_model_id}` (weights
+SHA-256 `{meta.base_model_sha256}`); {privacy}. `fedprompt.json` records everything below.
+
+## Load it with stock transformers and PEFT
+
+`adapter_config.json` names the base model by its fedprompt name. Its folder (a plain Hugging Face model
+folder, safetensors weights) is printed by `fedprompt models path {meta.base_model_id}`:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base_folder = "..."  # the output of: fedprompt models path {meta.base_model_id}
+tokenizer = AutoTokenizer.from_pretrained(base_folder)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), "<this folder>").eval()
+```
+
+## Classify with it
+
+Put each text in the template {meta.template!r} (no special tokens are added by the template itself; the
+tokenizer's own are kept). A label's score is the log-probability that the model's answer is one of its words,
+each word scored over all of its tokens ({"summed" if meta.scoring == "sum" else "averaged per token"}), the
+words of one label combined with logsumexp; the prediction is the label with the highest score. Label words:
+
+{words}
+"""
 
 
 def load(folder: str | Path) -> tuple[torch.Tensor, ArtifactMeta]:

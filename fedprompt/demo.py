@@ -53,9 +53,9 @@ def resolve_defaults(a: argparse.Namespace, *, gpu: bool) -> None:
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a private federation of simulated holders on loopback, with a report")
     p.add_argument("--out", default="runs/demo", help="folder for certificates, data, state, logs and the report")
-    p.add_argument("--model", default=DEMO_DEFAULTS["model"])
-    p.add_argument("--dataset", default=DEMO_DEFAULTS["dataset"])
-    p.add_argument("--holders", type=int, default=DEMO_DEFAULTS["holders"])
+    p.add_argument("--model", default=DEMO_DEFAULTS["model"], help="the frozen model every holder tunes a prompt for")
+    p.add_argument("--dataset", default=DEMO_DEFAULTS["dataset"], help="the bundled dataset split among the holders")
+    p.add_argument("--holders", type=int, default=DEMO_DEFAULTS["holders"], help="simulated data holders (at least 2)")
     p.add_argument(
         "--alpha",
         type=float,
@@ -65,11 +65,15 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="fixes the split of the data among holders")
     gpu = ", ".join(f"{k} {v}" for k, v in GPU_DEFAULTS.items())
     p.add_argument("--rounds", type=int, default=None, help=f"default {DEMO_DEFAULTS['rounds']} ({gpu} on a GPU)")
-    p.add_argument("--local-steps", type=int, default=DEMO_DEFAULTS["local_steps"])
+    p.add_argument(
+        "--local-steps", type=int, default=DEMO_DEFAULTS["local_steps"], help="optimiser steps of each holder per round"
+    )
     p.add_argument("--batch-size", type=int, default=None, help=f"default {DEMO_DEFAULTS['batch_size']}")
-    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"])
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"], help="the holders' local learning rate")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the holders' local optimiser")
-    p.add_argument("--target-epsilon", type=float, default=8.0)
+    p.add_argument(
+        "--target-epsilon", type=float, default=8.0, help="each holder's epsilon for the whole run (default 8)"
+    )
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
     p.add_argument(

@@ -11,10 +11,10 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("protocol", choices=["grpc"])
+    p.add_argument("protocol", choices=["grpc"], help="the health protocol to speak (grpc: grpc.health.v1)")
     p.add_argument("address", help="HOST:PORT of the health endpoint")
     p.add_argument("--service", default="", help="the service to ask about ('' = the server as a whole)")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)")
 
 
 def check(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class TaskSpec:
     init_text: str
     model: str
     model_sha256: str
+    scoring: str = "sum"
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:

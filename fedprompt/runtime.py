@@ -1,8 +1,8 @@
 """Device and numeric precision: GPU when present, CPU otherwise; float32 or bfloat16 autocast.
 
 On CPUs with bfloat16 matrix units, autocast to bfloat16 with float32 weights ran prompt tuning
-1.8x faster than float32, while casting the weights themselves to bfloat16 ran slower (DESIGN.md,
-"Measured here"). So "bf16" here always means autocast over float32 weights: the prompt, its
+1.8x faster than float32, while casting the weights themselves to bfloat16 ran slower (measured on
+this project's 2-core development machine). So "bf16" here always means autocast over float32 weights: the prompt, its
 gradients, optimizer state and the DP noise stay in float32.
 """
 

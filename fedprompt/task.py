@@ -66,6 +66,11 @@ class Verbalizer:
             ids.append(tuple(seqs))
         return cls(tuple(tuple(w) for w in label_words), tuple(ids), scoring)
 
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, dataset) -> Verbalizer:
+        """The verbalizer of a :class:`~fedprompt.datasets.Dataset`: its words, scoring and label names."""
+        return cls.build(tokenizer, dataset.label_words, scoring=dataset.scoring, label_names=dataset.label_names)
+
     @property
     def single_token(self) -> bool:
         """Every word is one token: the next-token logits alone give the exact scores."""

@@ -39,6 +39,7 @@ class TextPromptMeta:
     initial_instruction: str
     privacy: dict[str, Any] | None  # None: not private
     settings: dict[str, Any] = field(default_factory=dict)
+    scoring: str = "sum"  # how multi-token label words are scored (fedprompt.task.Verbalizer)
     text_sha256: str = ""
     kind: str = "text"
     format_version: int = FORMAT_VERSION

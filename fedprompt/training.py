@@ -100,15 +100,21 @@ class Session:
         max_length: int = 128,
         template: str | None = None,
         label_words: list[list[str]] | None = None,
+        scoring: str | None = None,
     ) -> None:
+        """``dataset``: a Dataset, a bundled name, a data file or a task file (.toml); ``template``,
+        ``label_words`` and ``scoring`` override the dataset's (e.g. those an artifact records)."""
         self.runtime = runtime or Runtime.create()
         self.loaded = model if isinstance(model, LoadedModel) else zoo.load(model, device=self.runtime.device)
         self.loaded.model.to(self.runtime.device)
         self.dataset = dataset if isinstance(dataset, Dataset) else ds_mod.load(dataset)
         self.template = template or self.dataset.template
         self.label_words = label_words or self.dataset.label_words
+        self.scoring = scoring or self.dataset.scoring
         self.encoder = TemplateEncoder(self.loaded.tokenizer, self.template, max_length)
-        self.verbalizer = Verbalizer.build(self.loaded.tokenizer, self.label_words)
+        self.verbalizer = Verbalizer.build(
+            self.loaded.tokenizer, self.label_words, scoring=self.scoring, label_names=self.dataset.label_names
+        )
         self._encoded: dict[str, list[tuple[list[int], int]]] = {}
 
     # -------------------------------------------------------------- prompts
@@ -145,27 +151,37 @@ class Session:
         right = self.correct(prompted, examples, batch_size=batch_size, desc=desc)
         return sum(right) / len(right)
 
-    @torch.inference_mode()
     def correct(
         self, prompted: PromptedLM, examples: list[Example], *, batch_size: int = 32, desc: str = "eval"
     ) -> list[bool]:
         """Whether ``prompted`` classifies each of ``examples`` right, in their order: paired comparisons of two
         prompts on one test set need the examples, not only the accuracy."""
+        predicted, _ = self.predict(prompted, examples, batch_size=batch_size, desc=desc)
+        return [p == e.label for p, e in zip(predicted, examples, strict=True)]
+
+    @torch.inference_mode()
+    def predict(
+        self, prompted: PromptedLM, examples: list[Example], *, batch_size: int = 32, desc: str = "eval"
+    ) -> tuple[list[int], torch.Tensor]:
+        """The predicted class of each example, in their order, and the (N, C) class scores (log-probabilities).
+
+        Batched by length (shortest first, ties in the examples' order), so little padding is computed and the
+        batches are the same on every run; padding never changes a score (masked keys, positions over real
+        tokens), so the batch size changes scores only by float rounding (tests/test_prompted.py measures it).
+        """
         if not examples:
             raise ConfigError("no examples to evaluate")
         prompted.eval()
         ids = [self.encoder.encode(e.text) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
         encoded = [(ids[i], examples[i].label) for i in order]
-        right = [False] * len(examples)
+        scores = torch.empty(len(examples), len(self.dataset.label_names))
         for start in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, unit="batch"):
             batch = self.collate(encoded[start : start + batch_size])
             with self.runtime.autocast():
-                scores = prompted.class_scores(batch, self.verbalizer)
-            hits = (scores.argmax(-1) == batch["labels"]).tolist()
-            for i, hit in zip(order[start : start + batch_size], hits, strict=True):
-                right[i] = bool(hit)
-        return right
+                got = prompted.class_scores(batch, self.verbalizer)
+            scores[order[start : start + batch_size]] = got.float().cpu()
+        return scores.argmax(-1).tolist(), scores
 
     def validation_subset(self, n: int) -> list[Example]:
         val = self.dataset.split("validation")

@@ -101,7 +101,12 @@ class Federation:
         self.names: dict[int, str] = {}  # node id -> the holder name it reported
         loaded = zoo.load(cfg.model)
         self.task: TaskSpec = cfg.task_spec(loaded.weights_sha256)
-        verbalizer = Verbalizer.build(loaded.tokenizer, [list(w) for w in self.task.label_words])
+        verbalizer = Verbalizer.build(
+            loaded.tokenizer,
+            [list(w) for w in self.task.label_words],
+            scoring=self.task.scoring,
+            label_names=list(self.task.label_names),
+        )
         tune_cfg = TuneConfig(prompt_length=cfg.prompt_length, init="text")
         self.initial, self.init_info = initial_prompt(loaded, verbalizer, tune_cfg, self.task.init_text)
         self.strategy = make_strategy(cfg.strategy, cfg.server_lr or None)
@@ -342,6 +347,7 @@ class Federation:
             template=self.task.template,
             label_names=list(self.task.label_names),
             label_words=[list(w) for w in self.task.label_words],
+            scoring=self.task.scoring,
             base_model_id=self.task.model,
             base_model_sha256=self.task.model_sha256,
             origin_id=origin_id(self.initial),
@@ -432,6 +438,7 @@ class ServerEvaluation:
             max_length=cfg.max_length,
             template=task.template,
             label_words=[list(w) for w in task.label_words],
+            scoring=task.scoring,
         )
         examples = data.split(cfg.server_eval_split)
         if not examples:

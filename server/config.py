@@ -7,10 +7,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from fedprompt import datasets as ds_mod
+from fedprompt import taskfile
 from fedprompt.errors import ConfigError
 from fedprompt.rounds import LocalSettings, TaskSpec
 from fedprompt.server.aggregate import STRATEGIES
+from fedprompt.taskfile import Task
 from fedprompt.training import DEFAULT_INIT_TEXT
 
 _ROUND_IDENTITY = ("run_id", "server_round")
@@ -21,11 +22,14 @@ METHODS = ("prompt-tuning", "dpopt")
 class FederationConfig:
     checkpoint_dir: str
     task: str = "rotten-tomatoes"
-    # For a task that is not a bundled dataset: its template and labels (JSON lists).
+    # A bundled task's name, or the name of a task given in full by these (the coordinator fills them in from a
+    # task file: fedprompt server --task FILE): its template, labels and label words (JSON lists), the instruction
+    # the prompt starts from and how label words are scored. Each one given overrides the bundled task's.
     template: str = ""
     label_names: str = ""
     label_words: str = ""
     init_text: str = ""
+    scoring: str = ""
     model: str = "smollm2-135m"
     prompt_length: int = 20
     num_rounds: int = 5
@@ -117,6 +121,7 @@ class FederationConfig:
             )
         if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
             raise ConfigError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
+        self.task_definition()  # a bad task fails here, before any process starts
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "dpopt":
@@ -147,21 +152,45 @@ class FederationConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(LocalSettings) if f.name not in _ROUND_IDENTITY}
         return LocalSettings(run_id=run_id, server_round=server_round, **shared)
 
-    def task_spec(self, model_sha256: str) -> TaskSpec:
-        spec = ds_mod.BUNDLED.get(self.task)
-        if spec is not None and not self.template:
-            names = tuple(spec.label_names)
-            words = tuple(tuple(w) for w in spec.label_words) or tuple((f" {n}",) for n in names)
-            template, init = spec.template, spec.init_text
-        else:
-            if not (self.template and self.label_names):
-                raise ConfigError(f"task {self.task!r} is not bundled: give template and label_names (a JSON list)")
-            names = tuple(json.loads(self.label_names))
-            words = (
-                tuple(tuple(w) for w in json.loads(self.label_words))
-                if self.label_words
-                else tuple((f" {n}",) for n in names)
+    def task_definition(self) -> Task:
+        """The task every holder trains on: a bundled task, with whatever the run config gives in its place."""
+        bundled = self.task in taskfile.bundled_names()
+        if not bundled and not (self.template and self.label_names):
+            raise ConfigError(
+                f"task {self.task!r} is not bundled ({', '.join(taskfile.bundled_names())}): give a task file "
+                "(fedprompt server --task FILE.toml; fedprompt task init DATA.csv writes one)"
             )
-            template, init = self.template, None
-        init_text = self.init_text or init or DEFAULT_INIT_TEXT.format(labels=", ".join(names))
-        return TaskSpec(self.task, template, names, words, init_text, self.model, model_sha256)
+        base = taskfile.bundled(self.task) if bundled else None
+        try:
+            names = tuple(json.loads(self.label_names)) if self.label_names else base.labels
+            words = tuple(tuple(w) for w in json.loads(self.label_words)) if self.label_words else None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"label_names and label_words are JSON lists ({exc})") from exc
+        if words is None:
+            words = base.words if base is not None and names == base.labels else tuple((f" {n}",) for n in names)
+        return Task(
+            name=self.task,
+            labels=names,
+            words=words,
+            template=self.template or base.template,
+            init_text=self.init_text or (base.init_text if base else None),
+            scoring=self.scoring or (base.scoring if base else "sum"),
+            source=f"the federation's task {self.task!r}",
+        )
+
+    def task_spec(self, model_sha256: str) -> TaskSpec:
+        t = self.task_definition()
+        init_text = t.init_text or DEFAULT_INIT_TEXT.format(labels=", ".join(t.labels))
+        return TaskSpec(t.name, t.template, t.labels, t.words, init_text, self.model, model_sha256, t.scoring)
+
+    @staticmethod
+    def task_fields(task: Task) -> dict[str, str]:
+        """The run config that gives ``task`` in full (what the coordinator sends for a task file)."""
+        return {
+            "task": task.name,
+            "template": task.template,
+            "label_names": json.dumps(list(task.labels)),
+            "label_words": json.dumps(task.label_words),
+            "init_text": task.init_text or "",
+            "scoring": task.scoring,
+        }

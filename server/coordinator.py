@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults):
 # Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
 # checkpoint state (a file) often.
 STATUS_POLL_S = 10.0
+NODE_IDS_FILE = "node-ids.json"
 PROGRESS_POLL_S = 1.0
 
 
@@ -161,15 +162,45 @@ class Coordinator:
         if not nodes:
             raise FedPromptError(f"{self.certs}/nodes holds no node keys; add holders with fedprompt certs --node NAME")
         added = 0
+        ids = self.node_ids()
         for n in nodes:
             try:
-                fp.flwr(["supernode", "register", str(n.public_key), fp.FEDERATION], self.cli_env)
+                out = fp.flwr(["supernode", "register", str(n.public_key), fp.FEDERATION], self.cli_env)
+                ids[n.name] = str(out.get("node-id", ""))
                 added += 1
             except FedPromptError as exc:
                 if "already" not in str(exc).lower():
                     raise
+        write_json_atomic(self.state / NODE_IDS_FILE, ids)  # names for the SuperLink's node ids (node_status)
         print(f"node keys: {len(nodes)} known, {added} newly registered", flush=True)
         return added
+
+    def node_ids(self) -> dict[str, str]:
+        path = self.state / NODE_IDS_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def node_status(self) -> dict[str, str]:
+        """Each registered holder's status on the SuperLink (online, offline, registered), by node name."""
+        names = {v: k for k, v in self.node_ids().items() if v}
+        nodes = fp.flwr(["supernode", "list", fp.FEDERATION], self.cli_env).get("nodes", [])
+        return {names.get(str(n["node-id"]), f"node {n['node-id']}"): n["status"] for n in nodes}
+
+    def report_waiting(self, cfg: FederationConfig, shown: str) -> str:
+        """Print which holders are online and which the first round waits for, when that changed."""
+        try:
+            status = self.node_status()
+        except FedPromptError:
+            return shown  # the SuperLink is busy or restarting; the next poll tells
+        online = sorted(n for n, st in status.items() if st == "online")
+        waiting = sorted(n for n, st in status.items() if st != "online")
+        line = (
+            f"holders online {len(online)} of {len(status)}: {', '.join(online) or 'none'}"
+            + (f"; not connected: {', '.join(waiting)}" if waiting else "")
+            + f" (the first round starts with {cfg.min_available_nodes} online)"
+        )
+        if line != shown:
+            print(line, flush=True)
+        return line
 
     def submit(self, cfg: FederationConfig) -> str:
         toml = self.state / "run-config.toml"
@@ -189,7 +220,7 @@ class Coordinator:
         if self.external:
             return self._follow_remote(run_id, cfg)
         state_file = Path(cfg.checkpoint_dir) / "state.json"
-        shown, next_status = 0, 0.0
+        shown, next_status, waiting = 0, 0.0, ""
         while True:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FedPromptError(f"the SuperLink exited:\n{fp.tail(self.logs / 'superlink.log')}")
@@ -206,6 +237,8 @@ class Coordinator:
             else:
                 done = False
             if done or time.monotonic() >= next_status:
+                if not shown:
+                    waiting = self.report_waiting(cfg, waiting)  # until the first round is in
                 run = self.status(run_id)
                 status, details = run["status"], run.get("status-details", "")
                 if status.startswith("finished"):
@@ -286,25 +319,26 @@ def format_round(rec: dict, num_rounds: int) -> str:
 
 # ------------------------------------------------------------------ CLI
 
+# The run settings that have a flag of their own: type and help (every other one goes through --set)
 _FLAGS = {
-    "task": str,
-    "model": str,
-    "num_rounds": int,
-    "local_steps": int,
-    "lr": float,
-    "optimizer": str,
-    "batch_size": int,
-    "prompt_length": int,
-    "target_epsilon": float,
-    "strategy": str,
-    "server_lr": float,
-    "fraction_train": float,
-    "min_train_nodes": int,
-    "min_available_nodes": int,
-    "round_timeout_s": float,
-    "method": str,
-    "dpopt_preset": str,
-    "dpopt_settings": str,
+    "task": (str, "a task file (.toml; fedprompt task init DATA writes one) or a bundled task"),
+    "model": (str, "the frozen model every holder runs (a zoo name; holders must allow it)"),
+    "num_rounds": (int, "federated rounds"),
+    "local_steps": (int, "DP steps each holder takes per round"),
+    "lr": (float, "the holders' local learning rate"),
+    "optimizer": (str, "the holders' local optimiser: adam or sgd"),
+    "batch_size": (int, "expected batch size of each holder's Poisson sampling"),
+    "prompt_length": (int, "virtual tokens of the soft prompt"),
+    "target_epsilon": (float, "each holder's epsilon for the whole run"),
+    "strategy": (str, "the coordinator's merge: fedavg or fedadam"),
+    "server_lr": (float, "the strategy's step on the mean update (0: its default)"),
+    "fraction_train": (float, "fraction of the available holders sampled each round"),
+    "min_train_nodes": (int, "holders that must train in a round for it to count"),
+    "min_available_nodes": (int, "holders that must be connected before the first round starts"),
+    "round_timeout_s": (float, "seconds a round waits for the holders' replies"),
+    "method": (str, "prompt-tuning (DP soft prompts) or dpopt (DP text prompts)"),
+    "dpopt_preset": (str, "DP-OPT's settings preset"),
+    "dpopt_settings": (str, "JSON overrides of the DP-OPT preset"),
 }
 
 
@@ -336,8 +370,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", required=True, help="coordinator state: SuperLink database, checkpoints, logs")
     _add_listen_arguments(p)
     p.add_argument("--checkpoint-dir", default=None, help="default: STATE/checkpoints (a restart resumes from it)")
-    for name, typ in _FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    for name, (typ, help_text) in _FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=help_text)
     p.add_argument("--no-dp", action="store_true", help="holders tune without DP (for comparisons only)")
     p.add_argument("--client-dp", action="store_true", help="also clip and noise each holder's update (user-level DP)")
     p.add_argument(
@@ -407,6 +441,10 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     for name in _FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if values.get("task", "").endswith(".toml"):  # a task file: sent in full, its data stays here
+        from fedprompt import taskfile
+
+        values.update(FederationConfig.task_fields(taskfile.read(values["task"])))
     if args.no_dp:
         values["dp"] = False
     if args.client_dp:
@@ -429,6 +467,11 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
+            if "\\" in raw:  # a shell keeps \n as two characters: say so rather than send them
+                raise FedPromptError(
+                    f"--set {key}=...: a bare value keeps backslashes as they are ({raw!r}); quote it as JSON "
+                    f"(--set '{key}=\"...\\n...\"') or put the task in a task file (--task FILE.toml)"
+                ) from None
             values[key] = raw  # a bare string
         if isinstance(values[key], dict | list):
             values[key] = raw  # a JSON object setting (dpopt_settings) travels as its text
@@ -500,8 +543,30 @@ def _coordinator(args: argparse.Namespace, superlink: str | None = None) -> Coor
     )
 
 
+def check_task(cfg: FederationConfig) -> None:
+    """Refuse a task whose label words cannot work on the model, before any process starts."""
+    from transformers import AutoTokenizer
+
+    from fedprompt import zoo
+    from fedprompt.task import Verbalizer
+
+    task = cfg.task_definition()
+    folder, _, local = zoo.locate(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local, trust_remote_code=False)
+    try:
+        Verbalizer.build(tokenizer, task.label_words, scoring=task.scoring, label_names=list(task.labels))
+    except ValueError as exc:
+        raise FedPromptError(f"task {task.name!r} on {cfg.model}: {exc}") from exc
+    print(
+        f"task {task.name}: labels {', '.join(task.labels)}; template {task.template!r}; scoring {task.scoring}",
+        flush=True,
+    )
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if cfg.method == "prompt-tuning":
+        check_task(cfg)
     transfer_cfg = post_transfer_settings(args, cfg)
     if transfer_cfg is not None and args.superlink:
         raise FedPromptError("--post-teacher needs the global prompt here: run the transfer where the SuperLink runs")
@@ -521,6 +586,19 @@ def cmd_server(args: argparse.Namespace) -> int:
             store = args.aggregator_store or os.environ.get(STORE_ENV) or str(state / "registry.sqlite")
             coord.start_aggregator(aggregator_listen(args), store, args.aggregator_health_listen)
         coord.register_nodes()
+        expected = [n.name for n in certs_mod.registered_nodes(coord.certs)]
+        print(
+            f"holders with node keys: {', '.join(expected)}; the first round starts once {cfg.min_available_nodes} "
+            f"are online (--min-available-nodes) and each round needs {cfg.min_train_nodes} replies "
+            "(--min-train-nodes)",
+            flush=True,
+        )
+        if cfg.min_available_nodes < len(expected):
+            print(
+                f"note: rounds may start without {len(expected) - cfg.min_available_nodes} of these holders; pass "
+                f"--min-available-nodes {len(expected)} to wait for all of them",
+                flush=True,
+            )
         run_id = coord.submit(cfg)
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)
         coord.follow(run_id, cfg)

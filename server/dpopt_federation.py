@@ -131,6 +131,7 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         template=task.template,
         label_names=list(task.label_names),
         label_words=[list(w) for w in task.label_words],
+        scoring=task.scoring,
         writer_model_id=loaded.model_id,
         writer_model_sha256=loaded.weights_sha256,
         initial_instruction=task.init_text,

@@ -29,7 +29,12 @@ def _runtime(args: argparse.Namespace):
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
+    )
 
 
 # ------------------------------------------------------------------ distil
@@ -195,7 +200,9 @@ def evaluate_transfer(
     data = ds_mod.load(dataset or meta.task, label_names=list(meta.label_names), template=meta.template)
     if list(data.label_names) != list(meta.label_names):
         raise FedPromptError(f"{data.name} has labels {data.label_names}, the prompt's task {meta.label_names}")
-    s = Session(teacher, data, runtime=runtime, template=meta.template, label_words=meta.label_words)
+    s = Session(
+        teacher, data, runtime=runtime, template=meta.template, label_words=meta.label_words, scoring=meta.scoring
+    )
     artifact.check_base_model(meta, weight, s.loaded)
     test = s.dataset.split("test")
     accs = {"teacher_zero_shot": s.evaluate(s.prompted(None), test, desc="teacher zero-shot")}
@@ -220,20 +227,22 @@ def add_post_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--corpus", default=None, help="public corpus name or text file (default public-mix)")
     d.add_argument("--out", required=True, help="the student's folder (a Hugging Face model folder)")
     d.add_argument("--preset", default=None, choices=sorted(DISTILL_PRESETS), help="measured settings; flags override")
-    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's, else 400)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/checkpoint")
     d.add_argument("--name", default=None, help="the name it is registered under (default TEACHER-student-NL)")
     d.add_argument("--no-register", action="store_true", help="do not register the student in the model zoo")
-    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=None, help="training blocks per step (default 8)")
     d.add_argument("--seq-len", type=int, default=None, help="tokens per training block")
-    d.add_argument("--lr", type=float, default=None)
-    d.add_argument("--warmup-steps", type=int, default=None)
-    d.add_argument("--temperature", type=float, default=None)
+    d.add_argument("--lr", type=float, default=None, help="peak learning rate, then cosine decay (default 1e-3)")
+    d.add_argument("--warmup-steps", type=int, default=None, help="steps of linear learning-rate warm-up (default 20)")
+    d.add_argument("--temperature", type=float, default=None, help="softmax temperature T of the KL term (default 2)")
     d.add_argument("--kl-weight", type=float, default=None, help="weight of T²·KL (POST: 5)")
     d.add_argument("--lm-weight", type=float, default=None, help="weight of the next-token loss (POST: 2)")
     d.add_argument("--cos-weight", type=float, default=None, help="weight of the hidden-state cosine (POST: 1)")
-    d.add_argument("--checkpoint-every", type=int, default=None)
-    d.add_argument("--seed", type=int, default=None)
+    d.add_argument(
+        "--checkpoint-every", type=int, default=None, help="steps between checkpoints in OUT/checkpoint (default 50)"
+    )
+    d.add_argument("--seed", type=int, default=None, help="fixes the student's start and the block order (default 0)")
     d.add_argument("--eval-dataset", default=None, help="afterwards, zero-shot test accuracy of teacher and student")
     _add_runtime(d)
     d.set_defaults(func=cmd_distill)
@@ -245,14 +254,29 @@ def add_post_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="folder for the teacher's prompt artifact")
     t.add_argument("--student", default=None, help="default: the prompt's base model")
     t.add_argument("--alpha", type=float, default=None, help="weight of the prompt-induced shift term (default 0.5)")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200)")
+    t.add_argument(
+        "--lr", type=float, default=None, help="Adam's learning rate for the teacher's prompt (default 1e-3)"
+    )
+    t.add_argument("--batch-size", type=int, default=None, help="public inputs per step (default 32)")
     t.add_argument("--public-examples", type=int, default=None, help="public inputs to train on (default 64)")
     t.add_argument("--validation-examples", type=int, default=None, help="public validation examples (default 200)")
-    t.add_argument("--eval-every", type=int, default=None)
-    t.add_argument("--select", default=None, choices=["auto", "accuracy", "loss", "last"])
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between validation checks, each a candidate checkpoint (default 20)",
+    )
+    t.add_argument(
+        "--select",
+        default=None,
+        choices=["auto", "accuracy", "loss", "last"],
+        help="the checkpoint kept: best public validation accuracy or loss, or the last; auto (default): accuracy "
+        "when the public set has the task's labels, else loss",
+    )
+    t.add_argument(
+        "--seed", type=int, default=None, help="fixes which public inputs are used and their order (default 0)"
+    )
     t.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     t.add_argument("--evaluate", action="store_true", help="afterwards, test accuracy on the task's bundled data")
     t.add_argument("--eval-dataset", default=None, help="afterwards, test accuracy on this dataset (name or file)")

@@ -27,24 +27,34 @@ from fedprompt.errors import FedPromptError
 def add_demo_post_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-post", help="POST end to end: distil a student, federate on it privately, transfer")
     p.add_argument("--out", default="runs/demo-post", help="folder for certificates, data, state, logs and the report")
-    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument(
+        "--teacher",
+        default="smollm2-135m",
+        help="the large model: the student is distilled from it, the prompt moved to it",
+    )
     p.add_argument("--preset", default="demo", help="distillation preset (fedprompt post distill --preset)")
     p.add_argument("--student", default=None, help="use this registered student instead of distilling one")
-    p.add_argument("--dataset", default="rotten-tomatoes")
+    p.add_argument("--dataset", default="rotten-tomatoes", help="the bundled dataset split among the holders")
     p.add_argument("--public", default="vader-amazon", help="the transfer's public inputs")
-    p.add_argument("--holders", type=int, default=3)
+    p.add_argument("--holders", type=int, default=3, help="simulated data holders (at least 2)")
     p.add_argument("--alpha", type=float, default=2.0, help="Dirichlet label skew of the holders' splits")
     p.add_argument("--seed", type=int, default=0, help="fixes the split of the data among holders")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--target-epsilon", type=float, default=8.0)
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds on the student")
+    p.add_argument("--local-steps", type=int, default=10, help="optimiser steps of each holder per round")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per local step of each holder")
+    p.add_argument("--lr", type=float, default=0.01, help="the holders' local learning rate")
+    p.add_argument(
+        "--target-epsilon", type=float, default=8.0, help="each holder's epsilon for the whole run (default 8)"
+    )
     p.add_argument("--transfer-alpha", type=float, default=None, help="weight of the shift term (default 0.5)")
     p.add_argument("--transfer-steps", type=int, default=None, help="transfer steps (default 200)")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
-    p.add_argument("--no-secure-aggregation", action="store_true")
+    p.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="holders send their updates in the clear to the coordinator (default: SecAgg+ via the aggregation server)",
+    )
     p.set_defaults(func=cmd_demo_post)
 
 

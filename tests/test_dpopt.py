@@ -303,6 +303,9 @@ def test_cli_refuses_past_the_budget_before_anything_is_released(tmp_path, senti
     assert PrivacyLedger(tmp_path / "state").releases() == []
 
 
-def test_bundled_datasets_carry_an_initial_instruction():
-    for name in ("rotten-tomatoes", "vader-tweets"):
-        assert datasets.BUNDLED[name].init_text
+def test_bundled_tasks_carry_an_initial_instruction():
+    from fedprompt import taskfile
+
+    assert sorted(datasets.BUNDLED) == taskfile.bundled_names()  # every bundled dataset ships its task file
+    for name in datasets.BUNDLED:
+        assert taskfile.bundled(name).init_text

@@ -137,3 +137,19 @@ def test_the_cli_shows_a_bug_as_a_traceback_and_a_user_error_in_one_line(monkeyp
     assert cli.main(["tune", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2  # a user's setting: one line
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_every_flag_of_every_command_has_a_help_text():
+    import argparse
+
+    from fedprompt.cli import build_parser
+
+    def missing(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from missing(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                yield " ".join(path), action.option_strings or [action.dest]
+
+    assert list(missing(build_parser(), ["fedprompt"])) == []

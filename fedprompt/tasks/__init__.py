@@ -1,0 +1,1 @@
+"""The task files of the bundled datasets (package data)."""
