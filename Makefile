@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo demo-post test lint bench clean images
+.PHONY: install demo demo-post test lint bench clean images images-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,10 +47,15 @@ IMAGE_TAG ?= 0.1.0
 IMAGE_TARGETS := aggregator coordinator client
 
 images:
-	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not on PATH; install Docker (with BuildKit) to build the images" >&2; exit 1; }
+	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not on PATH; install Docker (Debian: apt-get install docker.io) to build the images" >&2; exit 1; }
 	for t in $(IMAGE_TARGETS); do \
 		docker build -f deploy/docker/Dockerfile --target $$t -t fedprompt-$$t:$(IMAGE_TAG) . || exit 1; \
 	done
+
+# Builds the three images and runs a federation in containers (deploy/docker/images-test.sh): starts a Docker
+# engine when none runs, makes the base image without a registry when none is reachable, removes what it made.
+images-test:
+	bash deploy/docker/images-test.sh
 
 clean:
 	rm -rf $(VENV) .test-cache runs

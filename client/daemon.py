@@ -21,11 +21,13 @@ from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
 from fedprompt import taskfile
 from fedprompt.aggregator_client import DEFAULT_PORT
+from fedprompt.bind import BIND_ENV, health_default
 from fedprompt.client.connection import SupernodeLog
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
 
+HEALTH_PORT = 9097
 RESTART_MIN_S = 2.0
 RESTART_MAX_S = 60.0
 
@@ -84,7 +86,10 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_policy_arguments(p)
     p.add_argument(
-        "--health-listen", default=None, help="HOST:PORT for the SuperNode's plaintext gRPC health service (probes)"
+        "--health-listen",
+        default=health_default(HEALTH_PORT),
+        help="HOST:PORT for the SuperNode's plaintext gRPC health service (probes; default: none, or port "
+        f"{HEALTH_PORT} where ${BIND_ENV} is set, as in the image)",
     )
     p.set_defaults(func=cmd_client)
 

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from fedprompt.aggregator_client import DEFAULT_PORT
+from fedprompt.bind import BIND_ENV, bind_host, health_default
 from fedprompt.errors import FedPromptError
 
 STORE_ENV = "FEDPROMPT_AGGREGATOR_STORE"  # lets a deployment pass a PostgreSQL URL from a secret
+
+HEALTH_PORT = 9095  # the plaintext grpc.health.v1 port of the images and manifests
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -49,9 +52,17 @@ def add_aggregator_parser(sub) -> None:
     p = sub.add_parser("aggregator", help="run the aggregation server (prompt registry, rounds, secure aggregation)")
     p.add_argument("--certs", required=True, help="the folder of `fedprompt certs` (ca.crt, server.crt/key, nodes/)")
     p.add_argument("--store", default=None, help=f"SQLite file or postgresql:// URL (default: ${STORE_ENV})")
-    p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="address of the mutual-TLS gRPC port")
     p.add_argument(
-        "--health-listen", default=None, help="also serve grpc.health.v1 alone, without TLS, here (for probes)"
+        "--listen",
+        default=f"{bind_host()}:{DEFAULT_PORT}",
+        help=f"address of the mutual-TLS gRPC port (default: loopback; every interface where ${BIND_ENV} is set, as in "
+        "the image)",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=health_default(HEALTH_PORT),
+        help=f"also serve grpc.health.v1 alone, without TLS, here (for probes; default: none, or port {HEALTH_PORT} "
+        f"where ${BIND_ENV} is set)",
     )
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request or reply")
     p.add_argument("--rate", type=float, default=50.0, help="calls per second allowed per client identity")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
 from fedprompt.aggregator_client import DEFAULT_PORT
+from fedprompt.bind import BIND_ENV, bind_host, health_default
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.server.aggregator_cli import STORE_ENV
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults):
 # Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
 # checkpoint state (a file) often.
 STATUS_POLL_S = 10.0
+SUPERLINK_HEALTH_PORT = 9096
 NODE_IDS_FILE = "node-ids.json"
 PROGRESS_POLL_S = 1.0
 
@@ -345,8 +347,9 @@ _FLAGS = {
 def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address of the fleet front, the only listener data holders reach (default: loopback only)",
+        default=bind_host(),
+        help=f"address of the fleet front, the only listener data holders reach (default: loopback only; every "
+        f"interface where ${BIND_ENV} is set, as in the image)",
     )
     p.add_argument("--port", type=int, default=9093, help="port of the fleet front (Fleet API only)")
     p.add_argument(
@@ -657,7 +660,12 @@ def add_superlink_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certs", required=True, help="folder made by fedprompt certs (ca.crt, server.crt/key, nodes/)")
     p.add_argument("--state", required=True, help="the SuperLink's database, its runs' checkpoints, logs")
     _add_listen_arguments(p)
-    p.add_argument("--health-listen", default=None, help="HOST:PORT of a plaintext gRPC health service (probes)")
+    p.add_argument(
+        "--health-listen",
+        default=health_default(SUPERLINK_HEALTH_PORT),
+        help=f"HOST:PORT of a plaintext gRPC health service (probes; default: none, or port {SUPERLINK_HEALTH_PORT} "
+        f"where ${BIND_ENV} is set)",
+    )
     p.set_defaults(func=cmd_superlink)
 
 
