@@ -215,7 +215,7 @@ def fingerprint(public_key: Path) -> str:
 
 def node_public_keys(folder: str | Path) -> dict[str, Path]:
     """Every registered node's public key: ``nodes/NAME/node.pub``, or ``node.NAME.pub`` beside ca.crt (the
-    flat layout of a Kubernetes Secret mounted as the certificate folder; see ``write_kustomize``)."""
+    flat layout of a Kubernetes Secret mounted as the certificate folder; see ``write_bundles``)."""
     folder = Path(folder)
     keys: dict[str, Path] = {}
     for p in sorted(folder.glob("node.*.pub")):
@@ -240,16 +240,18 @@ COORDINATOR_FILES = ("ca.crt", "server.crt", "server.key", "coordinator.crt", "c
 HOLDER_FILES = {"ca.crt": None, "node.key": "private_key", "client.crt": "client_cert", "client.key": "client_key"}
 
 
-def write_kustomize(folder: str | Path, out: str | Path, *, nodes: list[str]) -> list[Path]:
-    """Copy the material into the layout the Kubernetes overlays expect, one kustomization per Secret:
+def write_bundles(folder: str | Path, out: str | Path, *, nodes: list[str], kustomize: bool = False) -> list[Path]:
+    """Copy the material into what each party is given, one folder per party (the containers mount these):
 
-    out/coordinator/   Secret fedprompt-coordinator-certs: ca.crt, server.crt/.key, coordinator.crt/.key and
-                       node.NAME.pub of every registered node (mounted as the coordinator side's certificate folder)
-    out/nodes/NAME/    Secret fedprompt-node-NAME: ca.crt, node.key, client.crt/.key (one data holder's own) and
-                       node.OTHER.pub of every node (its roster of peers' identity keys)
+    out/coordinator/   ca.crt, server.crt/.key, coordinator.crt/.key and node.NAME.pub of every registered node
+                       (the coordinator side's certificate folder; never ca.key)
+    out/nodes/NAME/    ca.crt, node.key, client.crt/.key (one data holder's own) and node.OTHER.pub of every node
+                       (its roster of peers' identity keys)
 
-    Private keys are written 0600, and ``out`` should stay out of version control (the overlays reference the
-    Secrets; their values are never committed).
+    With ``kustomize`` each folder also gets the kustomization of its Secret (fedprompt-coordinator-certs,
+    fedprompt-node-NAME), which the Kubernetes overlays include. Private keys are written 0600, owned by whoever
+    runs this: a container that reads them must run as that user (the images' UID 10001 when made from one).
+    ``out`` should stay out of version control.
     """
     folder, out = Path(folder), Path(out)
     written: list[Path] = []
@@ -259,6 +261,8 @@ def write_kustomize(folder: str | Path, out: str | Path, *, nodes: list[str]) ->
         written.append(dst)
 
     def kustomization(dst: Path, secret: str, files: list[str]) -> None:
+        if not kustomize:
+            return
         lines = [
             "# written by `fedprompt certs --kustomize`: do not commit this folder",
             "apiVersion: kustomize.config.k8s.io/v1beta1",

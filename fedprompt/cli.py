@@ -276,9 +276,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     done = certs.create(args.out, nodes=args.node, hosts=args.host or [], days=args.days)
     print(f"{args.out}: created {', '.join(done['created']) or 'nothing'}; kept {', '.join(done['kept']) or 'nothing'}")
+    every = [n.name for n in certs.registered_nodes(args.out) if n.private_key.exists()]
+    if args.bundles:
+        certs.write_bundles(args.out, args.bundles, nodes=every)
+        print(f"{args.bundles}: coordinator/ and nodes/NAME/, one folder per party ({len(every)} node(s))")
     if args.kustomize:
-        every = [n.name for n in certs.registered_nodes(args.out) if n.private_key.exists()]
-        certs.write_kustomize(args.out, args.kustomize, nodes=every)
+        certs.write_bundles(args.out, args.kustomize, nodes=every, kustomize=True)
         print(f"{args.kustomize}: coordinator/ and nodes/NAME/ for the overlays' Secrets ({len(every)} node(s))")
     print("keep ca.key offline; give each holder ca.crt and its own nodes/NAME folder only")
     return 0
@@ -394,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="also write the material as the Secrets the Kubernetes overlays include (DIR/coordinator, DIR/nodes/NAME)",
+    )
+    p.add_argument(
+        "--bundles",
+        default=None,
+        metavar="DIR",
+        help="also write what each party is given, one folder each: DIR/coordinator (mounted by the coordinator "
+        "side's containers) and DIR/nodes/NAME (one holder's); ca.key is in none",
     )
     p.set_defaults(func=cmd_certs)
 

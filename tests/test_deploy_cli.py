@@ -72,6 +72,18 @@ def test_kustomize_layout_and_a_flat_certificate_folder(tmp_path):
             assert holder.get_version(v.version_id).version_id == v.version_id
 
 
+
+def test_bundles_are_the_kustomize_folders_without_kustomizations(tmp_path):
+    src, kust, bundles = tmp_path / "certs", tmp_path / "secrets", tmp_path / "bundles"
+    args = ["certs", "--out", str(src), "--node", "holder-1", "--node", "holder-2"]
+    assert cli_main([*args, "--kustomize", str(kust), "--bundles", str(bundles)]) == 0
+    expected = {p.relative_to(kust) for p in kust.rglob("*") if p.is_file() and p.name != "kustomization.yaml"}
+    assert {p.relative_to(bundles) for p in bundles.rglob("*") if p.is_file()} == expected
+    for rel in expected:
+        assert (bundles / rel).read_bytes() == (kust / rel).read_bytes()
+        assert stat.S_IMODE((bundles / rel).stat().st_mode) == (0o600 if rel.suffix == ".key" else 0o644)
+    assert not list(bundles.rglob("ca.key"))
+
 def test_registry_backup_while_the_server_runs(tmp_path, capsys):
     from fedprompt.server.registry import Registry, verify_version
     from fedprompt.server.store import open_store

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make images-test: build the three images and run a federation in containers, the way the manifests do.
+# make images-test: build the three images and run a federation in containers, by the compose files.
 #
 # 1. A Docker engine: the running one, else dockerd started here (Debian's docker.io, installed when missing
 #    and this runs as root); none: one line that says so, and exit 1.
@@ -7,15 +7,17 @@
 #    debootstrap --variant=minbase bookworm + Python 3.11, imported as fedprompt-base:bookworm-py311.
 # 3. The three targets, with the host's pip settings passed as build arguments (a local wheel folder is
 #    served over HTTP on loopback; the build uses the host network for it).
-# 4. A smoke federation on a private network: certificates made from the coordinator image into a named
-#    volume, the aggregation server, the SuperLink, three holders (a secure round needs three), one secure
-#    round from the federation job; every container read-only, UID 10001, no capabilities, no new privileges;
-#    the health checks pass; the holders are recreated on their named volumes and their ledgers still hold
-#    the round's spend. Everything it started is removed at the end, whatever happens.
+# 4. A smoke federation from deploy/compose: the certificates and each party's bundle made from the coordinator
+#    image; the coordinator side (aggregation server, SuperLink) as one compose project publishing its ports on
+#    the Docker bridge's gateway; three holders (a secure round needs three), each its own project on its own
+#    split, its policy written into its state volume first; one secure round from the federation service.
+#    Every container read-only, UID 10001, no capabilities, no new privileges (checked); the health checks
+#    pass; the holders are recreated on their named volumes and their ledgers still hold the round's spend.
+#    Everything it started is removed at the end, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TAG="${IMAGE_TAG:-images-test}"
-P="fedprompt-it"                       # prefix of every container, volume and network made here
+P="fedprompt-it"                       # prefix of every compose project, container, volume and network made here
 WORK="$(mktemp -d /tmp/fedprompt-images-test.XXXXXX)"
 LOGS="${IMAGES_TEST_LOGS:-$WORK}"  # where the build and container logs go (kept when given)
 mkdir -p "$LOGS"
@@ -26,9 +28,10 @@ die() { echo "images-test: $*" >&2; exit 1; }
 
 cleanup() {
     set +e
-    docker ps -aq --filter "name=^${P}-" | xargs -r docker rm -f >/dev/null 2>&1
-    docker volume ls -q --filter "name=^${P}-" | xargs -r docker volume rm >/dev/null 2>&1
-    docker network rm "${P}-net" >/dev/null 2>&1
+    # every compose project here is named $P or $P-NAME, and compose prefixes what it makes with the project
+    docker ps -aq --filter "name=^${P}" | xargs -r docker rm -f >/dev/null 2>&1
+    docker volume ls -q --filter "name=^${P}" | xargs -r docker volume rm >/dev/null 2>&1
+    docker network ls -q --filter "name=^${P}" | xargs -r docker network rm >/dev/null 2>&1
     [ -n "$INDEX_PID" ] && kill "$INDEX_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
     rm -f deploy/docker/extra-ca.d/images-test-host.pem
@@ -103,60 +106,90 @@ for target in aggregator coordinator client; do
 done
 
 # ------------------------------------------------------------------ 4. a federation in containers
+# deploy/compose/coordinator.yml and holder.yml as an operator and three holders would run them (a secure round
+# needs three), on docker-compose (Debian's) or `docker compose`
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+else
+    if ! command -v docker-compose >/dev/null; then
+        [ "$(id -u)" -eq 0 ] || die "no compose tool (apt-get install docker-compose)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose >"$WORK/apt.log" 2>&1 \
+            || die "docker-compose could not be installed: $(tail -1 "$WORK/apt.log")"
+    fi
+    COMPOSE=(docker-compose)
+fi
+export FEDPROMPT_TAG="$TAG"
 HARDENED=(--read-only --tmpfs /tmp:rw,size=512m --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges)
-docker network create "${P}-net" >/dev/null
-run() {  # run NAME IMAGE ARGS...: a hardened container on the test network, named as the manifests' services
-    local name=$1 image=$2; shift 2
-    docker run -d --name "$name" --hostname "${name#"${P}-"}" --network "${P}-net" --network-alias "${name#"${P}-"}" \
-        "${HARDENED[@]}" "$image" "$@" >/dev/null
+holders=(holder-1 holder-2 holder-3)
+# what the operator makes from the coordinator image, as UID 10001 (so the containers can read the keys):
+# the CA and every party's bundle; and each holder's data, a label-skewed split of rotten-tomatoes
+PKI="$WORK/pki" DATA="$WORK/data"
+install -d -o 10001 -g 10001 -m 0700 "$PKI" "$DATA"
+docker run --rm "${HARDENED[@]}" -v "$PKI:/pki" "fedprompt-coordinator:$TAG" certs --out /pki/ca \
+    --bundles /pki/bundles --host fedprompt-superlink --host fedprompt-aggregator \
+    $(printf -- '--node %s ' "${holders[@]}") >/dev/null
+docker run --rm "${HARDENED[@]}" -v "$DATA:/data" "fedprompt-coordinator:$TAG" datasets split \
+    --dataset rotten-tomatoes --holders 3 --alpha 2 --seed 0 --out /data/split >/dev/null
+# the coordinator side publishes its two ports on the Docker bridge's gateway only, at free host ports; the
+# holders reach them there by the names in the server certificate (as a holder elsewhere reaches a public name)
+free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+export FEDPROMPT_CERTS="$PKI/bundles/coordinator"
+export FEDPROMPT_PUBLISH_ADDRESS
+FEDPROMPT_PUBLISH_ADDRESS=$(docker network inspect bridge -f '{{(index .IPAM.Config 0).Gateway}}')
+export FEDPROMPT_FLEET_PORT FEDPROMPT_AGGREGATOR_PORT
+FEDPROMPT_FLEET_PORT=$(free_port) FEDPROMPT_AGGREGATOR_PORT=$(free_port)
+coordinator() { "${COMPOSE[@]}" --ansi never -f deploy/compose/coordinator.yml -p "$P" "$@"; }
+cat >"$WORK/holder-here.yml" <<YAML
+services:
+  holder:
+    extra_hosts: ["fedprompt-superlink:host-gateway", "fedprompt-aggregator:host-gateway"]
+YAML
+holder() {  # holder NAME COMPOSE-ARGS...: that holder's own compose project
+    local h=$1; shift
+    FEDPROMPT_NAME="$h" FEDPROMPT_NODE_DIR="$PKI/bundles/nodes/$h" FEDPROMPT_DATA_DIR="$DATA" \
+        FEDPROMPT_DATA_FILE="split/$h.jsonl" FEDPROMPT_THREADS=1 \
+        FEDPROMPT_SUPERLINK="fedprompt-superlink:$FEDPROMPT_FLEET_PORT" \
+        FEDPROMPT_AGGREGATOR="fedprompt-aggregator:$FEDPROMPT_AGGREGATOR_PORT" \
+        "${COMPOSE[@]}" --ansi never -f deploy/compose/holder.yml -f "$WORK/holder-here.yml" -p "$P-$h" "$@"
 }
-healthy() {  # healthy NAME...: wait until Docker reports each one healthy
-    for name in "$@"; do
+healthy() {  # healthy CONTAINER...: wait until Docker reports each one healthy
+    for c in "$@"; do
         for _ in $(seq 90); do
-            [ "$(docker inspect -f '{{.State.Health.Status}}' "$name" 2>/dev/null)" = healthy ] && continue 2
-            [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ] || { docker logs --tail 20 "$name"; die "$name exited"; }
+            [ "$(docker inspect -f '{{.State.Health.Status}}' "$c" 2>/dev/null)" = healthy ] && continue 2
+            [ "$(docker inspect -f '{{.State.Running}}' "$c")" = true ] || { docker logs --tail 20 "$c"; die "$c exited"; }
             sleep 2
         done
-        docker logs --tail 20 "$name"; die "$name did not become healthy"
+        docker logs --tail 20 "$c"; die "$c did not become healthy"
     done
 }
-holders=(holder-1 holder-2 holder-3)
-# the certificates, made from the coordinator image into a named volume (its root is the image's writable
-# /var/lib/fedprompt, owned by UID 10001), mounted read-only everywhere else
-docker run --rm "${HARDENED[@]}" -v "${P}-certs:/var/lib/fedprompt" "fedprompt-coordinator:$TAG" certs \
-    --out /var/lib/fedprompt/certs --host fedprompt-superlink --host fedprompt-aggregator \
-    $(printf -- '--node %s ' "${holders[@]}") >/dev/null
-CERTS=(-v "${P}-certs:/etc/fedprompt:ro")
-# the aggregation server: its image's defaults bind 0.0.0.0 and serve health on 9095
-docker run -d --name "${P}-aggregator" --network "${P}-net" --network-alias fedprompt-aggregator "${HARDENED[@]}" \
-    "${CERTS[@]}" -v "${P}-registry:/var/lib/fedprompt" "fedprompt-aggregator:$TAG" \
-    --certs /etc/fedprompt/certs --store /var/lib/fedprompt/registry.sqlite >/dev/null
-# the SuperLink behind its front, with the operator listener the federation job submits through
-docker run -d --name "${P}-superlink" --network "${P}-net" --network-alias fedprompt-superlink "${HARDENED[@]}" \
-    "${CERTS[@]}" -v "${P}-superlink:/var/lib/fedprompt" \
-    --health-cmd "python -m fedprompt.health grpc 127.0.0.1:9096" --health-interval 5s --health-retries 30 \
-    "fedprompt-coordinator:$TAG" superlink --certs /etc/fedprompt/certs --state /var/lib/fedprompt \
-    --port 9093 --operator-listen 0.0.0.0:9092 >/dev/null
-healthy "${P}-aggregator" "${P}-superlink"
-say "aggregation server and SuperLink healthy"
-start_holder() {
-    local h=$1
-    docker run -d --name "${P}-$h" --network "${P}-net" "${HARDENED[@]}" -v "${P}-certs:/etc/fedprompt:ro" \
-        -v "${P}-$h:/var/lib/fedprompt" "fedprompt-client:$TAG" --superlink fedprompt-superlink:9093 \
-        --aggregator fedprompt-aggregator:9094 --certs /etc/fedprompt/certs --name "$h" --dataset rotten-tomatoes \
-        --state /var/lib/fedprompt --budget-epsilon 10 --allow-model smollm2-135m >/dev/null
+hardened() {  # hardened CONTAINER: read-only, UID 10001, no capabilities, no new privileges
+    local got
+    got=$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}}' "$1")
+    [ "$got" = "true 10001:10001 [ALL] [no-new-privileges:true]" ] || die "$1 is not hardened: $got"
 }
-for h in "${holders[@]}"; do start_holder "$h"; done
-healthy $(printf "${P}-%s " "${holders[@]}")
-say "three holders healthy"
+coordinator up -d >"$LOGS/compose-coordinator.log" 2>&1 || { cat "$LOGS/compose-coordinator.log"; die "the coordinator side did not start"; }
+for service in aggregator superlink; do
+    c=$(coordinator ps -q "$service"); hardened "$c"; healthy "$c"
+done
+say "coordinator side up (compose): aggregation server and SuperLink healthy"
+# each holder's own policy, written into its state volume before its daemon first starts
+printf 'require_secure_aggregation = true\nmax_run_epsilon = 9.0\n' >"$WORK/policy.toml"
+for h in "${holders[@]}"; do
+    holder "$h" run --rm -T --entrypoint sh holder -c 'cat > /var/lib/fedprompt/policy.toml' <"$WORK/policy.toml" \
+        >>"$LOGS/compose-$h.log" 2>&1 || die "$h: could not write its policy into its state volume"
+    holder "$h" up -d >>"$LOGS/compose-$h.log" 2>&1 || { cat "$LOGS/compose-$h.log"; die "$h did not start"; }
+done
+for h in "${holders[@]}"; do c=$(holder "$h" ps -q holder); hardened "$c"; healthy "$c"; done
+for h in "${holders[@]}"; do
+    log=$(docker logs "$(holder "$h" ps -q holder)" 2>&1)  # a here-string: `docker logs | grep -q` trips pipefail
+    grep -q "policy: .*epsilon per run <= 9; .*secure aggregation required" <<<"$log" \
+        || { echo "$log" | tail -20; die "$h does not run on the policy in its volume"; }
+done
+say "three holders healthy, each on the policy in its own volume"
 start=$(date +%s)
-docker run --name "${P}-federation" --network "${P}-net" "${HARDENED[@]}" "${CERTS[@]}" \
-    -v "${P}-checkpoints:/var/lib/fedprompt" "fedprompt-coordinator:$TAG" server \
-    --superlink fedprompt-superlink:9092 --aggregator fedprompt-aggregator:9094 --certs /etc/fedprompt/certs \
-    --state /tmp/federation --checkpoint-dir /var/lib/fedprompt/checkpoints --task rotten-tomatoes \
-    --model smollm2-135m --num-rounds 1 --local-steps 1 --batch-size 8 --prompt-length 1 --target-epsilon 8 \
-    --min-available-nodes 3 --min-train-nodes 3 --secure-aggregation --round-timeout-s 900 \
-    >"$LOGS/federation.log" 2>&1 || { tail -40 "$LOGS/federation.log"; die "the federation job failed"; }
+RUN_NUM_ROUNDS=1 RUN_LOCAL_STEPS=1 RUN_BATCH_SIZE=8 RUN_MIN_AVAILABLE_NODES=3 RUN_MIN_TRAIN_NODES=3 \
+    coordinator run --rm -T federation >"$LOGS/federation.log" 2>&1 \
+    || { tail -40 "$LOGS/federation.log"; die "the federation job failed"; }
 # the job follows a SuperLink elsewhere through the prompt registry: each merged round is a version there
 grep -q "^round 1/1: version" "$LOGS/federation.log" && grep -q "^federation complete" "$LOGS/federation.log" \
     || { cat "$LOGS/federation.log"; die "no merged round"; }
@@ -164,17 +197,28 @@ say "a secure round of 3 holders in $(( $(date +%s) - start )) s"
 
 # the holders recreated on the same volumes: the ledgers still hold the round
 spent() {
-    docker run --rm "${HARDENED[@]}" -v "${P}-$1:/var/lib/fedprompt" --entrypoint fedprompt "fedprompt-client:$TAG" \
-        budget show --state /var/lib/fedprompt | sed -n 's/^total: epsilon = \([0-9.]*\).*/\1/p'
+    holder "$1" run --rm -T --entrypoint fedprompt holder budget show --state /var/lib/fedprompt 2>>"$LOGS/compose-$1.log" \
+        | sed -n 's/^total: epsilon = \([0-9.]*\).*/\1/p'
 }
 for h in "${holders[@]}"; do
     before=$(spent "$h")
-    docker rm -f "${P}-$h" >/dev/null
-    start_holder "$h"
-    healthy "${P}-$h"
+    old=$(holder "$h" ps -q holder)
+    holder "$h" up -d --force-recreate >>"$LOGS/compose-$h.log" 2>&1 || die "$h could not be recreated"
+    new=$(holder "$h" ps -q holder)
+    [ "$new" != "$old" ] || die "$h: compose kept the old container"
+    healthy "$new"
     after=$(spent "$h")
     [ -n "$before" ] && [ "$before" = "$after" ] && python3 -c "import sys; sys.exit(float('$after') <= 0)" \
         || die "$h: the ledger's spend was '$before' before its container was recreated, '$after' after"
 done
 say "holders recreated: their ledgers kept the spend ($(spent holder-1) for holder-1)"
+# the backups deploy/README.md shows, through compose
+holder holder-1 exec -T holder fedprompt budget backup /var/lib/fedprompt/backup/ledger.sqlite3 \
+    --state /var/lib/fedprompt >>"$LOGS/compose-holder-1.log" 2>&1 || die "the ledger backup failed"
+docker cp "$(holder holder-1 ps -q holder):/var/lib/fedprompt/backup/ledger.sqlite3" "$WORK/ledger.sqlite3"
+coordinator exec -T aggregator fedprompt registry backup /var/lib/fedprompt/backup/registry.sqlite \
+    --store /var/lib/fedprompt/registry.sqlite >>"$LOGS/compose-coordinator.log" 2>&1 || die "the registry backup failed"
+docker cp "$(coordinator ps -q aggregator):/var/lib/fedprompt/backup/registry.sqlite" "$WORK/registry.sqlite"
+[ -s "$WORK/ledger.sqlite3" ] && [ -s "$WORK/registry.sqlite" ] || die "a backup came out empty"
+say "ledger and registry backed up through compose"
 say "passed"
