@@ -42,15 +42,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Container images of the three roles (deploy/docker/Dockerfile; the build context is this folder).
+# Container images of the three roles (deploy/docker/Dockerfile; the build context is this folder), built with
+# this host's pip settings (index, wheel folder, CA bundle) as build arguments: deploy/docker/build.sh.
+# BASE_IMAGE=... overrides the base image (make images-test makes one without a registry).
 IMAGE_TAG ?= 0.1.0
-IMAGE_TARGETS := aggregator coordinator client
 
 images:
-	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not on PATH; install Docker (Debian: apt-get install docker.io) to build the images" >&2; exit 1; }
-	for t in $(IMAGE_TARGETS); do \
-		docker build -f deploy/docker/Dockerfile --target $$t -t fedprompt-$$t:$(IMAGE_TAG) . || exit 1; \
-	done
+	bash deploy/docker/build.sh $(IMAGE_TAG)
 
 # Builds the three images and runs a federation in containers (deploy/docker/images-test.sh): starts a Docker
 # engine when none runs, makes the base image without a registry when none is reachable, removes what it made.

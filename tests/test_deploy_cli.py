@@ -72,7 +72,6 @@ def test_kustomize_layout_and_a_flat_certificate_folder(tmp_path):
             assert holder.get_version(v.version_id).version_id == v.version_id
 
 
-
 def test_bundles_are_the_kustomize_folders_without_kustomizations(tmp_path):
     src, kust, bundles = tmp_path / "certs", tmp_path / "secrets", tmp_path / "bundles"
     args = ["certs", "--out", str(src), "--node", "holder-1", "--node", "holder-2"]
@@ -83,6 +82,7 @@ def test_bundles_are_the_kustomize_folders_without_kustomizations(tmp_path):
         assert (bundles / rel).read_bytes() == (kust / rel).read_bytes()
         assert stat.S_IMODE((bundles / rel).stat().st_mode) == (0o600 if rel.suffix == ".key" else 0o644)
     assert not list(bundles.rglob("ca.key"))
+
 
 def test_registry_backup_while_the_server_runs(tmp_path, capsys):
     from fedprompt.server.registry import Registry, verify_version

@@ -224,3 +224,41 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
     }
     for entry in (".venv", ".git", "runs", ".test-cache", "build", "**/*.egg-info", "**/__pycache__"):
         assert entry in ignored, f".dockerignore lacks {entry}"
+
+
+# ------------------------------------------------------------------ shellcheck
+
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+
+
+def shell_scripts() -> list[Path]:
+    return sorted({*DEPLOY.rglob("*.sh"), ROOT / ".ci" / "run"})
+
+
+def shellcheck(*paths: Path) -> subprocess.CompletedProcess[str]:
+    if not SHELLCHECK.exists():
+        pytest.fail(f"shellcheck is not installed at {SHELLCHECK} (make install installs the dev extras)")
+    # every severity, the scripts' own directives only (no user rc file: HOME points nowhere)
+    env = {**os.environ, "HOME": "/nonexistent", "XDG_CONFIG_HOME": "/nonexistent"}
+    cmd = [str(SHELLCHECK), "--norc", "--severity", "style", "--format", "gcc", *map(str, paths)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_scripts_that_build_and_run_the_images_are_found():
+    names = {p.name for p in shell_scripts()}
+    assert {"build.sh", "images-test.sh", "pip-env.sh", "run"} <= names, names
+
+
+@pytest.mark.parametrize("path", shell_scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck_passes(path: Path):
+    proc = shellcheck(path)
+    assert proc.returncode == 0, f"shellcheck {path.relative_to(ROOT)}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_shellcheck_fails_on_a_bad_script(tmp_path: Path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/usr/bin/env bash\nfiles=$(ls *.pem)\nrm $files\n")
+    proc = shellcheck(bad)
+    assert proc.returncode != 0, proc.stdout
+    for code in ("SC2035", "SC2086"):  # a glob read as options, an unquoted expansion
+        assert code in proc.stdout, (code, proc.stdout)

@@ -5,8 +5,8 @@
 #    and this runs as root); none: one line that says so, and exit 1.
 # 2. The base image: python:3.11.14-slim-bookworm if a registry serves it, else one made without a registry:
 #    debootstrap --variant=minbase bookworm + Python 3.11, imported as fedprompt-base:bookworm-py311.
-# 3. The three targets, with the host's pip settings passed as build arguments (a local wheel folder is
-#    served over HTTP on loopback; the build uses the host network for it).
+# 3. The three targets, by deploy/docker/build.sh: the host's pip settings passed as build arguments (a local
+#    wheel folder served over HTTP on loopback; the build uses the host network for it).
 # 4. A smoke federation from deploy/compose: the certificates and each party's bundle made from the coordinator
 #    image; the coordinator side (aggregation server, SuperLink) as one compose project publishing its ports on
 #    the Docker bridge's gateway; three holders (a secure round needs three), each its own project on its own
@@ -21,10 +21,20 @@ P="fedprompt-it"                       # prefix of every compose project, contai
 WORK="$(mktemp -d /tmp/fedprompt-images-test.XXXXXX)"
 LOGS="${IMAGES_TEST_LOGS:-$WORK}"  # where the build and container logs go (kept when given)
 mkdir -p "$LOGS"
-DOCKERD_PID="" INDEX_PID=""
+DOCKERD_PID=""
 t0=$(date +%s)
 say() { echo "images-test [$(( $(date +%s) - t0 )) s]: $*"; }
 die() { echo "images-test: $*" >&2; exit 1; }
+APT_UPDATED=""
+apt_install() {  # apt_install PACKAGE...: from Debian's packages, as root; apt's lists fetched once when missing
+    [ "$(id -u)" -eq 0 ] || die "$* not installed, and installing it needs root (apt-get install $*)"
+    if [ -z "$APT_UPDATED" ]; then
+        apt-get update >"$WORK/apt.log" 2>&1 || die "apt-get update failed: $(tail -1 "$WORK/apt.log")"
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >>"$WORK/apt.log" 2>&1 \
+        || die "$* could not be installed: $(tail -1 "$WORK/apt.log")"
+}
 
 cleanup() {
     set +e
@@ -32,20 +42,14 @@ cleanup() {
     docker ps -aq --filter "name=^${P}" | xargs -r docker rm -f >/dev/null 2>&1
     docker volume ls -q --filter "name=^${P}" | xargs -r docker volume rm >/dev/null 2>&1
     docker network ls -q --filter "name=^${P}" | xargs -r docker network rm >/dev/null 2>&1
-    [ -n "$INDEX_PID" ] && kill "$INDEX_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
-    rm -f deploy/docker/extra-ca.d/images-test-host.pem
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # ------------------------------------------------------------------ 1. the engine
 if ! docker info >/dev/null 2>&1; then
-    if ! command -v dockerd >/dev/null; then
-        [ "$(id -u)" -eq 0 ] || die "no Docker engine runs and dockerd is not installed (apt-get install docker.io)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker.io >"$WORK/apt.log" 2>&1 \
-            || die "no Docker engine, and docker.io could not be installed: $(tail -1 "$WORK/apt.log")"
-    fi
+    command -v dockerd >/dev/null || apt_install docker.io
     dockerd >"$WORK/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
@@ -58,7 +62,7 @@ BASE="python:3.11.14-slim-bookworm"
 if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then
     BASE="fedprompt-base:bookworm-py311"
     if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-        command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap >/dev/null
+        command -v debootstrap >/dev/null || apt_install debootstrap
         say "no registry: making $BASE with debootstrap"
         # the recipe known to work (python3.11-venv alone misses dependencies debootstrap does not resolve)
         debootstrap --variant=minbase --include=python3.11,python3.11-venv,python3-pip,python-is-python3,ca-certificates \
@@ -75,35 +79,11 @@ fi
 say "base image $BASE"
 
 # ------------------------------------------------------------------ 3. the builds
-# The host's pip settings (a mirror, a local wheel folder, its CA bundle) become build arguments.
-pipconf() { python3 -m pip config get "global.$1" 2>/dev/null || true; }
-build_args=(--build-arg "BASE_IMAGE=$BASE" --build-arg "OCI_SOURCE=images-test")
-index="${PIP_INDEX_URL:-$(pipconf index-url)}"
-[ -n "$index" ] && build_args+=(--build-arg "PIP_INDEX_URL=$index")
-links="${PIP_FIND_LINKS:-$(pipconf find-links)}"
-if [ -n "$links" ] && [ -d "$links" ]; then  # a local folder: served on loopback for the build
-    port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-    python3 -m http.server --bind 127.0.0.1 --directory "$links" "$port" >"$WORK/index.log" 2>&1 &
-    INDEX_PID=$!
-    links="http://127.0.0.1:$port/"
-    build_args+=(--build-arg "PIP_TRUSTED_HOST=127.0.0.1")
-fi
-[ -n "$links" ] && build_args+=(--build-arg "PIP_FIND_LINKS=$links")
-ca="${PIP_CERT:-$(pipconf cert)}"
-CA_COPY=deploy/docker/extra-ca.d/images-test-host.pem  # a bundle is too long for a build argument
-[ -n "$ca" ] && [ -f "$ca" ] && cp "$ca" "$CA_COPY"
-# torch from the same indexes when a local wheel folder may hold the CPU build (the check in the Dockerfile
-# refuses a CUDA one); else PyTorch's CPU index, the Dockerfile's default
-[ -n "$INDEX_PID" ] && build_args+=(--build-arg "TORCH_INDEX_URL=")
-for target in aggregator coordinator client; do
-    start=$(date +%s)
-    DOCKER_BUILDKIT=0 docker build -q --network host -f deploy/docker/Dockerfile --target "$target" \
-        "${build_args[@]}" -t "fedprompt-$target:$TAG" . >"$LOGS/build-$target.log" 2>&1 \
-        || { tail -30 "$LOGS/build-$target.log"; die "the $target image did not build"; }
-    size=$(docker image inspect -f '{{.Size}}' "fedprompt-$target:$TAG")
-    say "built fedprompt-$target:$TAG in $(( $(date +%s) - start )) s, $(( size / 1000000 )) MB"
-    [ "$target" != aggregator ] || [ "$size" -lt 400000000 ] || die "the aggregator image is $size bytes (target < 400 MB)"
-done
+# with the host's pip settings as build arguments (deploy/docker/build.sh, which make images runs too)
+BASE_IMAGE="$BASE" OCI_SOURCE=images-test BUILD_LOGS="$LOGS" bash deploy/docker/build.sh "$TAG" \
+    | while read -r line; do say "$line"; done
+size=$(docker image inspect -f '{{.Size}}' "fedprompt-aggregator:$TAG")
+[ "$size" -lt 400000000 ] || die "the aggregator image is $size bytes (target < 400 MB)"
 
 # ------------------------------------------------------------------ 4. a federation in containers
 # deploy/compose/coordinator.yml and holder.yml as an operator and three holders would run them (a secure round
@@ -111,23 +91,21 @@ done
 if docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
 else
-    if ! command -v docker-compose >/dev/null; then
-        [ "$(id -u)" -eq 0 ] || die "no compose tool (apt-get install docker-compose)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose >"$WORK/apt.log" 2>&1 \
-            || die "docker-compose could not be installed: $(tail -1 "$WORK/apt.log")"
-    fi
+    command -v docker-compose >/dev/null || apt_install docker-compose
     COMPOSE=(docker-compose)
 fi
 export FEDPROMPT_TAG="$TAG"
-HARDENED=(--read-only --tmpfs /tmp:rw,size=512m --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges)
+HARDENED=(--read-only --tmpfs "/tmp:rw,size=512m" --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges)
 holders=(holder-1 holder-2 holder-3)
+node_args=()
+for h in "${holders[@]}"; do node_args+=(--node "$h"); done
 # what the operator makes from the coordinator image, as UID 10001 (so the containers can read the keys):
 # the CA and every party's bundle; and each holder's data, a label-skewed split of rotten-tomatoes
 PKI="$WORK/pki" DATA="$WORK/data"
 install -d -o 10001 -g 10001 -m 0700 "$PKI" "$DATA"
 docker run --rm "${HARDENED[@]}" -v "$PKI:/pki" "fedprompt-coordinator:$TAG" certs --out /pki/ca \
     --bundles /pki/bundles --host fedprompt-superlink --host fedprompt-aggregator \
-    $(printf -- '--node %s ' "${holders[@]}") >/dev/null
+    "${node_args[@]}" >/dev/null
 docker run --rm "${HARDENED[@]}" -v "$DATA:/data" "fedprompt-coordinator:$TAG" datasets split \
     --dataset rotten-tomatoes --holders 3 --alpha 2 --seed 0 --out /data/split >/dev/null
 # the coordinator side publishes its two ports on the Docker bridge's gateway only, at free host ports; the
@@ -191,25 +169,29 @@ RUN_NUM_ROUNDS=1 RUN_LOCAL_STEPS=1 RUN_BATCH_SIZE=8 RUN_MIN_AVAILABLE_NODES=3 RU
     coordinator run --rm -T federation >"$LOGS/federation.log" 2>&1 \
     || { tail -40 "$LOGS/federation.log"; die "the federation job failed"; }
 # the job follows a SuperLink elsewhere through the prompt registry: each merged round is a version there
-grep -q "^round 1/1: version" "$LOGS/federation.log" && grep -q "^federation complete" "$LOGS/federation.log" \
-    || { cat "$LOGS/federation.log"; die "no merged round"; }
+if ! grep -q "^round 1/1: version" "$LOGS/federation.log" || ! grep -q "^federation complete" "$LOGS/federation.log"; then
+    cat "$LOGS/federation.log"; die "no merged round"
+fi
 say "a secure round of 3 holders in $(( $(date +%s) - start )) s"
 
 # the holders recreated on the same volumes: the ledgers still hold the round
-spent() {
-    holder "$1" run --rm -T --entrypoint fedprompt holder budget show --state /var/lib/fedprompt 2>>"$LOGS/compose-$1.log" \
+spent() {  # what the running holder container's ledger (on its volume) says it has spent
+    holder "$1" exec -T holder fedprompt budget show --state /var/lib/fedprompt 2>>"$LOGS/compose-$1.log" \
         | sed -n 's/^total: epsilon = \([0-9.]*\).*/\1/p'
 }
+declare -A before old
+for h in "${holders[@]}"; do before[$h]=$(spent "$h"); old[$h]=$(holder "$h" ps -q holder); done
 for h in "${holders[@]}"; do
-    before=$(spent "$h")
-    old=$(holder "$h" ps -q holder)
     holder "$h" up -d --force-recreate >>"$LOGS/compose-$h.log" 2>&1 || die "$h could not be recreated"
+done
+for h in "${holders[@]}"; do
     new=$(holder "$h" ps -q holder)
-    [ "$new" != "$old" ] || die "$h: compose kept the old container"
+    [ "$new" != "${old[$h]}" ] || die "$h: compose kept the old container"
     healthy "$new"
     after=$(spent "$h")
-    [ -n "$before" ] && [ "$before" = "$after" ] && python3 -c "import sys; sys.exit(float('$after') <= 0)" \
-        || die "$h: the ledger's spend was '$before' before its container was recreated, '$after' after"
+    if [ -z "${before[$h]}" ] || [ "${before[$h]}" != "$after" ] || ! python3 -c "import sys; sys.exit(float('$after') <= 0)"; then
+        die "$h: the ledger's spend was '${before[$h]}' before its container was recreated, '$after' after"
+    fi
 done
 say "holders recreated: their ledgers kept the spend ($(spent holder-1) for holder-1)"
 # the backups deploy/README.md shows, through compose

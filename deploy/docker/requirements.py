@@ -1,7 +1,7 @@
 """Print the pinned requirements of an image from pyproject.toml, so the pins stay one truth.
 
-    python requirements.py all          every dependency of fedprompt (the model roles' images)
-    python requirements.py aggregator   only what the aggregation server imports (no torch, no model stack)
+python requirements.py all          every dependency of fedprompt (the model roles' images)
+python requirements.py aggregator   only what the aggregation server imports (no torch, no model stack)
 """
 
 import re
