@@ -44,7 +44,7 @@ if [ -n "$links" ] && [ -d "$links" ]; then
 fi
 [ -n "$links" ] && build_args+=(--build-arg "PIP_FIND_LINKS=$links")
 ca="${PIP_CERT:-$(pipconf cert)}"
-[ -n "$ca" ] && [ -f "$ca" ] && cp "$ca" "$CA_COPY"
+[ -n "$ca" ] && [ -f "$ca" ] && cp -p "$ca" "$CA_COPY"  # -p: the same file for the layer cache
 
 for target in "${targets[@]}"; do
     case "$target" in aggregator|coordinator|client) ;; *) echo "build: no target '$target'" >&2; exit 2 ;; esac
