@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo demo-post test lint bench clean images images-test
+.PHONY: install demo demo-post test test-fast lint bench clean images images-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo-post: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked integration (real processes), slow (the bundled model),
+# postgres and deploy (pyproject.toml lists the markers); make test runs them all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow and not postgres and not deploy"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

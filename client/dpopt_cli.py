@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedprompt import taskfile
-from fedprompt.dp.cli import _add_state_arguments, open_ledger
+from fedprompt.dp.cli import add_state_arguments, open_ledger
 from fedprompt.errors import ConfigError, FedPromptError
 
 MECHANISM = "dp-opt"
@@ -73,7 +73,7 @@ def add_dpopt_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--seed", type=int, default=None, help="TESTS ONLY: seeds sampling and DP noise (never in production)"
     )
-    _add_state_arguments(g)
+    add_state_arguments(g)
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     p.add_argument(
         "--precision",

@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedprompt.errors import ConfigError, FedPromptError
+
+if TYPE_CHECKING:
+    from fedprompt.dp.ledger import Reservation
 
 MECHANISM = "dp-opt-federated"
 SCORE_ACCOUNTANT = "rdp"
@@ -50,7 +54,7 @@ def dpopt_config(config: dict):
 @dataclass
 class _Pending:
     holdout: list
-    release: int
+    release: Reservation
     epsilon_generation: float
     delta: float
     queries: int
@@ -79,17 +83,18 @@ class DPOPTJobs:
         eps_sel = cfg.selection_epsilon or cfg.target_epsilon
         reservation = {"mechanism": MECHANISM, "delta": gen.delta, "epsilon": dpopt.projected_epsilon(gen)}
         holder.check_run_cap(run_id, reservation, run_cap)
-        release = holder.ledger.reserve(task=task.name, run_id=run_id, **reservation)
+        # open across two messages (generation, then scoring): closed by score(), or counted as reserved
+        release = holder.ledger.open(task=task.name, run_id=run_id, **reservation)
         try:
             candidates, _exhausted, tokens = gen.generate()
         except BaseException:
-            holder.ledger.cancel(release)  # nothing left this process
+            release.close(failed=True)  # nothing left this process
             raise
         # the generation's guarantee is its projection (valid under adaptive stopping, see dpopt.finish)
         eps_gen = gen.epsilon_spent(gen.projected_queries())
-        holder.ledger.mark_releasing(release)  # the candidates leave with this reply
+        release.leaving()  # the candidates leave with this reply
         if not candidates:  # nothing to score: settle now
-            holder.ledger.commit(release, steps=gen.queries, epsilon=eps_gen)
+            release.settle(steps=gen.queries, epsilon=eps_gen)
         else:
             self._pending[run_id] = _Pending(holdout, release, eps_gen, gen.delta, gen.queries, eps_sel)
         # the reply holds the candidates (DP outputs) and counts of them; the ε, which depends on the sampling
@@ -122,10 +127,10 @@ class DPOPTJobs:
             eps_score = epsilon(SCORE_ACCOUNTANT, [(z, 1.0, 1)], delta=pending.delta)
         except BaseException:
             # nothing about the holdout left this process: the generation's spend is what was released
-            holder.ledger.commit(pending.release, steps=pending.queries, epsilon=pending.epsilon_generation)
+            pending.release.settle(steps=pending.queries, epsilon=pending.epsilon_generation)
             raise
         total = max(pending.epsilon_generation, eps_score)
-        holder.ledger.commit(pending.release, steps=pending.queries, epsilon=total)
+        pending.release.settle(steps=pending.queries, epsilon=total)
         noisy = (np.asarray(correct, dtype=np.float64) + noise).tolist()
         metrics = {"epsilon": float(config["target_epsilon"])}  # the bound; the exact spend is in the ledger
         if float(config.get("delta") or 0) > 0:

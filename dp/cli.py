@@ -38,10 +38,10 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="draw Poisson sampling and noise from the OS CSPRNG (slower, for production)",
     )
-    _add_state_arguments(g)
+    add_state_arguments(g)
 
 
-def _add_state_arguments(g: argparse._ActionsContainer) -> None:
+def add_state_arguments(g: argparse._ActionsContainer) -> None:
     g.add_argument("--state", default=None, help=f"state folder holding the privacy ledger ({default_state_dir()})")
     g.add_argument(
         "--budget-epsilon",
@@ -195,5 +195,5 @@ def add_budget_parser(sub: argparse._SubParsersAction) -> None:
         "--budget-delta; backup: copy the ledger to PATH; restore: restore a backup at PATH into --state",
     )
     p.add_argument("path", nargs="?", help="backup: destination file; restore: the backup to restore")
-    _add_state_arguments(p)
+    add_state_arguments(p)
     p.set_defaults(func=cmd_budget)

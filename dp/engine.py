@@ -110,11 +110,6 @@ def release_of(p: PrivacyPlan) -> dict:
     }
 
 
-def reserve(ledger, p: PrivacyPlan, *, task: str, run_id: str, round: int = 0) -> int:
-    """Charge ``ledger`` with the plan ``p`` before any training (refused over budget); returns the id."""
-    return ledger.reserve(task=task, run_id=run_id, round=round, **release_of(p))
-
-
 def spend_record(p: PrivacyPlan, spent_epsilon: float, steps_done: int, secure_mode: bool) -> dict:
     """The privacy spend carried by a released prompt (fedprompt.json) and the ledger."""
     return {

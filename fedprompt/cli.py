@@ -14,7 +14,7 @@ from fedprompt.dp.cli import add_budget_parser, add_dp_arguments, dp_config_from
 from fedprompt.errors import FedPromptError
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
+def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--precision",
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="fixes data-independent choices only (never DP noise)")
     p.add_argument("--base-dropout", action="store_true", help="keep the frozen model's dropout active")
-    _add_runtime(p)
+    add_runtime(p)
     add_dp_arguments(p)
     p.set_defaults(func=cmd_tune)
 
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, metavar="FILE", help="write per-example predictions and scores (CSV)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer texts are cut")
-    _add_runtime(p)
+    add_runtime(p)
     p.set_defaults(func=cmd_eval)
 
     add_budget_parser(sub)

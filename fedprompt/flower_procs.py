@@ -170,7 +170,3 @@ def toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def run_config_arg(config: dict) -> str:
-    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())

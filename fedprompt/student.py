@@ -14,8 +14,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from fedprompt.errors import ConfigError, ModelError
 
-DEFAULT_KEEP = "first3,last3"
-
 
 def decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
     """The state-dict prefix and the ModuleList of a causal LM's decoder layers."""

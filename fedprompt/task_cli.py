@@ -238,7 +238,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def add_task_parser(sub) -> None:
-    from fedprompt.cli import _add_runtime
+    from fedprompt.cli import add_runtime
 
     p = sub.add_parser("task", help="write a task file for your data (init), check one (check), print one (show)")
     actions = p.add_subparsers(dest="action", required=True)
@@ -252,7 +252,7 @@ def add_task_parser(sub) -> None:
     i.add_argument("--scoring", default="sum", choices=["sum", "mean"], help="how multi-token label words score")
     i.add_argument("--examples", type=int, default=200, help="validation examples per candidate template")
     i.add_argument("--max-length", type=int, default=128, help="tokens per example; longer texts are cut")
-    _add_runtime(i)
+    add_runtime(i)
     i.set_defaults(func=cmd_init)
     c = actions.add_parser("check", help="check a task file: its data, label words, zero-shot accuracy")
     c.add_argument("task", help="a task file or a bundled task")
@@ -260,7 +260,7 @@ def add_task_parser(sub) -> None:
     c.add_argument("--model", default=DEFAULT_MODEL, help="the model to check the label words on")
     c.add_argument("--examples", type=int, default=200, help="validation examples for the zero-shot check (0: none)")
     c.add_argument("--max-length", type=int, default=128, help="tokens per example; longer texts are cut")
-    _add_runtime(c)
+    add_runtime(c)
     c.set_defaults(func=cmd_check)
     s = actions.add_parser("show", help="print a task file (a bundled task's too)")
     s.add_argument("task", help="a task file or a bundled task")

@@ -27,7 +27,7 @@ def _runtime(args: argparse.Namespace):
     return runtime
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
+def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     p.add_argument(
         "--precision",
@@ -244,7 +244,7 @@ def add_post_parser(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--seed", type=int, default=None, help="fixes the student's start and the block order (default 0)")
     d.add_argument("--eval-dataset", default=None, help="afterwards, zero-shot test accuracy of teacher and student")
-    _add_runtime(d)
+    add_runtime(d)
     d.set_defaults(func=cmd_distill)
 
     t = acts.add_parser("transfer", help="transfer a prompt tuned on a student to its teacher, with public inputs")
@@ -288,5 +288,5 @@ def add_post_parser(sub: argparse._SubParsersAction) -> None:
         default="coordinator",
         help="identity for --aggregator (publishing is the coordinator's: a holder's is refused)",
     )
-    _add_runtime(t)
+    add_runtime(t)
     t.set_defaults(func=cmd_transfer)

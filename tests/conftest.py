@@ -30,6 +30,13 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # a test that asks for the PostgreSQL server (tests/pg.py) needs one, whatever its module says
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture
 def sentiment_file(tmp_path: Path) -> Path:
     path = tmp_path / "reviews.jsonl"

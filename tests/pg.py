@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-BACKENDS = ["sqlite", "postgres"]
+# the PostgreSQL case carries the ``postgres`` marker (make test-fast leaves it out)
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 def find_pg_bin() -> Path | None:

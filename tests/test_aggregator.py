@@ -565,6 +565,7 @@ def test_store_survives_a_restart_of_the_server(cert_dir, tmp_path):
         s.close()
 
 
+@pytest.mark.integration
 def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(cert_dir, tmp_path):
     import os
     import signal

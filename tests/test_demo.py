@@ -16,6 +16,7 @@ from fedprompt.stats import accuracy_interval, gain_interval
 METHODS = {"zero-shot", "untuned prompt", "federated", "holder-1 alone", "holder-2 alone", "holder-3 alone"}
 
 
+@pytest.mark.integration
 def test_the_demo_reports_every_comparison_with_its_interval(tmp_path: Path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "fedprompt.cli", "demo", "--out", str(out), "--model", "tiny-llama"]

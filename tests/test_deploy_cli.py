@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 
 import numpy as np
+import pytest
 from aggregator_harness import RunningAggregator
 
 from fedprompt import certs
@@ -13,6 +14,8 @@ from fedprompt.cli import main as cli_main
 from fedprompt.datasets import load
 from fedprompt.flower_procs import free_port
 from fedprompt.server.records import ModelRef
+
+pytestmark = pytest.mark.deploy
 
 
 def test_health_probe_command(tmp_path, capsys):

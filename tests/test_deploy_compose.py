@@ -19,6 +19,8 @@ import yaml
 
 from tests.k8s_render import container, expanded_args, find, render
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy" / "compose"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"

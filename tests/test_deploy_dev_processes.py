@@ -33,7 +33,11 @@ from k8s_render import KUBECTL, containers_of, expanded_args, find, render  # no
 
 from fedprompt import flower_procs as fp  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason="needs kubectl in the virtualenv")
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.integration,
+    pytest.mark.skipif(not KUBECTL.exists(), reason="needs kubectl in the virtualenv"),
+]
 
 FAST_RUN = {"RUN_MODEL": "tiny-llama", "RUN_NUM_ROUNDS": "1", "RUN_LOCAL_STEPS": "2", "RUN_BATCH_SIZE": "8"}
 ADDRESS = re.compile(r"^([a-z0-9.-]+):(\d+)$")

@@ -36,10 +36,13 @@ from k8s_render import (  # noqa: E402  (after the skip: it needs yaml)
     run,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (KUBECTL.exists() and VALIDATE.exists() and FEDPROMPT.exists()),
-    reason="needs kubectl and kubernetes-validate in the virtualenv (pip install -e '.[dev]')",
-)
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.skipif(
+        not (KUBECTL.exists() and VALIDATE.exists() and FEDPROMPT.exists()),
+        reason="needs kubectl and kubernetes-validate in the virtualenv (pip install -e '.[dev]')",
+    ),
+]
 
 EXTERNAL_SECRETS = {"fedprompt-postgres"}  # referenced, created by hand (kubectl create secret), never rendered
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}

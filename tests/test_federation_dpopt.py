@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedprompt import text_prompt
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
 from fedprompt.server.dpopt_federation import ARTIFACT_DIR, RESULT_FILE
 from tests.conftest import make_sentiment_rows
+
+pytestmark = pytest.mark.integration
 
 DPOPT = {
     "teachers": 6,

@@ -18,6 +18,8 @@ from fedprompt import flower_procs as fp
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
 
+pytestmark = pytest.mark.integration
+
 TARGET_EPS = 8.0
 
 

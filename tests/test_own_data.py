@@ -134,6 +134,7 @@ def test_tune_and_eval_use_the_task_and_peft_gives_the_same_scores(tweets, tmp_p
             assert float(row[f"score:{label}"]) == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.integration
 def test_a_federation_on_the_task_file(tweets, tmp_path, capsys):
     task_file = tmp_path / "t.toml"
     _init(tweets, task_file, capsys)
@@ -161,6 +162,7 @@ def test_a_federation_on_the_task_file(tweets, tmp_path, capsys):
     assert "round 1/1: epsilon" in holder_log  # each round's epsilon, on the holder
 
 
+@pytest.mark.integration
 def test_a_holder_pointed_at_the_wrong_port_says_it_cannot_reach_the_coordinator(sentiment_file, tmp_path):
     from fedprompt import flower_procs as fp
 

@@ -16,6 +16,7 @@ from fedprompt.student import build_student
 from tests.conftest import make_sentiment_rows
 
 
+@pytest.mark.integration
 def test_a_federation_on_the_student_ends_with_the_prompt_on_the_teacher(tmp_path, monkeypatch):
     from fedprompt.server.registry import Registry
     from fedprompt.server.store import open_store

@@ -288,6 +288,7 @@ def check_consistent(reg: Registry, finalised: list[list[str]]) -> None:
         assert reg.get_round(rid).version_id == vid
 
 
+@pytest.mark.integration
 def test_killed_inside_finalise_leaves_the_round_open(store_target, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -306,6 +307,7 @@ def test_killed_inside_finalise_leaves_the_round_open(store_target, tmp_path):
         assert res.version.version_id == lost_vid and verify_version(res.version)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("delays", [(0.0, 0.004, 0.011, 0.023)])
 def test_killed_at_arbitrary_points_leaves_a_consistent_store(store_target, tmp_path, delays):
     script = tmp_path / "child.py"
