@@ -41,9 +41,9 @@ import numpy as np
 from common import emit
 
 from fedprompt import certs
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.flower_procs import free_port
-from fedprompt.server.records import ModelRef
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.records import ModelRef
 from fedprompt.server.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

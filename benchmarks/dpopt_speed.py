@@ -28,6 +28,7 @@ from common import emit
 
 from fedprompt import datasets, zoo
 from fedprompt.client import dpopt
+from fedprompt.protocols.dpopt_settings import PRESETS
 from fedprompt.runtime import Runtime
 from fedprompt.task import Verbalizer
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default="rotten-tomatoes")
-    ap.add_argument("--preset", default="cpu", choices=sorted(dpopt.PRESETS))
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--tokens", type=int, default=6, help="tokens written per arm and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
@@ -50,7 +51,7 @@ def main() -> None:
     ds = datasets.load(args.dataset)
     verbalizer = Verbalizer.build(loaded.tokenizer, ds.label_words)
     cfg = replace(
-        dpopt.PRESETS[args.preset],
+        PRESETS[args.preset],
         private=False,
         temperature=0.0,
         min_new_tokens=args.tokens,

@@ -19,7 +19,7 @@ import json
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedprompt.flower_io import from_record, to_record
+from fedprompt.protocols.flower_records import from_record, to_record
 
 # Error codes of fedprompt's refusals, beside Flower's own 0-8.
 BUDGET_EXCEEDED = 100

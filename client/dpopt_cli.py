@@ -101,7 +101,7 @@ _OVERRIDES = (
 
 
 def config_from_args(args: argparse.Namespace, device_type: str):
-    from fedprompt.client.dpopt import PRESETS
+    from fedprompt.protocols.dpopt_settings import PRESETS
 
     preset = args.preset if args.preset != "auto" else ("paper" if device_type == "cuda" else "cpu")
     changes = {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}

@@ -18,37 +18,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.protocols.dpopt_settings import dpopt_config
 
 if TYPE_CHECKING:
     from fedprompt.dp.ledger import Reservation
 
 MECHANISM = "dp-opt-federated"
 SCORE_ACCOUNTANT = "rdp"
-
-
-def dpopt_config(config: dict):
-    """The DP-OPT settings a coordinator sent: a preset plus JSON overrides (seeds are never accepted)."""
-    from dataclasses import replace
-
-    from fedprompt.client.dpopt import PRESETS, DPOPTConfig
-
-    preset = str(config.get("dpopt_preset", "cpu"))
-    public = {"target_epsilon": float(config["target_epsilon"])}
-    if float(config.get("delta") or 0) > 0:  # a federation's public delta (a holder's own 1/(2n) would tell its n)
-        public["delta"] = float(config["delta"])
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown DP-OPT preset {preset!r}; known: {sorted(PRESETS)}")
-    overrides = json.loads(str(config.get("dpopt_settings") or "{}"))
-    known = {f.name for f in fields(DPOPTConfig)} - {"seed", "private"}
-    if not isinstance(overrides, dict) or set(overrides) - known:
-        raise ConfigError(f"DP-OPT settings must be a JSON object with keys among {sorted(known)}; got {overrides!r}")
-    return replace(PRESETS[preset], **public, **overrides)
 
 
 @dataclass

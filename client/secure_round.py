@@ -30,7 +30,7 @@ class AggregatorAccess:
     key: Path
 
     def connect(self, name: str):
-        from fedprompt.aggregator_client import AggregatorClient
+        from fedprompt.protocols.aggregator_client import AggregatorClient
 
         return AggregatorClient(self.address, None, name, files=(self.ca, self.cert, self.key))
 

@@ -81,7 +81,7 @@ class HolderService:
 
     def holder(self, config: dict):
         from fedprompt.client.trainer import Holder  # torch and transformers load here, once
-        from fedprompt.rounds import TaskSpec
+        from fedprompt.protocols.rounds import TaskSpec
         from fedprompt.runtime import Runtime
         from fedprompt.zoo import known_names
 
@@ -139,7 +139,7 @@ class HolderService:
             return _refusal("error", f"{type(exc).__name__} on the holder (details in its log)"), None
 
     def _handle(self, kind: str, config: dict, prompt: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
-        from fedprompt.rounds import LocalSettings
+        from fedprompt.protocols.rounds import LocalSettings
 
         if self.threads is not None and kind != "hello":
             self.threads.apply()

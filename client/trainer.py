@@ -21,7 +21,7 @@ from fedprompt.dp.accounting import epsilon
 from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, release_of
 from fedprompt.dp.ledger import PrivacyLedger, Reservation
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
-from fedprompt.rounds import LocalSettings, TaskSpec
+from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
 from fedprompt.taskfile import Task
 from fedprompt.training import Session, TuneConfig, make_optimizer, run_steps

@@ -266,7 +266,7 @@ def _eval_text_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from fedprompt.health import check
+    from fedprompt.protocols.health import check
 
     return check(args)
 
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_certs)
 
-    from fedprompt.health import add_arguments as add_health_arguments
+    from fedprompt.protocols.health import add_arguments as add_health_arguments
 
     p = sub.add_parser("health", help="check a plaintext grpc.health.v1 endpoint (container health checks)")
     add_health_arguments(p)

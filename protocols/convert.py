@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from fedprompt.protocols import aggregator_pb2 as pb
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     FinaliseResult,
     InvalidInput,
     ModelRef,

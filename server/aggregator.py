@@ -34,12 +34,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedprompt import certs
-from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
-from fedprompt.server.records import RegistryError
+from fedprompt.protocols.aggregator_client import DEFAULT_PORT
+from fedprompt.protocols.records import RegistryError
 from fedprompt.server.registry import Registry
 from fedprompt.server.secagg_rounds import JOIN_TIMEOUT_S, STAGE_TIMEOUT_S, SecureRounds
 from fedprompt.server.store import open_store

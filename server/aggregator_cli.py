@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.bind import BIND_ENV, bind_host, health_default
 from fedprompt.errors import FedPromptError
+from fedprompt.protocols.aggregator_client import DEFAULT_PORT
 
 STORE_ENV = "FEDPROMPT_AGGREGATOR_STORE"  # lets a deployment pass a PostgreSQL URL from a secret
 
@@ -100,7 +100,7 @@ def add_registry_parser(sub) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from fedprompt.aggregator_client import AggregatorClient
+    from fedprompt.protocols.aggregator_client import AggregatorClient
 
     return AggregatorClient(args.aggregator, args.certs, args.identity, timeout=args.timeout)
 

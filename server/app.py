@@ -20,16 +20,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import zoo
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.artifact import ArtifactMeta
-from fedprompt.flower_io import from_record, to_record
 from fedprompt.prompt import origin_id, prompt_sha256
-from fedprompt.rounds import TaskSpec
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.flower_records import from_record, to_record
+from fedprompt.protocols.records import ModelRef
+from fedprompt.protocols.rounds import TaskSpec
 from fedprompt.server import checkpoint, secure_round
 from fedprompt.server.aggregate import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.server.config import FederationConfig
 from fedprompt.server.exchange import send_and_receive
-from fedprompt.server.records import ModelRef
 from fedprompt.task import Verbalizer
 from fedprompt.training import TuneConfig, initial_prompt
 

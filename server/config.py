@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedprompt import taskfile
 from fedprompt.errors import ConfigError
-from fedprompt.rounds import LocalSettings, TaskSpec
+from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.server.aggregate import STRATEGIES
 from fedprompt.taskfile import Task
 from fedprompt.training import DEFAULT_INIT_TEXT
@@ -125,7 +125,7 @@ class FederationConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "dpopt":
-            from fedprompt.client.dpopt_holder import dpopt_config
+            from fedprompt.protocols.dpopt_settings import dpopt_config
 
             dpopt_config(
                 {

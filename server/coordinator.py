@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
-from fedprompt.aggregator_client import DEFAULT_PORT
 from fedprompt.bind import BIND_ENV, bind_host, health_default
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
+from fedprompt.protocols.aggregator_client import DEFAULT_PORT
 from fedprompt.server.aggregator_cli import STORE_ENV
 
 if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults): loaded when a run is set up
@@ -253,7 +253,7 @@ class Coordinator:
             raise FedPromptError(f"run {run_id} ended as {status}: {details}\n{log}")
 
     def _follow_remote(self, run_id: str, cfg: FederationConfig) -> None:
-        from fedprompt.aggregator_client import AggregatorClient, AggregatorError
+        from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 
         registry = AggregatorClient(cfg.aggregator, cfg.aggregator_certs, "coordinator") if cfg.aggregator else None
         seen: set[str] = set()

@@ -21,11 +21,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedprompt import text_prompt, zoo
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.cache import write_json_atomic
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.records import ModelRef
 from fedprompt.server.config import FederationConfig
 from fedprompt.server.exchange import send_and_receive
-from fedprompt.server.records import ModelRef
 
 INFO = 20
 WARNING = 30

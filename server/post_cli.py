@@ -139,7 +139,7 @@ def transfer_and_save(
     artifact.save(out, result.weight, result.meta)
     report = dict(result.report)
     if aggregator:
-        from fedprompt.aggregator_client import AggregatorClient, AggregatorError
+        from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 
         try:
             with AggregatorClient(aggregator, certs, identity) as client:

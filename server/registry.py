@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     Conflict,
     InvalidInput,
     ModelRef,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprompt.server.records import InvalidInput, ModelRef
+from fedprompt.protocols.records import InvalidInput, ModelRef
 
 MAX_NAME = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     ROUND_ABORTED,
     ROUND_FINALISED,
     ROUND_OPEN,

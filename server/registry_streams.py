@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     Conflict,
     InvalidInput,
     ModelRef,

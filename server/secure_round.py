@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
-from fedprompt.rounds import TaskSpec
-from fedprompt.server.records import ModelRef
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.records import ModelRef
+from fedprompt.protocols.rounds import TaskSpec
 
 RESULT_WAIT_S = 30.0  # after the holders' replies: the last unmasking is already done or about to be
 

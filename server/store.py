@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedprompt.errors import FedPromptError
-from fedprompt.server.records import ModelRef, Round, Stream, TaskVector, Version
+from fedprompt.protocols.records import ModelRef, Round, Stream, TaskVector, Version
 
 SCHEMA_VERSION = 1
 TABLES = ("versions", "task_vectors", "rounds", "updates", "streams", "stream_versions", "stream_buffer")

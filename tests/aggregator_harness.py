@@ -6,8 +6,8 @@ import asyncio
 import threading
 from pathlib import Path
 
-from fedprompt.aggregator_client import AggregatorClient
 from fedprompt.flower_procs import free_port
+from fedprompt.protocols.aggregator_client import AggregatorClient
 from fedprompt.server.aggregator import Aggregator, AggregatorSettings
 
 

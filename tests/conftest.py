@@ -61,7 +61,7 @@ def tiny_gpt2():
 def round_config(model, **settings) -> dict:
     """A train/evaluate request's config as the ServerApp sends it: the task on ``model`` and the local settings
     (a 2-round run of 2 local steps of batch 8 unless ``settings`` say otherwise)."""
-    from fedprompt.rounds import LocalSettings, TaskSpec
+    from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 
     task = TaskSpec(
         "reviews",

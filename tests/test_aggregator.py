@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedprompt import certs
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.cli import main as cli_main
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.records import ModelRef
 from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
-from fedprompt.server.records import ModelRef
 from fedprompt.server.store import open_store
 
 MODEL = ModelRef("tiny-llama", "a" * 64)

@@ -23,10 +23,10 @@ import pytest
 from aggregator_harness import RunningAggregator
 
 from fedprompt import certs
-from fedprompt.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert
-from fedprompt.server.records import ModelRef
+from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.records import ModelRef
 from fedprompt.server.store import tensor_bytes
 
 pytest_plugins = ["pg"]

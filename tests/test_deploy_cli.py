@@ -9,11 +9,11 @@ import pytest
 from aggregator_harness import RunningAggregator
 
 from fedprompt import certs
-from fedprompt.aggregator_client import AggregatorClient
 from fedprompt.cli import main as cli_main
 from fedprompt.datasets import load
 from fedprompt.flower_procs import free_port
-from fedprompt.server.records import ModelRef
+from fedprompt.protocols.aggregator_client import AggregatorClient
+from fedprompt.protocols.records import ModelRef
 
 pytestmark = pytest.mark.deploy
 
@@ -111,7 +111,8 @@ def test_the_command_line_and_the_aggregation_server_load_no_torch():
 
     code = (
         "import sys; import fedprompt.cli as c; c.build_parser(); import fedprompt.server.aggregator; "
-        "import fedprompt.health; print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"
+        "import fedprompt.protocols.health; "
+        "print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

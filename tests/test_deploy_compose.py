@@ -208,7 +208,9 @@ BREAKAGES = {
     "state elsewhere": (("holder.yml", "holder"), lambda s: s["volumes"].__setitem__(2, "state:/srv/state")),
     "another health port": (
         ("coordinator.yml", "superlink"),
-        lambda s: s["healthcheck"].__setitem__("test", ["CMD", "python", "-m", "fedprompt.health", "grpc", "x:9"]),
+        lambda s: s["healthcheck"].__setitem__(
+            "test", ["CMD", "python", "-m", "fedprompt.protocols.health", "grpc", "x:9"]
+        ),
     ),
     "a port more": (("holder.yml", "holder"), lambda s: s.__setitem__("expose", ["9097", "8080"])),
     "root filesystem writable": (("holder.yml", "holder"), lambda s: s.__setitem__("read_only", False)),

@@ -154,7 +154,7 @@ def probe_port(pod: Pod, c: dict) -> int:
 
 
 def healthy(port: int) -> bool:
-    from fedprompt.health import main as health
+    from fedprompt.protocols.health import main as health
 
     return health(["grpc", f"127.0.0.1:{port}", "--timeout", "2"]) == 0
 

@@ -188,7 +188,7 @@ def test_role_target_runs_unprivileged_with_json_entrypoint_and_healthcheck(pars
     assert checks, f"{target} has no HEALTHCHECK"
     m = re.fullmatch(r"(?:--\S+\s+)*CMD\s+(.*)", checks[-1], re.DOTALL)
     assert m and json_form(m.group(1)), f"{target}: HEALTHCHECK {checks[-1]} is not CMD in JSON form"
-    assert json_form(m.group(1))[:4] == ["python", "-m", "fedprompt.health", "grpc"]
+    assert json_form(m.group(1))[:4] == ["python", "-m", "fedprompt.protocols.health", "grpc"]
 
 
 def test_role_entrypoints(parsed):

@@ -12,7 +12,7 @@ from fedprompt.client.trainer import DP_NUM_EXAMPLES, Holder
 from fedprompt.dp.accounting import epsilon
 from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import BudgetExceededError, ModelError
-from fedprompt.rounds import LocalSettings, TaskSpec
+from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
 from fedprompt.server import checkpoint
 from fedprompt.server.aggregate import ClientLevelDP, FedAdam, FedAvg, weighted_mean

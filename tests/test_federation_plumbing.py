@@ -22,8 +22,8 @@ from fedprompt.client.policy import HolderPolicy
 from fedprompt.client.service import HolderService
 from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import FedPromptError
-from fedprompt.flower_io import from_record, to_record
 from fedprompt.flower_procs import app_dir
+from fedprompt.protocols.flower_records import from_record, to_record
 from fedprompt.server.config import FederationConfig
 
 

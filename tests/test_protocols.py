@@ -7,7 +7,7 @@ import pytest
 
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert, generate
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     FinaliseResult,
     InvalidInput,
     ModelRef,

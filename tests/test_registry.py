@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedprompt.server.records import (
+from fedprompt.protocols.records import (
     ROUND_ABORTED,
     ROUND_FINALISED,
     ROUND_OPEN,

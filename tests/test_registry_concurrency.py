@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_registry import MODEL, OTHER, emb, open_plain, publish, rejected
 
-from fedprompt.server.records import ROUND_FINALISED, ROUND_OPEN, AlreadyExists, Conflict, InvalidInput, NotFound
+from fedprompt.protocols.records import ROUND_FINALISED, ROUND_OPEN, AlreadyExists, Conflict, InvalidInput, NotFound
 from fedprompt.server.registry import Registry, verify_version
 from fedprompt.server.store import open_store, tensor_bytes
 
@@ -223,7 +223,7 @@ def test_40_concurrent_pushes_lose_nothing(reg):
 CHILD = r"""
 import sys, time
 import numpy as np
-from fedprompt.server.records import ModelRef
+from fedprompt.protocols.records import ModelRef
 from fedprompt.server.registry import Registry
 from fedprompt.server.store import Tx, open_store
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from fedprompt.server.records import ModelRef, Round, Stream, TaskVector, Version
+from fedprompt.protocols.records import ModelRef, Round, Stream, TaskVector, Version
 from fedprompt.server.store import SCHEMA_VERSION, TABLES, StoreError, open_store
 
 pytest_plugins = ["pg"]

@@ -22,7 +22,7 @@ from fedprompt.errors import FedPromptError
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
-from fedprompt.server.records import FinaliseResult, ModelRef, PushResult, Round, Stream, TaskVector, Version
+from fedprompt.protocols.records import FinaliseResult, ModelRef, PushResult, Round, Stream, TaskVector, Version
 
 DEFAULT_PORT = 9094  # the aggregation server's port, everywhere a default address is made
 DEFAULT_TIMEOUT = 30.0

@@ -1,4 +1,5 @@
-"""``python -m fedprompt.health grpc HOST:PORT``: exit 0 when a plaintext grpc.health.v1 endpoint says SERVING.
+"""``python -m fedprompt.protocols.health grpc HOST:PORT``: exit 0 when a plaintext grpc.health.v1 endpoint
+says SERVING.
 
 For container health checks and probes: it imports only grpc (``fedprompt health`` is the same check through
 the command line).
@@ -34,7 +35,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedprompt.health", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedprompt.protocols.health", description=__doc__.splitlines()[0])
     add_arguments(p)
     return check(p.parse_args(argv))
 
