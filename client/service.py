@@ -73,7 +73,7 @@ class HolderService:
         self._holder = None
         self._holder_key: tuple | None = None
         self._secagg_started: set[tuple[str, int]] = set()  # one protocol instance per update, ever
-        from fedprompt.client.dpopt_holder import DPOPTJobs
+        from fedprompt.client.dpopt.holder import DPOPTJobs
 
         self._dpopt = DPOPTJobs()  # federated DP-OPT runs between their generation and their scoring
 

@@ -235,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_text_prompt(args: argparse.Namespace) -> int:
     """A text prompt (DP-OPT) works on any model: the instruction goes above the task's template."""
     from fedprompt import text_prompt
-    from fedprompt.client.dpopt_text import correct_count, instruction_template
+    from fedprompt.client.dpopt.text import correct_count, instruction_template
 
     text, meta = text_prompt.load(args.prompt)
     session = _session(
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_health)
 
     from fedprompt.client.daemon import add_client_parser
-    from fedprompt.client.dpopt_cli import add_dpopt_parser
+    from fedprompt.client.dpopt.cli import add_dpopt_parser
     from fedprompt.demo import add_demo_parser
     from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
     from fedprompt.server.coordinator import add_front_parser, add_server_parser, add_superlink_parser

@@ -3,7 +3,7 @@ them on its own holdout with noise, and keep the candidate with the largest sum 
 
 Everything the coordinator receives is already differentially private on the holder's side (the candidates
 through the limited-domain mechanism, the scores through the Gaussian mechanism; see
-``fedprompt.client.dpopt_holder``); it adds nothing, and choosing the winner is post-processing. The
+``fedprompt.client.dpopt.holder``); it adds nothing, and choosing the winner is post-processing. The
 chosen instruction is saved as a text prompt artifact and, when the aggregation server runs, stored in its
 registry as a text version.
 """

@@ -12,8 +12,8 @@ import torch
 
 from fedprompt import datasets, text_prompt
 from fedprompt.cli import main
-from fedprompt.client import dpopt
-from fedprompt.client.dpopt_text import Demo, MetaPrompt, instruction_template
+from fedprompt.client.dpopt import generation as dpopt
+from fedprompt.client.dpopt.text import Demo, MetaPrompt, instruction_template
 from fedprompt.datasets import Example
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.dp.limited_domain import dpopt_epsilon

@@ -108,7 +108,7 @@ def test_a_wrong_import_of_each_kind_is_reported(tmp_path: Path):
         "protocols/flower_records.py": "from flwr.app import ArrayRecord\n",  # allowed
         "protocols/health.py": "import grpc\n",  # allowed
         "dp/audit.py": "import grpc\n",  # gRPC in dp
-        "server/config.py": "from fedprompt.client.dpopt_holder import dpopt_config\n",  # server -> client
+        "server/config.py": "from fedprompt.client.dpopt.holder import dpopt_config\n",  # server -> client
         "client/app.py": "from fedprompt.cli import _check_out\n",  # client -> an entry point, a private name
         "server/app.py": "from fedprompt.protocols.records import ModelRef\n",  # fine
     }
@@ -121,7 +121,7 @@ def test_a_wrong_import_of_each_kind_is_reported(tmp_path: Path):
         "fedprompt.dp.ledger:2 imports fedprompt.protocols.records: dp may not import protocols",
         "fedprompt.protocols.rounds:1 imports flwr: Flower outside",
         "fedprompt.dp.audit:1 imports grpc: gRPC outside",
-        "fedprompt.server.config:1 imports fedprompt.client.dpopt_holder.dpopt_config: server may not import client",
+        "fedprompt.server.config:1 imports fedprompt.client.dpopt.holder.dpopt_config: server may not import client",
         "fedprompt.client.app:1 imports fedprompt.cli._check_out: a private name",
     ]
     for e in expected:

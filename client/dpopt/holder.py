@@ -50,7 +50,7 @@ class DPOPTJobs:
         self._pending: dict[str, _Pending] = {}
 
     def generate(self, holder, config: dict, run_cap: float | None = None) -> dict:
-        from fedprompt.client import dpopt
+        from fedprompt.client.dpopt import generation as dpopt
 
         run_id = str(config["run_id"])
         if run_id in self._pending:
@@ -84,7 +84,7 @@ class DPOPTJobs:
         return {"candidates": candidates, "metrics": {"queries": gen.queries, "tokens": tokens}}
 
     def score(self, holder, config: dict) -> dict:
-        from fedprompt.client.dpopt import score_candidates
+        from fedprompt.client.dpopt.generation import score_candidates
         from fedprompt.dp.accounting import calibrate_noise, epsilon
         from fedprompt.dp.secure_rng import secure_gaussian
 

@@ -122,7 +122,7 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
     print(f"runtime: {runtime.describe()}; preset {preset}", file=sys.stderr)
 
     from fedprompt import zoo
-    from fedprompt.client import dpopt
+    from fedprompt.client.dpopt import generation as dpopt
     from fedprompt.task import Verbalizer
     from fedprompt.training import DEFAULT_INIT_TEXT
 
@@ -248,7 +248,7 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
 
 def evaluate_prompts(model, runtime, dataset, prompts: dict, examples, max_length: int) -> dict[str, float]:
     """Accuracy of each instruction above the dataset's template (None: the template alone)."""
-    from fedprompt.client.dpopt_text import correct_count, instruction_template
+    from fedprompt.client.dpopt.text import correct_count, instruction_template
     from fedprompt.task import Verbalizer
 
     verbalizer = Verbalizer.of(model.tokenizer, dataset)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedprompt.client.dpopt_teachers import TeacherEnsemble
-from fedprompt.client.dpopt_text import IMPROVE_MESSAGES, Demo, MetaPrompt, correct_count, instruction_template, predict
+from fedprompt.client.dpopt.teachers import TeacherEnsemble
+from fedprompt.client.dpopt.text import IMPROVE_MESSAGES, Demo, MetaPrompt, correct_count, instruction_template, predict
 from fedprompt.datasets import Example
 from fedprompt.dp.limited_domain import LimitedDomain, dpopt_epsilon, max_queries, select_candidate
 from fedprompt.errors import ConfigError
