@@ -44,7 +44,7 @@ from fedprompt import certs
 from fedprompt.flower_procs import free_port
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
-from fedprompt.server.store import open_store
+from fedprompt.server.aggregation.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/pg.py finds the PostgreSQL binaries; its fixture's start logic is repeated below (a pytest fixture

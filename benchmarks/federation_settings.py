@@ -2,7 +2,7 @@
 
 Each holder is a real :class:`fedprompt.client.trainer.Holder` (its ledger, its privacy plan, Opacus DP-SGD on
 its label-skewed split of the demo's data); the coordinator's side is the ServerApp's own strategy
-(``fedprompt.server.aggregate``) applied to the equal-weight mean of the deltas, which is what secure
+(``fedprompt.server.coordinator.strategies``) applied to the equal-weight mean of the deltas, which is what secure
 aggregation delivers. Holders train one after another, so a setting costs its training compute and nothing
 else; the real federation (``fedprompt demo``) confirms what is kept. Settings are chosen on the bundled
 *validation* split (500 snippets): the test split stays for the report.
@@ -33,8 +33,8 @@ from fedprompt import partition, zoo
 from fedprompt.client.trainer import Holder
 from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.runtime import Runtime
-from fedprompt.server.aggregate import make_strategy
-from fedprompt.server.config import FederationConfig
+from fedprompt.server.coordinator.config import FederationConfig
+from fedprompt.server.coordinator.strategies import make_strategy
 from fedprompt.training import Session, TuneConfig
 
 # FederationConfig's fields the sweep varies, at the demo's values

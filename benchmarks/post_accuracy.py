@@ -28,7 +28,7 @@ from common import emit
 from fedprompt import artifact, zoo
 from fedprompt.dp.engine import DPConfig, private_tune
 from fedprompt.runtime import Runtime
-from fedprompt.server.post_transfer import TransferConfig, transfer
+from fedprompt.server.post.transfer import TransferConfig, transfer
 from fedprompt.training import Session, TuneConfig
 
 

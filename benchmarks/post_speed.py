@@ -31,7 +31,7 @@ from opacus.optimizers import DPOptimizer
 from fedprompt import artifact, zoo
 from fedprompt.dp import grad_sample as _registered  # noqa: F401
 from fedprompt.runtime import Runtime
-from fedprompt.server.post_transfer import TransferConfig, transfer
+from fedprompt.server.post.transfer import TransferConfig, transfer
 from fedprompt.student import build_student, decoder_layers, parse_keep_layers
 from fedprompt.training import Session, TuneConfig
 from fedprompt.zoo import LoadedModel

@@ -10,8 +10,8 @@ their compute time only without DP (under DP it would leak), so the runs are `--
 with `--allow-no-dp`. Secure rounds start at 3 holders: a holder refuses a smaller secure cohort (with two,
 the mean and its own update give it the other's), so 2 holders are measured plain only.
 
-The front (``server/front.py``) is measured against holders that connect to the SuperLink's own loopback port,
-bypassing it (possible only on the coordinator's machine). The holder's policy checks (the rules, and the
+The front (``server/coordinator/front.py``) is measured against holders that connect to the SuperLink's own
+loopback port, bypassing it (possible only on the coordinator's machine). The holder's policy checks (the rules, and the
 composition of the run's releases for its ε cap, over a ledger that already holds 50 releases) are timed
 in-process and set against a round's wall time. Flower counts the bytes of every message of the run.
 

@@ -10,7 +10,7 @@ same fraction of clients dropping out at the chosen stage (`advertise`: after ad
 sharing keys, so their pairwise masks must be removed; `masked`: after sending the masked input, so their
 shares come from the others). All clients are simulated in one process, one after another, with no transport:
 - `plain`: each client sends its float32 vector; the server adds n vectors;
-- `fedprompt`: `fedprompt.protocols.secagg` end to end, the malicious-server variant (its client and server
+- `fedprompt`: `fedprompt.protocols.secagg.protocol` end to end, the malicious-server variant (its client and server
   objects and protobuf messages; every client signs its keys and the survivors with a P-384 node key and checks
   its neighbours' signatures against its roster; the consistency round; the server's share and range checks);
   bytes per client are the serialized `SecAggMessage`s it sends;
@@ -47,10 +47,10 @@ import numpy as np
 from common import emit
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import LAST_STAGE, plan
-from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
-from fedprompt.protocols.secagg_server import SecAggServer
+from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg.client import ClientIdentity, SecAggClient
+from fedprompt.protocols.secagg.protocol import LAST_STAGE, plan
+from fedprompt.protocols.secagg.server import SecAggServer
 
 SHAPE = (20, 576)
 CLIP = 1.0

@@ -52,7 +52,7 @@ def join(transport: Transport, round_id: str, vector_length: int, check) -> SecA
     """The round's setup for this holder, asked for before it trains, so that a round it would refuse (too
     small, a threshold that does not resist its colluders, a neighbour outside its roster) costs it no budget.
     ``check(setup)`` raises SecAggRefused for such a round."""
-    from fedprompt.protocols.secagg import SecAggRefused
+    from fedprompt.protocols.secagg.protocol import SecAggRefused
 
     first = transport.exchange(0)
     if first.message.WhichOneof("body") != "setup":

@@ -197,7 +197,7 @@ class HolderService:
 
     def _take_part(self, settings, config: dict, prompt, round_id: str, key, transport) -> dict:
         from fedprompt.client import secure_round
-        from fedprompt.protocols.secagg import SecAggRefused
+        from fedprompt.protocols.secagg.protocol import SecAggRefused
 
         try:
             if key in self._secagg_started:
@@ -286,7 +286,7 @@ class HolderService:
         """This holder's SecAgg identity: its node key, its roster, its policy's cohort and colluders."""
         from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-        from fedprompt.protocols.secagg_client import ClientIdentity
+        from fedprompt.protocols.secagg.client import ClientIdentity
 
         if self.signing_key is None or not self.peers:
             raise FedPromptError("this holder has no node key or no roster of its peers' keys: no secure rounds")
@@ -299,13 +299,13 @@ class HolderService:
         )
 
     def _check_setup(self, setup) -> None:
-        from fedprompt.protocols.secagg_client import check_setup
+        from fedprompt.protocols.secagg.client import check_setup
 
         self.policy.check_secure_cohort(setup.num_clients)
         check_setup(setup, self._identity())
 
     def _secagg_client(self, setup, update: np.ndarray):
-        from fedprompt.protocols.secagg_client import SecAggClient
+        from fedprompt.protocols.secagg.client import SecAggClient
 
         return SecAggClient(setup, update, self._identity())
 

@@ -416,10 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fedprompt.client.daemon import add_client_parser
     from fedprompt.client.dpopt.cli import add_dpopt_parser
     from fedprompt.demo import add_demo_parser
-    from fedprompt.server.aggregator_cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
-    from fedprompt.server.coordinator import add_front_parser, add_server_parser, add_superlink_parser
-    from fedprompt.server.post_cli import add_post_parser
-    from fedprompt.server.post_demo import add_demo_post_parser
+    from fedprompt.server.aggregation.cli import add_aggregator_parser, add_prompts_parser, add_registry_parser
+    from fedprompt.server.coordinator.cli import add_front_parser, add_server_parser, add_superlink_parser
+    from fedprompt.server.post.cli import add_post_parser
+    from fedprompt.server.post.demo import add_demo_post_parser
 
     add_server_parser(sub)
     add_superlink_parser(sub)
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FedPromptError as exc:  # errors a user can cause; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -152,8 +152,8 @@ def evaluate_all(a: argparse.Namespace, out: Path, data_files: list[Path], parts
     from fedprompt import datasets as ds_mod
     from fedprompt.dp.engine import DPConfig, private_tune
     from fedprompt.runtime import Runtime
-    from fedprompt.server import checkpoint
-    from fedprompt.server.config import FederationConfig
+    from fedprompt.server.coordinator import checkpoint
+    from fedprompt.server.coordinator.config import FederationConfig
     from fedprompt.training import Session, TuneConfig, tune
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -213,7 +213,7 @@ def spend_per_round(out: Path, holders: int, rounds: int) -> dict[str, list[floa
     (under DP a holder replies with its bound for the run, never its per-round spend, which depends on its n).
     """
     from fedprompt.dp.ledger import PrivacyLedger, compose
-    from fedprompt.server.config import FederationConfig
+    from fedprompt.server.coordinator.config import FederationConfig
 
     spend = {}
     for i in range(1, holders + 1):
@@ -233,7 +233,7 @@ def _pct(right: list[bool]) -> str:
 def cmd_demo(a: argparse.Namespace) -> int:
     from fedprompt import datasets as ds_mod
     from fedprompt import partition, report, zoo
-    from fedprompt.server.config import FederationConfig
+    from fedprompt.server.coordinator.config import FederationConfig
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation's processes on the way out
     out = Path(a.out).resolve()

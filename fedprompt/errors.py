@@ -1,9 +1,13 @@
-"""Errors a user can cause. The CLI prints them in one line without a traceback and exits 2; any other exception
-is a bug, and the CLI lets its traceback show."""
+"""Errors a user can cause. The CLI prints them in one line without a traceback and exits with the error's
+``exit_code``; the aggregation server answers with its ``status`` (a gRPC status code's name). Any other exception
+is a bug: the CLI lets its traceback show, the server answers UNKNOWN."""
 
 
 class FedPromptError(Exception):
     """Base class of every error fedprompt raises on purpose for bad input or state."""
+
+    status = "INVALID_ARGUMENT"  # the gRPC status the aggregation server answers with
+    exit_code = 2  # what the CLI exits with
 
 
 class ConfigError(FedPromptError, ValueError):

@@ -1,9 +1,9 @@
 """What the aggregation server stores and returns, independent of gRPC and of the database.
 
-The gRPC layer (``server/aggregator.py``) converts these to and from ``fedprompt.v1`` messages
-(``fedprompt.protocols.convert``); the registry (``server/registry.py``) validates and combines them; the store
-(``server/store.py``) persists them. Every error the registry raises for bad input is a ``RegistryError`` whose
-``status`` names the gRPC status code the server answers with.
+The gRPC layer (``server/aggregation/service.py``) converts these to and from ``fedprompt.v1`` messages
+(``fedprompt.protocols.convert``); the registry (``server/aggregation/registry.py``) validates and combines them;
+the store (``server/aggregation/store.py``) persists them. Every error the registry raises for bad input is a
+``RegistryError`` whose ``status`` names the gRPC status code the server answers with.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedprompt.flower_procs import free_port
 from fedprompt.protocols.aggregator_client import AggregatorClient
-from fedprompt.server.aggregator import Aggregator, AggregatorSettings
+from fedprompt.server.aggregation.service import Aggregator, AggregatorSettings
 
 
 class RunningAggregator:

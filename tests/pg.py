@@ -136,7 +136,7 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(store_target: str) -> Iterator:
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.store import open_store
 
     s = open_store(store_target)
     yield s

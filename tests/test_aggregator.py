@@ -20,8 +20,8 @@ from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
-from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
-from fedprompt.server.store import open_store
+from fedprompt.protocols.secagg.client import ClientIdentity, SecAggClient
+from fedprompt.server.aggregation.store import open_store
 
 MODEL = ModelRef("tiny-llama", "a" * 64)
 OTHER = ModelRef("tiny-llama", "b" * 64)
@@ -572,7 +572,7 @@ def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(
     import sys
 
     from fedprompt import flower_procs as fp
-    from fedprompt.server.registry import verify_version
+    from fedprompt.server.aggregation.registry import verify_version
 
     port, store, log = fp.free_port(), tmp_path / "r.sqlite", tmp_path / "aggregator.log"
     cmd = [sys.executable, "-m", "fedprompt.cli", "aggregator", "--certs", cert_dir, "--store", store]
@@ -620,7 +620,7 @@ def test_the_server_process_killed_mid_round_loses_nothing_and_stops_gracefully(
 
 
 def _plus_one(share: bytes) -> bytes:
-    from fedprompt.protocols import secagg_crypto as sc
+    from fedprompt.protocols.secagg import crypto as sc
 
     return sc.share_to_bytes((sc.share_from_bytes(share) + 1) % sc.PRIME)
 

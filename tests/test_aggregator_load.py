@@ -27,7 +27,7 @@ from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import convert
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
-from fedprompt.server.store import tensor_bytes
+from fedprompt.server.aggregation.store import tensor_bytes
 
 pytest_plugins = ["pg"]
 

@@ -88,8 +88,8 @@ def test_bundles_are_the_kustomize_folders_without_kustomizations(tmp_path):
 
 
 def test_registry_backup_while_the_server_runs(tmp_path, capsys):
-    from fedprompt.server.registry import Registry, verify_version
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.registry import Registry, verify_version
+    from fedprompt.server.aggregation.store import open_store
 
     d = tmp_path / "certs"
     certs.create(d, nodes=["holder-1"], hosts=["localhost"])
@@ -110,7 +110,7 @@ def test_the_command_line_and_the_aggregation_server_load_no_torch():
     import sys
 
     code = (
-        "import sys; import fedprompt.cli as c; c.build_parser(); import fedprompt.server.aggregator; "
+        "import sys; import fedprompt.cli as c; c.build_parser(); import fedprompt.server.aggregation.service; "
         "import fedprompt.protocols.health; "
         "print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"
     )

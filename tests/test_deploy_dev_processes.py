@@ -218,8 +218,8 @@ def test_dev_overlay_commands_run_as_local_processes_and_complete_a_round(tmp_pa
             fp.stop(proc)
 
     # the round's global prompt is in the registry the aggregator pod's volume holds, under secure aggregation
-    from fedprompt.server.registry import Registry
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.registry import Registry
+    from fedprompt.server.aggregation.store import open_store
 
     agg = pods["fedprompt-aggregator"]
     store_path = local_path("/var/lib/fedprompt/registry.sqlite", agg.mounts["aggregator"])

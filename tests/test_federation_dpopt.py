@@ -9,7 +9,7 @@ import pytest
 from fedprompt import text_prompt
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
-from fedprompt.server.dpopt_federation import ARTIFACT_DIR, RESULT_FILE
+from fedprompt.server.coordinator.dpopt import ARTIFACT_DIR, RESULT_FILE
 from tests.conftest import make_sentiment_rows
 
 pytestmark = pytest.mark.integration
@@ -28,8 +28,8 @@ DPOPT = {
 
 
 def test_holders_write_candidates_score_them_with_noise_and_the_winner_is_registered(tmp_path):
-    from fedprompt.server.registry import Registry
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.registry import Registry
+    from fedprompt.server.aggregation.store import open_store
 
     holders = []
     for i in range(1, 4):

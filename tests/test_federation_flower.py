@@ -118,8 +118,8 @@ def test_fedadam_with_client_level_dp_through_flower(tmp_path, holders):
 
 
 def test_secure_aggregation_rounds_store_every_global_prompt_in_the_registry(tmp_path, holders):
-    from fedprompt.server.registry import Registry
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.registry import Registry
+    from fedprompt.server.aggregation.store import open_store
 
     with LocalFederation(tmp_path / "fed", holders[:3]) as fed:
         fed.start(*SETTINGS, "--num-rounds", "2", "--min-available-nodes", "3", "--secure-aggregation")

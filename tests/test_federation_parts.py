@@ -14,9 +14,9 @@ from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import BudgetExceededError, ModelError
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
-from fedprompt.server import checkpoint
-from fedprompt.server.aggregate import ClientLevelDP, FedAdam, FedAvg, weighted_mean
-from fedprompt.server.config import FederationConfig
+from fedprompt.server.coordinator import checkpoint
+from fedprompt.server.coordinator.config import FederationConfig
+from fedprompt.server.coordinator.strategies import ClientLevelDP, FedAdam, FedAvg, weighted_mean
 
 SENT = (("negative",), ("positive",))
 

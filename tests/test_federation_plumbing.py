@@ -24,7 +24,7 @@ from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import FedPromptError
 from fedprompt.flower_procs import app_dir
 from fedprompt.protocols.flower_records import from_record, to_record
-from fedprompt.server.config import FederationConfig
+from fedprompt.server.coordinator.config import FederationConfig
 
 
 def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_defaults():
@@ -32,7 +32,10 @@ def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_default
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == ["LICENSE", "pyproject.toml"]
     project = tomllib.loads((folder / "pyproject.toml").read_text())
     comps = project["tool"]["flwr"]["app"]["components"]
-    assert comps == {"serverapp": "fedprompt.server.app:app", "clientapp": "fedprompt.client.app:app"}
+    assert comps == {
+        "serverapp": "fedprompt.server.coordinator.server_app:app",
+        "clientapp": "fedprompt.client.app:app",
+    }
     config = project["tool"]["flwr"]["app"]["config"]
     # flwr run rejects run-config keys the app does not declare: every setting must be there, with its default
     expected = {f.name: ("" if f.default is MISSING else f.default) for f in fields(FederationConfig)}

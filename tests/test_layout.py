@@ -102,15 +102,15 @@ def test_imports_point_one_way():
 def test_a_wrong_import_of_each_kind_is_reported(tmp_path: Path):
     files = {
         "fedprompt/training.py": "from fedprompt.dp.engine import DPConfig\n",  # core -> dp
-        "fedprompt/cli.py": "from fedprompt.server.coordinator import main\n",  # an entry point: allowed
+        "fedprompt/cli.py": "from fedprompt.server.coordinator.cli import main\n",  # an entry point: allowed
         "dp/ledger.py": "def f():\n    import fedprompt.protocols.records\n",  # dp -> protocols, lazily
         "protocols/rounds.py": "import flwr\n",  # Flower in protocols
         "protocols/flower_records.py": "from flwr.app import ArrayRecord\n",  # allowed
         "protocols/health.py": "import grpc\n",  # allowed
         "dp/audit.py": "import grpc\n",  # gRPC in dp
-        "server/config.py": "from fedprompt.client.dpopt.holder import dpopt_config\n",  # server -> client
+        "server/coordinator/config.py": "from fedprompt.client.dpopt.holder import dpopt_config\n",  # server -> client
         "client/app.py": "from fedprompt.cli import _check_out\n",  # client -> an entry point, a private name
-        "server/app.py": "from fedprompt.protocols.records import ModelRef\n",  # fine
+        "server/coordinator/server_app.py": "from fedprompt.protocols.records import ModelRef\n",  # fine
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def test_a_wrong_import_of_each_kind_is_reported(tmp_path: Path):
         "fedprompt.dp.ledger:2 imports fedprompt.protocols.records: dp may not import protocols",
         "fedprompt.protocols.rounds:1 imports flwr: Flower outside",
         "fedprompt.dp.audit:1 imports grpc: gRPC outside",
-        "fedprompt.server.config:1 imports fedprompt.client.dpopt.holder.dpopt_config: server may not import client",
+        "fedprompt.server.coordinator.config:1 imports fedprompt.client.dpopt.holder.dpopt_config: server may not",
         "fedprompt.client.app:1 imports fedprompt.cli._check_out: a private name",
     ]
     for e in expected:

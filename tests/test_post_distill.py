@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from fedprompt import corpora, zoo
 from fedprompt.errors import DatasetError, FedPromptError
 from fedprompt.runtime import Runtime
-from fedprompt.server.post_distill import CHECKPOINT, HISTORY, DistillConfig, distill, distillation_loss
+from fedprompt.server.post.distill import CHECKPOINT, HISTORY, DistillConfig, distill, distillation_loss
 from fedprompt.student import build_student, decoder_layers, parse_keep_layers, tokenizer_sha256
 
 FP32 = Runtime(torch.device("cpu"), "fp32")
@@ -39,7 +39,7 @@ def corpus_file(tmp_path):
 def trained_teacher(corpus_file, folder, steps: int = 150):
     """tiny-llama-4l after some plain language-model training on the corpus: a random teacher predicts a
     near-uniform distribution, which leaves a student nothing to learn from it."""
-    from fedprompt.server.post_distill import batch_indices, pack
+    from fedprompt.server.post.distill import batch_indices, pack
 
     teacher = zoo.load("tiny-llama-4l")
     model = teacher.model

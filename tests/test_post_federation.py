@@ -18,8 +18,8 @@ from tests.conftest import make_sentiment_rows
 
 @pytest.mark.integration
 def test_a_federation_on_the_student_ends_with_the_prompt_on_the_teacher(tmp_path, monkeypatch):
-    from fedprompt.server.registry import Registry
-    from fedprompt.server.store import open_store
+    from fedprompt.server.aggregation.registry import Registry
+    from fedprompt.server.aggregation.store import open_store
 
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))  # the daemons and the coordinator see it too
     teacher = zoo.load("tiny-llama-4l")
@@ -77,7 +77,7 @@ def test_a_federation_on_the_student_ends_with_the_prompt_on_the_teacher(tmp_pat
 def test_the_coordinator_refuses_a_bad_transfer_before_the_federation_starts(tmp_path):
     from fedprompt.cli import build_parser
     from fedprompt.errors import FedPromptError
-    from fedprompt.server.coordinator import config_from_args, post_transfer_settings
+    from fedprompt.server.coordinator.cli import config_from_args, post_transfer_settings
 
     def settings(*extra: str):
         args = build_parser().parse_args(

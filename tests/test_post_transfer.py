@@ -17,8 +17,8 @@ from fedprompt.errors import DatasetError, ModelError
 from fedprompt.prompt import SoftPrompt
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
-from fedprompt.server.post_distill import DistillConfig, distill
-from fedprompt.server.post_transfer import TransferConfig, public_examples, transfer
+from fedprompt.server.post.distill import DistillConfig, distill
+from fedprompt.server.post.transfer import TransferConfig, public_examples, transfer
 from fedprompt.task import TemplateEncoder, Verbalizer
 from fedprompt.tiny import build_tokenizer
 from fedprompt.training import Session, TuneConfig
@@ -102,7 +102,7 @@ def test_the_transfer_moves_the_teacher_toward_the_prompted_student(post_setup):
 
 
 def _initial(s, meta, weight):
-    from fedprompt.server.post_transfer import target_initial_prompt
+    from fedprompt.server.post.transfer import target_initial_prompt
 
     return target_initial_prompt(meta, weight, s["teacher"])
 

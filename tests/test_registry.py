@@ -24,8 +24,8 @@ from fedprompt.protocols.records import (
     TaskVector,
     Version,
 )
-from fedprompt.server.registry import Registry, initial_prompt_id, verify_version, version_id
-from fedprompt.server.store import tensor_bytes
+from fedprompt.server.aggregation.registry import Registry, initial_prompt_id, verify_version, version_id
+from fedprompt.server.aggregation.store import tensor_bytes
 
 pytest_plugins = ["pg"]
 

@@ -16,8 +16,8 @@ import pytest
 from test_registry import MODEL, OTHER, emb, open_plain, publish, rejected
 
 from fedprompt.protocols.records import ROUND_FINALISED, ROUND_OPEN, AlreadyExists, Conflict, InvalidInput, NotFound
-from fedprompt.server.registry import Registry, verify_version
-from fedprompt.server.store import open_store, tensor_bytes
+from fedprompt.server.aggregation.registry import Registry, verify_version
+from fedprompt.server.aggregation.store import open_store, tensor_bytes
 
 pytest_plugins = ["pg"]
 
@@ -224,8 +224,8 @@ CHILD = r"""
 import sys, time
 import numpy as np
 from fedprompt.protocols.records import ModelRef
-from fedprompt.server.registry import Registry
-from fedprompt.server.store import Tx, open_store
+from fedprompt.server.aggregation.registry import Registry
+from fedprompt.server.aggregation.store import Tx, open_store
 
 target, mode = sys.argv[1], sys.argv[2]
 reg = Registry(open_store(target))

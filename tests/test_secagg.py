@@ -10,16 +10,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from scipy.stats import chi2
 
-from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import SecAggAbort, SecAggRefused, neighbour_graph, plan
-from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
+from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg.client import ClientIdentity, SecAggClient
+from fedprompt.protocols.secagg.protocol import SecAggAbort, SecAggRefused, neighbour_graph, plan
+from fedprompt.protocols.secagg.server import SecAggServer
 from fedprompt.protocols.secagg_pb2 import (
     MaskedInput,
     SecAggMessage,
     SharePlaintext,
     UnmaskRequest,
 )
-from fedprompt.protocols.secagg_server import SecAggServer
 
 N, LENGTH, CLIP = 10, 257, 1.0
 _KEYS: dict[int, ec.EllipticCurvePrivateKey] = {}
@@ -390,7 +390,7 @@ def test_a_wrong_share_or_input_aborts_and_without_the_checks_gives_a_wrong_sum(
     """A malicious client's crafted share (+1 on one self-mask share) or out-of-range masked input: with the
     server's checks (shares against the others and the commitment, the sum's range) the round aborts; with them
     switched off it ends in a wrong sum, which is what the checks are for."""
-    from fedprompt.protocols import secagg_server
+    from fedprompt.protocols.secagg import server as secagg_server
 
     if checks == "off":
         real = sc.shamir_combine

@@ -23,8 +23,9 @@ from fedprompt import certs
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.client.service import HolderService
 from fedprompt.protocols import aggregator_pb2 as pb
-from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg_client import ClientIdentity, SecAggClient
+from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg.client import ClientIdentity, SecAggClient
+from fedprompt.protocols.secagg.server import SecAggServer
 from fedprompt.protocols.secagg_pb2 import (
     ConsistencyCheck,
     EncryptedShare,
@@ -35,7 +36,6 @@ from fedprompt.protocols.secagg_pb2 import (
     SharePlaintext,
     UnmaskRequest,
 )
-from fedprompt.protocols.secagg_server import SecAggServer
 
 NAMES = [f"h{i}" for i in range(1, 6)]
 WAIT_S = 300.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedprompt.protocols.records import ModelRef, Round, Stream, TaskVector, Version
-from fedprompt.server.store import SCHEMA_VERSION, TABLES, StoreError, open_store
+from fedprompt.server.aggregation.store import SCHEMA_VERSION, TABLES, StoreError, open_store
 
 pytest_plugins = ["pg"]
 

@@ -10,7 +10,7 @@ though its certificate still verifies.
 
 Every call is rate-limited per identity (token bucket), refused when its deadline has already passed, and
 bounded in size (gRPC's own maximum message size, set explicitly on both directions). The registry runs in
-worker threads; its errors map to gRPC status codes (``RegistryError.status``). On SIGTERM the health status
+worker threads; its errors map to gRPC status codes (``FedPromptError.status``). On SIGTERM the health status
 turns NOT_SERVING, calls in flight get ``--grace`` seconds, then the store closes; a round interrupted by a
 kill stays open in the store with the updates it had (plain rounds) and no version is ever half-written (one
 transaction). Secure rounds keep their protocol state in memory: a restart aborts them.
@@ -39,10 +39,9 @@ from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols import aggregator_pb2_grpc as pb_grpc
 from fedprompt.protocols import convert
 from fedprompt.protocols.aggregator_client import DEFAULT_PORT
-from fedprompt.protocols.records import RegistryError
-from fedprompt.server.registry import Registry
-from fedprompt.server.secagg_rounds import JOIN_TIMEOUT_S, STAGE_TIMEOUT_S, SecureRounds
-from fedprompt.server.store import open_store
+from fedprompt.server.aggregation.registry import Registry
+from fedprompt.server.aggregation.secagg_rounds import JOIN_TIMEOUT_S, STAGE_TIMEOUT_S, SecureRounds
+from fedprompt.server.aggregation.store import open_store
 
 SERVICE_NAMES = ("fedprompt.v1.PromptRegistry", "fedprompt.v1.RoundAggregation")
 # Holders get PERMISSION_DENIED for these. Publishing is here because a version's model, hash, width and
@@ -139,19 +138,15 @@ class _Base:
         who = await self.gate.admit(context, method)
         try:
             return await asyncio.to_thread(work, who)
-        except RegistryError as exc:
+        except FedPromptError as exc:  # a refusal: bad input, a malformed secure-aggregation message, an abort
             await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
-        except FedPromptError as exc:  # other refusals: a malformed secure-aggregation message, an aborted round
-            await context.abort(getattr(grpc.StatusCode, getattr(exc, "status", "INVALID_ARGUMENT")), str(exc))
 
     async def _mapped(self, context, awaitable) -> Any:
         """Await ``awaitable`` and map fedprompt's errors to status codes, as ``_run`` does for thread work."""
         try:
             return await awaitable
-        except RegistryError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         except FedPromptError as exc:
-            await context.abort(getattr(grpc.StatusCode, getattr(exc, "status", "INVALID_ARGUMENT")), str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
 
     def tensor(self, msg: pb.Tensor):
         return convert.tensor_from_proto(msg, max_elements=self.max_elements)

@@ -20,15 +20,15 @@ from fedprompt.protocols.records import (
     PushResult,
     Stream,
 )
-from fedprompt.server.registry_checks import (
+from fedprompt.server.aggregation.registry_checks import (
     check_delta,
     check_model,
     check_name,
     check_positive_int,
     check_real,
 )
-from fedprompt.server.registry_rounds import UPDATE_WEIGHT, RegistryPart, weighted_mean
-from fedprompt.server.store import Tx, tensor_bytes, tensor_from
+from fedprompt.server.aggregation.registry_rounds import UPDATE_WEIGHT, RegistryPart, weighted_mean
+from fedprompt.server.aggregation.store import Tx, tensor_bytes, tensor_from
 
 MERGED_BY = "aggregation-server"  # the author of a merged head: the server computed it
 

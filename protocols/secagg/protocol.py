@@ -1,8 +1,8 @@
 """Secure aggregation against a malicious server: SecAgg+ (Bell et al., CCS 2020) with the signed keys and the
 consistency round of Bonawitz et al. (CCS 2017). The protocol, its parameters and its errors.
 
-The state machines are ``secagg_server.SecAggServer`` and ``secagg_client.SecAggClient``; the cryptography and
-the arithmetic are ``secagg_crypto``.
+The state machines are ``server.SecAggServer`` and ``client.SecAggClient``; the cryptography and
+the arithmetic are in ``crypto``.
 
 Why this shape: the coordinator relays ``fedprompt.v1`` SecAgg messages inside Flower rounds (or any other relay)
 and must never hold a key that opens them, so both sides are plain objects that take the previous stage's
@@ -58,7 +58,7 @@ import secrets
 from dataclasses import dataclass
 
 from fedprompt.errors import FedPromptError
-from fedprompt.protocols import secagg_crypto as sc
+from fedprompt.protocols.secagg import crypto as sc
 
 __all__ = [
     "DEFAULT_COLLUDERS",

@@ -1,4 +1,4 @@
-"""A client's side of SecAgg+ against a malicious server (the protocol: ``fedprompt.protocols.secagg``)."""
+"""A client's side of SecAgg+ against a malicious server (the protocol: ``fedprompt.protocols.secagg.protocol``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
-from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import DEFAULT_COLLUDERS, SecAggRefused
+from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg.protocol import DEFAULT_COLLUDERS, SecAggRefused
 from fedprompt.protocols.secagg_pb2 import (
     ConsistencyCheck,
     ConsistencySignature,

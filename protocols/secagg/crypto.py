@@ -1,4 +1,4 @@
-"""The cryptographic and arithmetic pieces of secure aggregation (``fedprompt.protocols.secagg``).
+"""The cryptographic and arithmetic pieces of secure aggregation (``fedprompt.protocols.secagg.protocol``).
 
 Kept apart from the state machines so that each piece can be tested (and reviewed) on its own, and so that the
 benchmark can time the same primitives the protocol uses. Every secret comes from the operating system's CSPRNG
@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedprompt.errors import FedPromptError
+
 # Shamir field: the Mersenne prime 2^521 - 1. It exceeds 2^256, so a whole 32-byte seed or X25519 private key is
 # one field element and is shared in one piece (no chunking, no padding, no loss of entropy).
 PRIME = (1 << 521) - 1
@@ -41,7 +43,7 @@ _CONSISTENCY_LABEL = b"fedprompt/secagg/v2/survivors"
 _COMMITMENT_LABEL = b"fedprompt/secagg/v2/self-mask-commitment"
 
 
-class CryptoError(ValueError):
+class CryptoError(FedPromptError, ValueError):
     """Material that fails an integrity check: a ciphertext, signature, share or key that does not verify."""
 
 

@@ -21,10 +21,10 @@ from fedprompt.bind import BIND_ENV, bind_host, health_default
 from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols.aggregator_client import DEFAULT_PORT
-from fedprompt.server.aggregator_cli import STORE_ENV
+from fedprompt.server.aggregation.cli import STORE_ENV
 
 if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults): loaded when a run is set up
-    from fedprompt.server.config import FederationConfig
+    from fedprompt.server.coordinator.config import FederationConfig
 
 # Each `flwr ls` starts a Python process (about 1 s of CPU): the run status is polled rarely, the
 # checkpoint state (a file) often.
@@ -66,7 +66,7 @@ class Coordinator:
     """The SuperLink's side of the coordinator.
 
     The SuperLink listens on loopback only (its Control API authenticates nobody); the network reaches it
-    through the front (``server/front.py``), which forwards the Fleet API on ``host:port`` and, with
+    through the front (``server/coordinator/front.py``), which forwards the Fleet API on ``host:port`` and, with
     ``operator_listen``, the Control API to the holder of the coordinator's client certificate.
     ``superlink=HOST:PORT`` submits to the operator listener of a SuperLink that runs elsewhere (the Kubernetes
     layout: a SuperLink StatefulSet, the federation as a Job), through a loopback relay for the ``flwr`` CLI."""
@@ -102,7 +102,7 @@ class Coordinator:
         self.superlink_port = superlink_port or fp.free_port()
         self.cli_env = fp.flower_env(state / "flwr" / "cli")
         if self.external:
-            from fedprompt.server.front import ControlRelay
+            from fedprompt.server.coordinator.front import ControlRelay
 
             self.relay = ControlRelay(superlink, certs)
             self.address = f"127.0.0.1:{self.relay.start()}"
@@ -382,7 +382,7 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other run setting of fedprompt.server.config.FederationConfig (JSON value)",
+        help="any other run setting of fedprompt.server.coordinator.config.FederationConfig (JSON value)",
     )
     p.add_argument(
         "--aggregator-listen",
@@ -437,7 +437,7 @@ def aggregator_listen(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> FederationConfig:
-    from fedprompt.server.config import FederationConfig
+    from fedprompt.server.coordinator.config import FederationConfig
 
     state = Path(args.state).resolve()
     values: dict = {"checkpoint_dir": str(Path(args.checkpoint_dir or state / "checkpoints").resolve())}
@@ -496,7 +496,7 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
         raise FedPromptError("POST transfers a soft prompt; --method dpopt writes a text prompt, usable on any model")
     from fedprompt import datasets as ds_mod
     from fedprompt import zoo
-    from fedprompt.server.post_transfer import TransferConfig
+    from fedprompt.server.post.transfer import TransferConfig
 
     ds_mod.load(args.post_public)  # a bad public set or teacher fails now, not after the federation
     if not zoo.locate(args.post_teacher)[2]:
@@ -507,7 +507,7 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
 
 def run_post_transfer(args: argparse.Namespace, cfg: FederationConfig, transfer_cfg, final: Path) -> None:
     """Transfer the federation's global prompt (tuned on the student) to the teacher; store it in the registry."""
-    from fedprompt.server.post_cli import transfer_and_save
+    from fedprompt.server.post.cli import transfer_and_save
 
     out = Path(cfg.checkpoint_dir) / "post-transfer"
     print(
@@ -607,7 +607,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         coord.follow(run_id, cfg)
         where = "on the SuperLink's machine" if args.superlink else ""
         if cfg.method == "dpopt":
-            from fedprompt.server.dpopt_federation import ARTIFACT_DIR
+            from fedprompt.server.coordinator.dpopt import ARTIFACT_DIR
 
             final = Path(cfg.checkpoint_dir) / ARTIFACT_DIR
             print(f"DP-OPT complete: text prompt {final} {where}".rstrip(), flush=True)
@@ -645,7 +645,7 @@ def add_front_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_front(args: argparse.Namespace) -> int:
-    from fedprompt.server.front import run_front
+    from fedprompt.server.coordinator.front import run_front
 
     run_front(
         certs=Path(args.certs), superlink=args.superlink, listen=args.listen, operator_listen=args.operator_listen

@@ -48,7 +48,7 @@ _DISTILL_FLAGS = (
 
 def distill_config_from_args(args: argparse.Namespace):
     """Preset values, overridden by every flag given; with --resume, the checkpoint's own settings."""
-    from fedprompt.server.post_distill import DistillConfig
+    from fedprompt.server.post.distill import DistillConfig
 
     values = dict(DISTILL_PRESETS[args.preset]) if args.preset else {}
     for name in _DISTILL_FLAGS:
@@ -58,7 +58,7 @@ def distill_config_from_args(args: argparse.Namespace):
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from fedprompt.server.post_distill import CHECKPOINT, STATE, DistillConfig, distill
+    from fedprompt.server.post.distill import CHECKPOINT, STATE, DistillConfig, distill
 
     out = Path(args.out)
     teacher = args.teacher
@@ -133,7 +133,7 @@ def transfer_and_save(
     """Transfer ``source`` to ``teacher``, save the teacher's artifact in ``out`` and, with an aggregation
     server, store it in the prompt registry. Returns the transfer report (+ ``version_id``)."""
     from fedprompt import artifact
-    from fedprompt.server.post_transfer import transfer
+    from fedprompt.server.post.transfer import transfer
 
     result = transfer(str(source), teacher, public, cfg, student=student, runtime=runtime)
     artifact.save(out, result.weight, result.meta)
@@ -154,7 +154,7 @@ def transfer_and_save(
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from fedprompt.server.post_transfer import TransferConfig
+    from fedprompt.server.post.transfer import TransferConfig
 
     out = Path(args.out)
     check_out_folder(out, args.force)

@@ -9,7 +9,7 @@ them; the store's UNIQUE keys are the last line (one update per client and round
 Versions and task vectors are content-addressed: their ids are SHA-256 hashes of what they hold, so
 publishing the same prompt twice returns the first one, and anyone holding a version can verify its id.
 
-The registry does not decide who may call what: the gRPC layer (``server/aggregator.py``) does, from the
+The registry does not decide who may call what: the gRPC layer (``server/aggregation/service.py``) does, from the
 caller's certificate (publishing, task vectors and composition are the coordinator's; holders submit to the
 rounds that name them and read). What the registry checks is the request itself.
 
@@ -34,7 +34,7 @@ from fedprompt.protocols.records import (
     TaskVector,
     Version,
 )
-from fedprompt.server.registry_checks import (
+from fedprompt.server.aggregation.registry_checks import (
     canonical_json,
     check_embeddings,
     check_metadata,
@@ -42,9 +42,9 @@ from fedprompt.server.registry_checks import (
     check_name,
     check_real,
 )
-from fedprompt.server.registry_rounds import RoundsMixin
-from fedprompt.server.registry_streams import StreamsMixin
-from fedprompt.server.store import Store, Tx, tensor_bytes
+from fedprompt.server.aggregation.registry_rounds import RoundsMixin
+from fedprompt.server.aggregation.registry_streams import StreamsMixin
+from fedprompt.server.aggregation.store import Store, Tx, tensor_bytes
 
 _HEX = re.compile(r"[0-9a-f]+")
 

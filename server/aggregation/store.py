@@ -1,6 +1,6 @@
 """The aggregation server's durable store: SQLite (a file, the default) or PostgreSQL (a URL), one interface.
 
-The store only persists and reads; every check lives in the registry (``server/registry.py``). What the
+The store only persists and reads; every check lives in the registry (``server/aggregation/registry.py``). What the
 store guarantees is atomicity: the registry does each request inside ``with store.transaction() as tx``,
 which commits when the block completes and rolls back when it raises, so a rejected request changes nothing
 and a process killed mid-request leaves the old state, never half of the new one (a finalised round without
@@ -399,9 +399,9 @@ def open_store(target: str | Path) -> Store:
     """A ``postgresql://`` or ``postgres://`` URL opens PostgreSQL; anything else is an SQLite file path."""
     text = str(target)
     if text.startswith(("postgresql://", "postgres://")):
-        from fedprompt.server.store_postgres import PostgresStore
+        from fedprompt.server.aggregation.store_postgres import PostgresStore
 
         return PostgresStore(text)
-    from fedprompt.server.store_sqlite import SqliteStore
+    from fedprompt.server.aggregation.store_sqlite import SqliteStore
 
     return SqliteStore(Path(text))

@@ -24,8 +24,8 @@ from fedprompt import text_prompt, zoo
 from fedprompt.cache import write_json_atomic
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
-from fedprompt.server.config import FederationConfig
-from fedprompt.server.exchange import send_and_receive
+from fedprompt.server.coordinator.config import FederationConfig
+from fedprompt.server.coordinator.exchange import send_and_receive
 
 INFO = 20
 WARNING = 30

@@ -1,4 +1,5 @@
-"""The PostgreSQL backend of ``server/store.py``: several server processes (or a replicated database) share it.
+"""The PostgreSQL backend of ``server/aggregation/store.py``: several server processes (or a replicated
+database) share it.
 
 A small pool of connections, so the gRPC worker threads run their transactions side by side; the rows a
 read-check-write depends on are locked with ``SELECT ... FOR UPDATE`` (``Tx.get_round(lock=True)``,
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from fedprompt.server.store import SCHEMA, Store, StoreError, Tx
+from fedprompt.server.aggregation.store import SCHEMA, Store, StoreError, Tx
 
 # Any constant: schema creation by several processes at once would race on the catalogue without it.
 _SCHEMA_LOCK_KEY = 0x66656470726F6D70

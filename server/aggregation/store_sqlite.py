@@ -1,4 +1,4 @@
-"""The SQLite backend of ``server/store.py``: one file, the default for a single server process.
+"""The SQLite backend of ``server/aggregation/store.py``: one file, the default for a single server process.
 
 One connection behind a lock: the gRPC worker threads take turns, which SQLite would impose anyway (one
 writer at a time). WAL lets readers in other processes (a backup, ``sqlite3`` on the command line) see the
@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedprompt.server.store import SCHEMA, Store, StoreError, Tx
+from fedprompt.server.aggregation.store import SCHEMA, Store, StoreError, Tx
 
 
 class SqliteTx(Tx):

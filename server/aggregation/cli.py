@@ -22,7 +22,7 @@ HEALTH_PORT = 9095  # the plaintext grpc.health.v1 port of the images and manife
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from fedprompt.server.aggregator import Aggregator, AggregatorSettings
+    from fedprompt.server.aggregation.service import Aggregator, AggregatorSettings
 
     store = args.store or os.environ.get(STORE_ENV)
     if not store:

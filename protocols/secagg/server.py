@@ -1,4 +1,5 @@
-"""The aggregation server's side of SecAgg+ against a malicious server (the protocol: ``fedprompt.protocols.secagg``).
+"""The aggregation server's side of SecAgg+ against a malicious server (the protocol:
+``fedprompt.protocols.secagg.protocol``).
 
 The server is the party the protocol does not trust; what it checks here is the clients: signatures, shapes,
 shares against commitments, the range of the sum. Every failure of a client's material either drops that client
@@ -10,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedprompt.protocols import secagg_crypto as sc
-from fedprompt.protocols.secagg import (
+from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg.protocol import (
     DEFAULT_COLLUDERS,
     MAX_CIPHERTEXT,
     STAGE_CONSISTENCY,

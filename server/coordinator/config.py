@@ -10,7 +10,7 @@ from pathlib import Path
 from fedprompt import taskfile
 from fedprompt.errors import ConfigError
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec
-from fedprompt.server.aggregate import STRATEGIES
+from fedprompt.server.coordinator.strategies import STRATEGIES
 from fedprompt.taskfile import Task
 from fedprompt.training import DEFAULT_INIT_TEXT
 

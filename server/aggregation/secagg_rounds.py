@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives import serialization
 from fedprompt import certs
 from fedprompt.protocols import aggregator_pb2 as pb
 from fedprompt.protocols.records import ROUND_OPEN, Conflict, FinaliseResult, Forbidden, InvalidInput, NotFound
-from fedprompt.protocols.secagg import LAST_STAGE, STAGE_KEYS, SecAggAbort
+from fedprompt.protocols.secagg.protocol import LAST_STAGE, STAGE_KEYS, SecAggAbort
+from fedprompt.protocols.secagg.server import SecAggServer
 from fedprompt.protocols.secagg_pb2 import SecAggMessage
-from fedprompt.protocols.secagg_server import SecAggServer
-from fedprompt.server.registry import Registry
+from fedprompt.server.aggregation.registry import Registry
 
 JOIN_TIMEOUT_S = 1800.0  # the adverts: the holders train first, and the slowest sets the pace
 STAGE_TIMEOUT_S = 60.0  # every later stage, from the first reply of the stage

@@ -33,7 +33,7 @@ from fedprompt.protocols.records import (
     Round,
     Version,
 )
-from fedprompt.server.registry_checks import (
+from fedprompt.server.aggregation.registry_checks import (
     check_delta,
     check_metadata,
     check_model,
@@ -42,7 +42,7 @@ from fedprompt.server.registry_checks import (
     check_real,
     check_shape,
 )
-from fedprompt.server.store import Store, Tx, tensor_bytes, tensor_from
+from fedprompt.server.aggregation.store import Store, Tx, tensor_bytes, tensor_from
 
 RESERVED_ROUND_KEYS = ("round_id", "contributors")
 UPDATE_WEIGHT = 1.0  # every update's weight, in rounds and (before its staleness discount) in streams

@@ -63,8 +63,8 @@ def ensure_student(teacher: str, preset: str) -> str:
     (teacher weights and settings), resumed when an earlier run was interrupted, distilled otherwise."""
     from fedprompt import zoo
     from fedprompt.cache import cache_dir
-    from fedprompt.server.post_cli import DISTILL_PRESETS
-    from fedprompt.server.post_distill import CHECKPOINT, STATE, DistillConfig, distill
+    from fedprompt.server.post.cli import DISTILL_PRESETS
+    from fedprompt.server.post.distill import CHECKPOINT, STATE, DistillConfig, distill
 
     if preset not in DISTILL_PRESETS:
         raise FedPromptError(f"unknown preset {preset!r}; known: {', '.join(DISTILL_PRESETS)}")

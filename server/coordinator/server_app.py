@@ -26,10 +26,10 @@ from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorEr
 from fedprompt.protocols.flower_records import from_record, to_record
 from fedprompt.protocols.records import ModelRef
 from fedprompt.protocols.rounds import TaskSpec
-from fedprompt.server import checkpoint, secure_round
-from fedprompt.server.aggregate import ClientLevelDP, make_strategy, weighted_mean
-from fedprompt.server.config import FederationConfig
-from fedprompt.server.exchange import send_and_receive
+from fedprompt.server.coordinator import checkpoint, secure_round
+from fedprompt.server.coordinator.config import FederationConfig
+from fedprompt.server.coordinator.exchange import send_and_receive
+from fedprompt.server.coordinator.strategies import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.task import Verbalizer
 from fedprompt.training import TuneConfig, initial_prompt
 
@@ -458,7 +458,7 @@ def _pct(x: float | None) -> str:
 def main(grid: Grid, context: Context) -> None:
     cfg = FederationConfig.from_run_config(dict(context.run_config))
     if cfg.method == "dpopt":
-        from fedprompt.server.dpopt_federation import run_dpopt
+        from fedprompt.server.coordinator.dpopt import run_dpopt
 
         run_dpopt(grid, cfg, run_id=str(context.run_id))
         return

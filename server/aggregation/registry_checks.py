@@ -1,6 +1,6 @@
 """The registry's input checks: each raises ``InvalidInput`` naming the offending value, before any write.
 
-Kept apart from ``server/registry.py`` so the service layer reads as the semantics of each request.
+Kept apart from ``server/aggregation/registry.py`` so the service layer reads as the semantics of each request.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from fedprompt.errors import FedPromptError
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
 from fedprompt.protocols.rounds import TaskSpec
@@ -21,7 +22,7 @@ from fedprompt.protocols.rounds import TaskSpec
 RESULT_WAIT_S = 30.0  # after the holders' replies: the last unmasking is already done or about to be
 
 
-class SecureRoundFailed(RuntimeError):
+class SecureRoundFailed(FedPromptError, RuntimeError):
     pass
 
 
