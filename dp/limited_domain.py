@@ -12,13 +12,13 @@ lowers one top-k̄ count and raises the (k̄+1)-th, so the threshold itself move
 boundary moves by 1 the other way: with a margin of 1 a token can sit at h(k̄+1) + 2 on one histogram and be
 outside the domain on its neighbour, and the release's δ exceeds δ₀ (2.1 δ₀ at ε₀ = 3 by exact computation).
 :meth:`LimitedDomain.distribution` gives the release's exact output distribution (Gumbel-max is a softmax), and
-``tests/test_dp_limited_domain.py`` checks (ε₀, δ₀) over every pair of neighbouring histograms of small
+``tests/dp/test_dp_limited_domain.py`` checks (ε₀, δ₀) over every pair of neighbouring histograms of small
 vocabularies exactly, boundary crossings included, and that a margin of 1 fails it.
 
 One private example sits in one teacher, whose vote can move from one token to another: Δ = 2 counts
 change by 1, in opposite directions. Report-noisy-max with Gumbel(1/ε') is ε'-DP only when all counts move
 the same way; a moved vote costs 2ε'. DP-OPT's code uses Gumbel(1/ε₀) and accounts ε₀ per token: on the
-neighbouring histograms of ``tests/test_dp_limited_domain.py`` that release put 3.8 times more mass on one
+neighbouring histograms of ``tests/dp/test_dp_limited_domain.py`` that release put 3.8 times more mass on one
 token than its neighbour did, above e^ε₀ = 2.7. fedprompt uses ε' = ε₀/2 (scale 2/ε₀), so a token release
 is (ε₀, δ₀)-DP under the add/remove-one-example relation the rest of fedprompt uses.
 

@@ -167,7 +167,7 @@ class Session:
 
         Batched by length (shortest first, ties in the examples' order), so little padding is computed and the
         batches are the same on every run; padding never changes a score (masked keys, positions over real
-        tokens), so the batch size changes scores only by float rounding (tests/test_prompted.py measures it).
+        tokens), so the batch size changes scores only by float rounding (tests/core/test_prompted.py measures it).
         """
         if not examples:
             raise ConfigError("no examples to evaluate")

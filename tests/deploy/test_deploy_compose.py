@@ -21,7 +21,7 @@ from tests.k8s_render import container, expanded_args, find, render
 
 pytestmark = pytest.mark.deploy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 ANY = object()  # a value the deployment chooses

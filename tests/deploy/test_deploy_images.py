@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.deploy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 HADOLINT = Path(sys.executable).parent / "hadolint"

@@ -23,7 +23,7 @@ from fedprompt.task import TemplateEncoder, Verbalizer
 from fedprompt.tiny import build_tokenizer
 from fedprompt.training import Session, TuneConfig
 from tests.conftest import make_sentiment_rows
-from tests.test_post_distill import trained_teacher
+from tests.server.test_post_distill import trained_teacher
 
 FP32 = Runtime(torch.device("cpu"), "fp32")
 TEMPLATE = "Review: {text}\nSentiment:"

@@ -19,7 +19,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"fedprompt": "core", "dp": "dp", "protocols": "protocols", "client": "client", "server": "server"}
 RANK = {"core": 0, "dp": 1, "protocols": 2, "client": 3, "server": 3}
 ENTRY_POINTS = ("fedprompt.cli", "fedprompt.demo")
