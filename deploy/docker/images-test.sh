@@ -143,7 +143,8 @@ healthy() {  # healthy CONTAINER...: wait until Docker reports each one healthy
 hardened() {  # hardened CONTAINER: read-only, UID 10001, no capabilities, no new privileges
     local got
     got=$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}}' "$1")
-    [ "$got" = "true 10001:10001 [ALL] [no-new-privileges:true]" ] || die "$1 is not hardened: $got"
+    [ "$got" = "true 10001:10001 [ALL] [no-new-privileges:true]" ] ||
+        die "$(docker inspect -f "{{.Name}}" "$1") is not hardened (read-only, user, dropped capabilities, options): $got"
 }
 coordinator up -d >"$LOGS/compose-coordinator.log" 2>&1 || { cat "$LOGS/compose-coordinator.log"; die "the coordinator side did not start"; }
 for service in aggregator superlink; do
