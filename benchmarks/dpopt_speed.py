@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit
 
-from fedprompt import datasets, zoo
 from fedprompt.client.dpopt import generation as dpopt
+from fedprompt.data import datasets
+from fedprompt.models import zoo
 from fedprompt.protocols.dpopt_settings import PRESETS
 from fedprompt.runtime import Runtime
 from fedprompt.task import Verbalizer

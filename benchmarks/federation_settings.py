@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from common import emit
 
-from fedprompt import datasets as ds_mod
-from fedprompt import partition, zoo
 from fedprompt.client.trainer import Holder
+from fedprompt.data import datasets as ds_mod
+from fedprompt.data import partition
 from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.models import zoo
 from fedprompt.runtime import Runtime
 from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.strategies import make_strategy

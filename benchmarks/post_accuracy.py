@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit
 
-from fedprompt import artifact, zoo
+from fedprompt import artifact
 from fedprompt.dp.engine import DPConfig, private_tune
+from fedprompt.models import zoo
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.transfer import TransferConfig, transfer
 from fedprompt.training import Session, TuneConfig

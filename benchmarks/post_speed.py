@@ -28,13 +28,14 @@ from common import emit, fixed_batches
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedprompt import artifact, zoo
+from fedprompt import artifact
 from fedprompt.dp import grad_sample as _registered  # noqa: F401
+from fedprompt.models import zoo
+from fedprompt.models.student import build_student, decoder_layers, parse_keep_layers
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.transfer import TransferConfig, transfer
-from fedprompt.student import build_student, decoder_layers, parse_keep_layers
 from fedprompt.training import Session, TuneConfig
-from fedprompt.zoo import LoadedModel
 
 
 def cut_student(teacher: LoadedModel, spec: str, runtime: Runtime) -> LoadedModel:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit
 
-from fedprompt import datasets
+from fedprompt.data import datasets
 from fedprompt.dp.accounting import calibrate_noise
 from fedprompt.dp.audit import audit_dp_sgd
 from fedprompt.dp.engine import DPConfig, plan

@@ -38,9 +38,9 @@ import httpx
 from common import emit
 
 from fedprompt import flower_procs as fp
-from fedprompt import zoo
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.local_federation import HolderSpec, LocalFederation
+from fedprompt.models import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LENGTH = 20
@@ -164,8 +164,8 @@ def run(n: int, rounds: int, folder: Path, *, secure: bool = False, via_front: b
 def demo_round(folder: Path, rounds: int = 3) -> dict:
     """Rounds of the demo's federation (its model, split and settings, secure), without DP so that the holders
     report their compute: the share of each round's wall time that the slowest holder trains."""
-    from fedprompt import datasets as ds_mod
-    from fedprompt import partition
+    from fedprompt.data import datasets as ds_mod
+    from fedprompt.data import partition
     from fedprompt.demo import DEMO_DEFAULTS
 
     d = DEMO_DEFAULTS

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from fedprompt import certs as certs_mod
-from fedprompt import datasets as ds_mod
 from fedprompt import flower_procs as fp
 from fedprompt import taskfile
 from fedprompt.bind import BIND_ENV, health_default
 from fedprompt.client.connection import SupernodeLog
 from fedprompt.client.policy import HolderPolicy
+from fedprompt.data import datasets as ds_mod
 from fedprompt.dp.cli import open_ledger
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols.aggregator_client import DEFAULT_PORT

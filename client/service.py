@@ -81,9 +81,9 @@ class HolderService:
 
     def holder(self, config: dict):
         from fedprompt.client.trainer import Holder  # torch and transformers load here, once
+        from fedprompt.models.zoo import known_names
         from fedprompt.protocols.rounds import TaskSpec
         from fedprompt.runtime import Runtime
-        from fedprompt.zoo import known_names
 
         task = TaskSpec.from_config(config)
         # by default only the zoo's names and the models this holder registered itself (a student from the

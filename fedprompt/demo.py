@@ -149,7 +149,7 @@ def evaluate_all(a: argparse.Namespace, out: Path, data_files: list[Path], parts
     import torch
 
     from fedprompt import artifact
-    from fedprompt import datasets as ds_mod
+    from fedprompt.data import datasets as ds_mod
     from fedprompt.dp.engine import DPConfig, private_tune
     from fedprompt.runtime import Runtime
     from fedprompt.server.coordinator import checkpoint
@@ -231,8 +231,10 @@ def _pct(right: list[bool]) -> str:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from fedprompt import datasets as ds_mod
-    from fedprompt import partition, report, zoo
+    from fedprompt import report
+    from fedprompt.data import datasets as ds_mod
+    from fedprompt.data import partition
+    from fedprompt.models import zoo
     from fedprompt.server.coordinator.config import FederationConfig
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation's processes on the way out

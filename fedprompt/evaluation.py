@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fedprompt.datasets import Example
+from fedprompt.data.datasets import Example
 from fedprompt.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedprompt.datasets import Example
+from fedprompt.data.datasets import Example
 from fedprompt.errors import ConfigError
 
 SCORINGS = ("sum", "mean")
@@ -68,7 +68,7 @@ class Verbalizer:
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, dataset) -> Verbalizer:
-        """The verbalizer of a :class:`~fedprompt.datasets.Dataset`: its words, scoring and label names."""
+        """The verbalizer of a :class:`~fedprompt.data.datasets.Dataset`: its words, scoring and label names."""
         return cls.build(tokenizer, dataset.label_words, scoring=dataset.scoring, label_names=dataset.label_names)
 
     @property

@@ -143,7 +143,9 @@ def search(zero_shot: ZeroShot, labels: list[str]) -> tuple[list[list[str]], str
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from fedprompt import datasets, taskfile, zoo
+    from fedprompt import taskfile
+    from fedprompt.data import datasets
+    from fedprompt.models import zoo
 
     data = Path(args.data).expanduser()
     out = Path(args.out) if args.out else data.with_suffix(".task.toml")
@@ -207,7 +209,9 @@ def _task_name(data: Path) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from fedprompt import datasets, taskfile, zoo
+    from fedprompt import taskfile
+    from fedprompt.data import datasets
+    from fedprompt.models import zoo
 
     task = taskfile.resolve(args.task)
     ds = datasets.load_task(task, args.data)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from fedprompt.errors import ConfigError, FedPromptError
 
 if TYPE_CHECKING:
-    from fedprompt.datasets import Dataset
+    from fedprompt.data.datasets import Dataset
 
 SCORINGS = ("sum", "mean")
 _KEYS = {"name", "data", "text_column", "label_column", "split_column", "template", "init_text", "scoring", "labels"}
@@ -197,7 +197,7 @@ def add_task_arguments(p: argparse.ArgumentParser, *, default: str | None) -> No
 
 def dataset_for(task_or_data: str, data: str | None) -> Dataset:
     """``--task`` (a task file, a bundled task, or a bare data file with default label words) with ``--data``."""
-    from fedprompt import datasets
+    from fedprompt.data import datasets
 
     if is_task_file(task_or_data) or task_or_data in bundled_names():
         return datasets.load_task(resolve(task_or_data), data)
@@ -214,7 +214,7 @@ def dataset_for(task_or_data: str, data: str | None) -> Dataset:
 
 
 def _is_bundled_dataset(name: str) -> bool:
-    from fedprompt.datasets import BUNDLED
+    from fedprompt.data.datasets import BUNDLED
 
     return name in BUNDLED
 

@@ -9,16 +9,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fedprompt import datasets as ds_mod
-from fedprompt import zoo
-from fedprompt.datasets import Dataset, Example
+from fedprompt.data import datasets as ds_mod
+from fedprompt.data.datasets import Dataset, Example
 from fedprompt.errors import ConfigError
+from fedprompt.models import zoo
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompt import INIT_METHODS, SoftPrompt, init_from_token_ids, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, positive_ints
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
-from fedprompt.zoo import LoadedModel
 
 # For user data; bundled datasets carry their own. The wording matters: on rotten-tomatoes validation the
 # untuned prompt from "Classify the sentiment of this review as positive or negative." scored 77.0 %, from

@@ -46,14 +46,14 @@ def sentiment_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from fedprompt import zoo
+    from fedprompt.models import zoo
 
     return zoo.load("tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from fedprompt import zoo
+    from fedprompt.models import zoo
 
     return zoo.load("tiny-gpt2")
 

@@ -121,8 +121,8 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eval-examples must be >= 0, got {args.eval_examples}")
     print(f"runtime: {runtime.describe()}; preset {preset}", file=sys.stderr)
 
-    from fedprompt import zoo
     from fedprompt.client.dpopt import generation as dpopt
+    from fedprompt.models import zoo
     from fedprompt.task import Verbalizer
     from fedprompt.training import DEFAULT_INIT_TEXT
 

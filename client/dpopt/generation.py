@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 
 from fedprompt.client.dpopt.teachers import TeacherEnsemble
 from fedprompt.client.dpopt.text import IMPROVE_MESSAGES, Demo, MetaPrompt, correct_count, instruction_template, predict
-from fedprompt.datasets import Example
+from fedprompt.data.datasets import Example
 from fedprompt.dp.limited_domain import LimitedDomain, dpopt_epsilon, max_queries, select_candidate
 from fedprompt.errors import ConfigError
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.protocols.dpopt_settings import DPOPTConfig
 from fedprompt.runtime import Runtime
 from fedprompt.task import Verbalizer
-from fedprompt.zoo import LoadedModel
 
 ACCOUNTANT = "dpopt-rdp"  # limited domain as an eps0-DP release, Poisson-subsampled RDP, Balle et al. conversion
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
-from fedprompt.zoo import LoadedModel
 
 
 class TeacherEnsemble:

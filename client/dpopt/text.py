@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
-from fedprompt.zoo import LoadedModel
 
 META_INSTRUCTION = (
     "A student is completing a task that requires producing a text output from a text input. The student "

@@ -202,8 +202,8 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
         raise FedPromptError("a transfer needs both --post-teacher and --post-public")
     if cfg.method != "prompt-tuning":
         raise FedPromptError("POST transfers a soft prompt; --method dpopt writes a text prompt, usable on any model")
-    from fedprompt import datasets as ds_mod
-    from fedprompt import zoo
+    from fedprompt.data import datasets as ds_mod
+    from fedprompt.models import zoo
     from fedprompt.server.post.transfer import TransferConfig
 
     ds_mod.load(args.post_public)  # a bad public set or teacher fails now, not after the federation
@@ -258,7 +258,7 @@ def check_task(cfg: FederationConfig) -> None:
     """Refuse a task whose label words cannot work on the model, before any process starts."""
     from transformers import AutoTokenizer
 
-    from fedprompt import zoo
+    from fedprompt.models import zoo
     from fedprompt.task import Verbalizer
 
     task = cfg.task_definition()

@@ -20,8 +20,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedprompt import text_prompt, zoo
+from fedprompt import text_prompt
 from fedprompt.cache import write_json_atomic
+from fedprompt.models import zoo
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.records import ModelRef
 from fedprompt.server.coordinator.config import FederationConfig

@@ -19,8 +19,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedprompt import zoo
 from fedprompt.artifact import ArtifactMeta
+from fedprompt.models import zoo
 from fedprompt.prompt import origin_id, prompt_sha256
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
 from fedprompt.protocols.flower_records import from_record, to_record
@@ -426,7 +426,7 @@ class ServerEvaluation:
 
     @classmethod
     def create(cls, loaded, task: TaskSpec, cfg: FederationConfig) -> ServerEvaluation:
-        from fedprompt import datasets as ds_mod
+        from fedprompt.data import datasets as ds_mod
         from fedprompt.runtime import Runtime
         from fedprompt.training import Session
 

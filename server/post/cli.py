@@ -192,7 +192,7 @@ def evaluate_transfer(
     import torch
 
     from fedprompt import artifact
-    from fedprompt import datasets as ds_mod
+    from fedprompt.data import datasets as ds_mod
     from fedprompt.training import Session
 
     weight, meta = artifact.load(transferred)

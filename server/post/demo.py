@@ -61,8 +61,8 @@ def add_demo_post_parser(sub: argparse._SubParsersAction) -> None:
 def ensure_student(teacher: str, preset: str) -> str:
     """The registered student of ``teacher`` distilled with ``preset``: reused when its manifest matches
     (teacher weights and settings), resumed when an earlier run was interrupted, distilled otherwise."""
-    from fedprompt import zoo
     from fedprompt.cache import cache_dir
+    from fedprompt.models import zoo
     from fedprompt.server.post.cli import DISTILL_PRESETS
     from fedprompt.server.post.distill import CHECKPOINT, STATE, DistillConfig, distill
 
@@ -197,8 +197,9 @@ def write_report(out: Path, results: dict) -> Path:
 
 
 def cmd_demo_post(a: argparse.Namespace) -> int:
-    from fedprompt import datasets as ds_mod
-    from fedprompt import partition, zoo
+    from fedprompt.data import datasets as ds_mod
+    from fedprompt.data import partition
+    from fedprompt.models import zoo
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(a.out).resolve()

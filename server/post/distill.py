@@ -8,7 +8,7 @@ input space on both) and a subset of its decoder layers, and is trained to imita
          + cos_weight · (1 − cos(student_h, teacher_h))    final hidden states
 
 with the weights of POST (5, 2, 1; Wang et al. 2025, after DistilBERT). Only public text is read
-(:mod:`fedprompt.corpora`). The run checkpoints every N steps and on Ctrl-C/SIGTERM (between steps, never
+(:mod:`fedprompt.data.corpora`). The run checkpoints every N steps and on Ctrl-C/SIGTERM (between steps, never
 mid-update), and ``resume`` continues to the same result as an uninterrupted run: the batch of step s is a
 function of the seed and s alone, and the optimiser, learning-rate schedule and RNG states are restored.
 
@@ -38,13 +38,20 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fedprompt import corpora, zoo
 from fedprompt.cache import atomic_dir, write_json_atomic
+from fedprompt.data import corpora
 from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.models import zoo
+from fedprompt.models.student import (
+    build_student,
+    decoder_layers,
+    embedding_parameters,
+    parse_keep_layers,
+    tokenizer_sha256,
+)
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
-from fedprompt.student import build_student, decoder_layers, embedding_parameters, parse_keep_layers, tokenizer_sha256
-from fedprompt.zoo import LoadedModel
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"

@@ -27,19 +27,20 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fedprompt import artifact, zoo
-from fedprompt import datasets as ds_mod
+from fedprompt import artifact
 from fedprompt.artifact import ArtifactMeta
-from fedprompt.datasets import Dataset, Example
+from fedprompt.data import datasets as ds_mod
+from fedprompt.data.datasets import Dataset, Example
 from fedprompt.errors import ArtifactError, ConfigError, DatasetError, ModelError
+from fedprompt.models import zoo
+from fedprompt.models.student import tokenizer_sha256, vocab_size
+from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompt import SoftPrompt, origin_id, prompt_sha256
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
-from fedprompt.student import tokenizer_sha256, vocab_size
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
 from fedprompt.training import TuneConfig, initial_prompt
-from fedprompt.zoo import LoadedModel
 
 SELECT = ("auto", "accuracy", "loss", "last")
 

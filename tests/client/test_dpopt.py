@@ -10,11 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedprompt import datasets, text_prompt
+from fedprompt import text_prompt
 from fedprompt.cli import main
 from fedprompt.client.dpopt import generation as dpopt
 from fedprompt.client.dpopt.text import Demo, MetaPrompt, instruction_template
-from fedprompt.datasets import Example
+from fedprompt.data import datasets
+from fedprompt.data.datasets import Example
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.dp.limited_domain import dpopt_epsilon
 from fedprompt.errors import ArtifactError

@@ -9,9 +9,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from fedprompt import artifact, zoo
-from fedprompt.datasets import Example
+from fedprompt import artifact
+from fedprompt.data.datasets import Example
 from fedprompt.errors import ArtifactError
+from fedprompt.models import zoo
 from fedprompt.prompt import SoftPrompt, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.task import TemplateEncoder, Verbalizer

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedprompt import datasets
+from fedprompt.data import datasets
 from fedprompt.errors import DatasetError
 
 

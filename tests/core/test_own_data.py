@@ -12,10 +12,11 @@ import torch
 from conftest import wait_for
 from peft import PeftModel
 
-from fedprompt import artifact, taskfile, zoo
+from fedprompt import artifact, taskfile
 from fedprompt.cli import main
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
+from fedprompt.models import zoo
 
 # Three outlets, two of which share their first token on the tiny tokenizer (" "); every name is several tokens
 OUTLETS = ("nprhealth", "nytimeshealth", "goodnews")

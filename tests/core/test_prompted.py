@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedprompt.datasets import Example
+from fedprompt.data.datasets import Example
 from fedprompt.prompt import SoftPrompt, init_from_token_ids, init_from_vocab, origin_id
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime

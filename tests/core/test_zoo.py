@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fedprompt import zoo
 from fedprompt.errors import ModelError
+from fedprompt.models import zoo
 
 
 def test_local_folder_and_zoo_name_give_the_same_model(tiny_llama):
@@ -88,7 +88,7 @@ def _pull_in_process(cache: str, queue) -> None:
     import os
 
     os.environ["FEDPROMPT_CACHE"] = cache
-    from fedprompt import zoo as z
+    from fedprompt.models import zoo as z
 
     queue.put(z.load("tiny-gpt2").weights_sha256)
 

@@ -10,7 +10,7 @@ from aggregator_harness import RunningAggregator
 
 from fedprompt import certs
 from fedprompt.cli import main as cli_main
-from fedprompt.datasets import load
+from fedprompt.data.datasets import load
 from fedprompt.flower_procs import free_port
 from fedprompt.protocols.aggregator_client import AggregatorClient
 from fedprompt.protocols.records import ModelRef

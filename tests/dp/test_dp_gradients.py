@@ -9,10 +9,10 @@ import torch
 from opacus import GradSampleModule
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
-from fedprompt import zoo
-from fedprompt.datasets import Example
+from fedprompt.data.datasets import Example
 from fedprompt.dp.engine import DPConfig, make_private, plan
 from fedprompt.dp.grad_sample import max_abs_difference, reference_per_example_grads
+from fedprompt.models import zoo
 from fedprompt.prompt import SoftPrompt, init_from_vocab
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime

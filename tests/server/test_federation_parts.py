@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedprompt import datasets, partition
 from fedprompt.client.trainer import DP_NUM_EXAMPLES, Holder
+from fedprompt.data import datasets, partition
 from fedprompt.dp.accounting import epsilon
 from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import BudgetExceededError, ModelError

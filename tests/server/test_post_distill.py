@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fedprompt import corpora, zoo
+from fedprompt.data import corpora
 from fedprompt.errors import DatasetError, FedPromptError
+from fedprompt.models import zoo
+from fedprompt.models.student import build_student, decoder_layers, parse_keep_layers, tokenizer_sha256
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.distill import CHECKPOINT, HISTORY, DistillConfig, distill, distillation_loss
-from fedprompt.student import build_student, decoder_layers, parse_keep_layers, tokenizer_sha256
 
 FP32 = Runtime(torch.device("cpu"), "fp32")
 
@@ -186,7 +187,7 @@ def test_distillation_refuses_evaluation_datasets_and_bad_settings(tmp_path):
 def test_public_corpora_hold_no_text_of_an_evaluation_dataset():
     import re
 
-    from fedprompt import datasets
+    from fedprompt.data import datasets
 
     def norm(text: str) -> str:
         return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedprompt import artifact, zoo
+from fedprompt import artifact
 from fedprompt.dp.ledger import PrivacyLedger
 from fedprompt.local_federation import HolderSpec, LocalFederation
-from fedprompt.student import build_student
+from fedprompt.models import zoo
+from fedprompt.models.student import build_student
 from tests.conftest import make_sentiment_rows
 
 

