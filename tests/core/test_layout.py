@@ -1,7 +1,8 @@
 """The direction of imports: core <- dp <- protocols <- client / server, read from the sources.
 
 - ``fedprompt/`` (the prompt core: models, data, training, artifacts, errors) imports none of the four packages;
-  its entry points (``fedprompt.cli``, ``fedprompt.demo``) wire everything together and may import anything.
+  its entry points (``fedprompt.cli`` and its modules, ``fedprompt.demo``) wire everything together and may import
+  anything.
 - ``dp/`` imports the core only; ``protocols/`` (what crosses the wire: the aggregation server's messages and
   client, Flower's array records, SecAgg+, the round settings) imports the core and ``dp/``; ``client/`` (the
   holders) and ``server/`` (the coordinator, the aggregation server) import anything below them, never each other.
@@ -102,7 +103,7 @@ def test_imports_point_one_way():
 def test_a_wrong_import_of_each_kind_is_reported(tmp_path: Path):
     files = {
         "fedprompt/training.py": "from fedprompt.dp.engine import DPConfig\n",  # core -> dp
-        "fedprompt/cli.py": "from fedprompt.server.coordinator.cli import main\n",  # an entry point: allowed
+        "fedprompt/cli/__init__.py": "from fedprompt.server.coordinator.cli import main\n",  # an entry point
         "dp/ledger.py": "def f():\n    import fedprompt.protocols.records\n",  # dp -> protocols, lazily
         "protocols/rounds.py": "import flwr\n",  # Flower in protocols
         "protocols/flower_records.py": "from flwr.app import ArrayRecord\n",  # allowed

@@ -127,11 +127,13 @@ def test_cli_models_list(capsys):
 
 def test_the_cli_shows_a_bug_as_a_traceback_and_a_user_error_in_one_line(monkeypatch, capsys, tmp_path):
     from fedprompt import cli
+    from fedprompt.cli import models as model_commands
 
     def bug(args):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr(cli, "cmd_datasets", bug)  # build_parser binds it when main() builds the parser
+    # build_parser binds it when main() builds the parser
+    monkeypatch.setattr(model_commands, "cmd_datasets", bug)
     with pytest.raises(ValueError, match="internal invariant"):
         cli.main(["datasets", "list"])
     assert cli.main(["tune", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2  # a user's setting: one line

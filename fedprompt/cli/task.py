@@ -242,7 +242,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def add_task_parser(sub) -> None:
-    from fedprompt.cli import add_runtime
+    from fedprompt.cli.common import add_runtime
 
     p = sub.add_parser("task", help="write a task file for your data (init), check one (check), print one (show)")
     actions = p.add_subparsers(dest="action", required=True)
