@@ -30,7 +30,8 @@ from torch import nn
 
 from fedprompt.dp import grad_sample as _registered  # noqa: F401
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 
 class RawPromptLM(nn.Module):

@@ -36,7 +36,8 @@ from fedprompt.models import zoo
 from fedprompt.runtime import Runtime
 from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.strategies import make_strategy
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 # FederationConfig's fields the sweep varies, at the demo's values
 BASE = {

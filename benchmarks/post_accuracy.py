@@ -30,7 +30,8 @@ from fedprompt.dp.engine import DPConfig, private_tune
 from fedprompt.models import zoo
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.transfer import TransferConfig, transfer
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 
 def dp_prompt(session: Session, cfg: TuneConfig, epsilon: float, out: Path) -> tuple[Path, float]:

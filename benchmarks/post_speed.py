@@ -35,7 +35,8 @@ from fedprompt.models.student import build_student, decoder_layers, parse_keep_l
 from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
 from fedprompt.server.post.transfer import TransferConfig, transfer
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 
 def cut_student(teacher: LoadedModel, spec: str, runtime: Runtime) -> LoadedModel:

@@ -29,7 +29,8 @@ from fedprompt.dp.accounting import calibrate_noise
 from fedprompt.dp.audit import audit_dp_sgd
 from fedprompt.dp.engine import DPConfig, plan
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 
 def small_dataset(folder: Path, examples: int) -> Path:

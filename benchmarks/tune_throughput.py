@@ -25,7 +25,8 @@ import torch
 from common import add_step_arguments, emit, fixed_batches
 
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 
 def run_variant(args: argparse.Namespace) -> dict:

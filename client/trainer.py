@@ -25,7 +25,8 @@ from fedprompt.models.zoo import LoadedModel
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime
 from fedprompt.taskfile import Task
-from fedprompt.training import Session, TuneConfig, make_optimizer, run_steps
+from fedprompt.training import Session, make_optimizer, run_steps
+from fedprompt.tuning_settings import TuneConfig
 
 # Under DP the number of examples a holder reports is this constant: the true count is a function of the
 # private data (adding one person changes it), and FedAvg weights must not depend on it.

@@ -34,7 +34,8 @@ from scipy.stats import beta as beta_dist
 from tqdm.auto import tqdm
 
 from fedprompt.dp.engine import PrivacyPlan, make_private
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 THRESHOLDS = tuple(float(t) for t in np.linspace(1.0, 5.0, 17))  # in units of the claimed noise, fixed in advance
 

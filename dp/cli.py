@@ -17,7 +17,8 @@ from fedprompt.errors import ConfigError, FedPromptError
 
 if TYPE_CHECKING:  # torch and opacus load when a command trains, not to build the command line
     from fedprompt.dp.engine import DPConfig
-    from fedprompt.training import Session, TuneConfig, TuneResult
+    from fedprompt.training import Session, TuneResult
+    from fedprompt.tuning_settings import TuneConfig
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:

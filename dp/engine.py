@@ -20,7 +20,8 @@ from fedprompt.dp.secure_rng import SecureNoiseDPOptimizer, SecurePoissonSampler
 from fedprompt.errors import ConfigError
 from fedprompt.prompt import origin_id
 from fedprompt.prompted import PromptedLM
-from fedprompt.training import Session, TuneConfig, TuneResult, make_optimizer, run_steps
+from fedprompt.training import Session, TuneResult, make_optimizer, run_steps
+from fedprompt.tuning_settings import TuneConfig
 
 MECHANISM = "dp-sgd"
 

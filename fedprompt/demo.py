@@ -154,7 +154,8 @@ def evaluate_all(a: argparse.Namespace, out: Path, data_files: list[Path], parts
     from fedprompt.runtime import Runtime
     from fedprompt.server.coordinator import checkpoint
     from fedprompt.server.coordinator.config import FederationConfig
-    from fedprompt.training import Session, TuneConfig, tune
+    from fedprompt.training import Session, tune
+    from fedprompt.tuning_settings import TuneConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     runtime = Runtime.create()

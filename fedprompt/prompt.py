@@ -9,8 +9,6 @@ from torch import nn
 
 from fedprompt.errors import ConfigError
 
-INIT_METHODS = ("vocab", "text", "labels")
-
 
 class SoftPrompt(nn.Module):
     """A trainable (n, d) prompt; ``forward`` prepends it to every sequence of a batch of embeddings.

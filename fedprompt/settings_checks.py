@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import Field, field, fields
 from typing import Any
 
 from fedprompt.errors import ConfigError
@@ -34,3 +35,14 @@ def finite_numbers(obj: Any, *names: str, positive: bool) -> None:
         if not ok or value < 0 or (positive and value == 0):
             kind = "positive" if positive else "non-negative"
             raise ConfigError(f"{name} must be a {kind} finite number, got {value!r}")
+
+
+def setting(default: Any, *, flag: str = "") -> Any:
+    """A field of a settings dataclass; ``flag``: the help text of the command-line flag of its own that the
+    setting gets (``fedprompt server --num-rounds``); every setting without one is still set with ``--set``."""
+    return field(default=default, metadata={"flag": flag} if flag else {})
+
+
+def flagged(cls: type) -> list[Field]:
+    """The fields of settings dataclass ``cls`` that have a flag of their own."""
+    return [f for f in fields(cls) if f.metadata.get("flag")]

@@ -60,7 +60,7 @@ def tiny_gpt2():
 
 def round_config(model, **settings) -> dict:
     """A train/evaluate request's config as the ServerApp sends it: the task on ``model`` and the local settings
-    (a 2-round run of 2 local steps of batch 8 unless ``settings`` say otherwise)."""
+    (a 2-round run of 2 local steps of batch 8 at the holder's own delta ceiling unless ``settings`` say otherwise)."""
     from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 
     task = TaskSpec(
@@ -72,7 +72,8 @@ def round_config(model, **settings) -> dict:
         model.model_id,
         model.weights_sha256,
     )
-    base = {"run_id": "r", "server_round": 1, "num_rounds": 2, "local_steps": 2, "batch_size": 8, **settings}
+    base = {"run_id": "r", "server_round": 1, "num_rounds": 2, "local_steps": 2, "batch_size": 8, "delta": 0.0}
+    base.update(settings)
     return {**task.to_config(), **LocalSettings(**base).to_config()}
 
 

@@ -124,7 +124,7 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
     from fedprompt.client.dpopt import generation as dpopt
     from fedprompt.models import zoo
     from fedprompt.task import Verbalizer
-    from fedprompt.training import DEFAULT_INIT_TEXT
+    from fedprompt.tuning_settings import DEFAULT_INIT_TEXT
 
     dataset = taskfile.dataset_for(args.task, args.data)
     instruction = (

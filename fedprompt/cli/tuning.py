@@ -26,7 +26,8 @@ def _session(args: argparse.Namespace, model: str, dataset, **kw):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from fedprompt import artifact
-    from fedprompt.training import TuneConfig, tune
+    from fedprompt.training import tune
+    from fedprompt.tuning_settings import TuneConfig
 
     out = Path(args.out)
     check_out_folder(out, args.force)

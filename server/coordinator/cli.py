@@ -10,7 +10,6 @@ import signal
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
@@ -19,37 +18,14 @@ from fedprompt.cache import write_json_atomic
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols.aggregator_client import DEFAULT_PORT
 from fedprompt.server.aggregation.cli import STORE_ENV
+from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.processes import Coordinator, loopback, wait_reachable
-
-if TYPE_CHECKING:  # the run settings pull in torch (via the training defaults): loaded when a run is set up
-    from fedprompt.server.coordinator.config import FederationConfig
+from fedprompt.settings_checks import flagged
 
 SUPERLINK_HEALTH_PORT = 9096
 
 
 # ------------------------------------------------------------------ CLI
-
-# The run settings that have a flag of their own: type and help (every other one goes through --set)
-_FLAGS = {
-    "task": (str, "a task file (.toml; fedprompt task init DATA writes one) or a bundled task"),
-    "model": (str, "the frozen model every holder runs (a zoo name; holders must allow it)"),
-    "num_rounds": (int, "federated rounds"),
-    "local_steps": (int, "DP steps each holder takes per round"),
-    "lr": (float, "the holders' local learning rate"),
-    "optimizer": (str, "the holders' local optimiser: adam or sgd"),
-    "batch_size": (int, "expected batch size of each holder's Poisson sampling"),
-    "prompt_length": (int, "virtual tokens of the soft prompt"),
-    "target_epsilon": (float, "each holder's epsilon for the whole run"),
-    "strategy": (str, "the coordinator's merge: fedavg or fedadam"),
-    "server_lr": (float, "the strategy's step on the mean update (0: its default)"),
-    "fraction_train": (float, "fraction of the available holders sampled each round"),
-    "min_train_nodes": (int, "holders that must train in a round for it to count"),
-    "min_available_nodes": (int, "holders that must be connected before the first round starts"),
-    "round_timeout_s": (float, "seconds a round waits for the holders' replies"),
-    "method": (str, "prompt-tuning (DP soft prompts) or dpopt (DP text prompts)"),
-    "dpopt_preset": (str, "DP-OPT's settings preset"),
-    "dpopt_settings": (str, "JSON overrides of the DP-OPT preset"),
-}
 
 
 def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +57,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", required=True, help="coordinator state: SuperLink database, checkpoints, logs")
     _add_listen_arguments(p)
     p.add_argument("--checkpoint-dir", default=None, help="default: STATE/checkpoints (a restart resumes from it)")
-    for name, (typ, help_text) in _FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=help_text)
+    for f in flagged(FederationConfig):  # a setting's flag and its help are declared with the setting
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f.metadata["flag"])
     p.add_argument("--no-dp", action="store_true", help="holders tune without DP (for comparisons only)")
     p.add_argument("--client-dp", action="store_true", help="also clip and noise each holder's update (user-level DP)")
     p.add_argument(
@@ -145,11 +121,9 @@ def aggregator_listen(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> FederationConfig:
-    from fedprompt.server.coordinator.config import FederationConfig
-
     state = Path(args.state).resolve()
     values: dict = {"checkpoint_dir": str(Path(args.checkpoint_dir or state / "checkpoints").resolve())}
-    for name in _FLAGS:
+    for name in (f.name for f in flagged(FederationConfig)):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if values.get("task", "").endswith(".toml"):  # a task file: sent in full, its data stays here

@@ -9,19 +9,25 @@ from pathlib import Path
 
 from fedprompt import taskfile
 from fedprompt.errors import ConfigError
-from fedprompt.protocols.rounds import LocalSettings, TaskSpec
-from fedprompt.server.coordinator.strategies import STRATEGIES
+from fedprompt.protocols.rounds import LocalSettings, TaskSpec, TrainingSettings
+from fedprompt.settings_checks import setting
 from fedprompt.taskfile import Task
-from fedprompt.training import DEFAULT_INIT_TEXT
+from fedprompt.tuning_settings import DEFAULT_INIT_TEXT, TuneConfig
 
-_ROUND_IDENTITY = ("run_id", "server_round")
 METHODS = ("prompt-tuning", "dpopt")
 
 
-@dataclass(frozen=True)
-class FederationConfig:
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig(TrainingSettings):
+    """Every setting of a federation run, in one place: the holders' training settings it extends
+    (:class:`TrainingSettings`, sent to every holder each round), the coordinator's own, and the task. The
+    coordinator's flags (``setting(..., flag=...)``) and the Flower App's run config
+    (``fedprompt/flower_app/pyproject.toml``, written by ``flower_app.py``) are derived from these fields."""
+
     checkpoint_dir: str
-    task: str = "rotten-tomatoes"
+    task: str = setting(
+        "rotten-tomatoes", flag="a task file (.toml; fedprompt task init DATA writes one) or a bundled task"
+    )
     # A bundled task's name, or the name of a task given in full by these (the coordinator fills them in from a
     # task file: fedprompt server --task FILE): its template, labels and label words (JSON lists), the instruction
     # the prompt starts from and how label words are scored. Each one given overrides the bundled task's.
@@ -30,29 +36,17 @@ class FederationConfig:
     label_words: str = ""
     init_text: str = ""
     scoring: str = ""
-    model: str = "smollm2-135m"
-    prompt_length: int = 20
-    num_rounds: int = 5
-    local_steps: int = 10
-    lr: float = 3e-3
-    optimizer: str = "adam"
-    batch_size: int = 16
-    max_length: int = 128
-    dp: bool = True
-    target_epsilon: float = 8.0
-    # public: every holder's examples are (target_epsilon, delta)-DP; a holder refuses a delta above its own
-    # ceiling (default 1/(2n) of its data). A delta of 1/(2n) per holder would tell the coordinator each n.
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    secure_mode: bool = False
-    strategy: str = "fedavg"
-    server_lr: float = 0.0  # 0: the strategy's default (1.0 for fedavg, 0.01 for fedadam)
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    min_available_nodes: int = 2
+    model: str = setting("smollm2-135m", flag="the frozen model every holder runs (a zoo name; holders must allow it)")
+    prompt_length: int = setting(TuneConfig.prompt_length, flag="virtual tokens of the soft prompt")
+    strategy: str = setting("fedavg", flag="the coordinator's merge: fedavg or fedadam")
+    server_lr: float = setting(
+        0.0, flag="the strategy's step on the mean update (0: its default: 1.0 for fedavg, 0.01 for fedadam)"
+    )
+    fraction_train: float = setting(1.0, flag="fraction of the available holders sampled each round")
+    min_train_nodes: int = setting(2, flag="holders that must train in a round for it to count")
+    min_available_nodes: int = setting(2, flag="holders that must be connected before the first round starts")
     wait_for_nodes_s: float = 600.0
-    round_timeout_s: float = 1800.0
+    round_timeout_s: float = setting(1800.0, flag="seconds a round waits for the holders' replies")
     # ask the holders to evaluate each round's prompt; a holder answers only if its policy allows evaluations
     # (off by default), each answer a DP release (noisy counts) charged to its ledger
     evaluate: bool = False
@@ -71,21 +65,22 @@ class FederationConfig:
     # every round's global prompt is stored there as a version (fedprompt prompts list)
     aggregator: str = ""
     aggregator_certs: str = ""
-    # SecAgg+ through the aggregation server: the coordinator sees only the mean of the holders' updates
-    secure_aggregation: bool = False
-    # the aggregation server that runs the secure rounds (default: aggregator). A round's protocol lives in the
-    # memory of one server process, which the holders call themselves: with several registry replicas behind
-    # one address, this names the single one the holders reach
+    # the aggregation server that runs the secure rounds (secure_aggregation, a training setting; default:
+    # aggregator). A round's protocol lives in the memory of one server process, which the holders call
+    # themselves: with several registry replicas behind one address, this names the single one the holders reach
     secure_rounds: str = ""
     # each update value is clipped to [-secagg_clip_range, secagg_clip_range] before quantisation
     secagg_clip_range: float = 1.0
     # "prompt-tuning" (rounds of DP soft-prompt tuning) or "dpopt" (every holder writes DP text candidates,
     # every holder scores them with noise, the best sum wins); dpopt_settings: JSON overrides of the preset
-    method: str = "prompt-tuning"
-    dpopt_preset: str = "cpu"
-    dpopt_settings: str = ""
+    method: str = setting("prompt-tuning", flag="prompt-tuning (DP soft prompts) or dpopt (DP text prompts)")
+    dpopt_preset: str = setting("cpu", flag="DP-OPT's settings preset")
+    dpopt_settings: str = setting("", flag="JSON overrides of the DP-OPT preset")
 
     def __post_init__(self) -> None:
+        from fedprompt.server.coordinator.strategies import STRATEGIES  # torch: not needed to list the flags
+
+        super().__post_init__()
         if not self.checkpoint_dir or not Path(self.checkpoint_dir).is_absolute():
             raise ConfigError(f"checkpoint_dir must be an absolute path, got {self.checkpoint_dir!r}")
         if self.strategy not in STRATEGIES:
@@ -148,8 +143,7 @@ class FederationConfig:
         return asdict(self)
 
     def local_settings(self, *, run_id: str, server_round: int) -> LocalSettings:
-        # every LocalSettings field but the round's identity is a run setting of the same name
-        shared = {f.name: getattr(self, f.name) for f in fields(LocalSettings) if f.name not in _ROUND_IDENTITY}
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainingSettings)}
         return LocalSettings(run_id=run_id, server_round=server_round, **shared)
 
     def task_definition(self) -> Task:

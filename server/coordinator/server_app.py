@@ -31,7 +31,8 @@ from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.exchange import send_and_receive
 from fedprompt.server.coordinator.strategies import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.task import Verbalizer
-from fedprompt.training import TuneConfig, initial_prompt
+from fedprompt.training import initial_prompt
+from fedprompt.tuning_settings import TuneConfig
 
 INFO = 20
 WARNING = 30

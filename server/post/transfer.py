@@ -40,7 +40,8 @@ from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 from fedprompt.task import TemplateEncoder, Verbalizer, collate
-from fedprompt.training import TuneConfig, initial_prompt
+from fedprompt.training import initial_prompt
+from fedprompt.tuning_settings import TuneConfig
 
 SELECT = ("auto", "accuracy", "loss", "last")
 

@@ -10,7 +10,8 @@ from conftest import make_sentiment_rows
 
 from fedprompt.cli import main
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig, tune
+from fedprompt.training import Session, tune
+from fedprompt.tuning_settings import TuneConfig
 
 
 def _session(tiny_llama, sentiment_file):

@@ -12,7 +12,8 @@ from conftest import make_sentiment_rows
 from fedprompt.dp.audit import audit_dp_sgd, ceiling, epsilon_lower_bound, rate_interval
 from fedprompt.dp.engine import DPConfig, plan
 from fedprompt.runtime import Runtime
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 
 DELTA = 1e-5
 

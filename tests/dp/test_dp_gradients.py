@@ -17,7 +17,8 @@ from fedprompt.prompt import SoftPrompt, init_from_vocab
 from fedprompt.prompted import PromptedLM
 from fedprompt.runtime import Runtime
 from fedprompt.task import TemplateEncoder, Verbalizer
-from fedprompt.training import Session, TuneConfig, run_steps
+from fedprompt.training import Session, run_steps
+from fedprompt.tuning_settings import TuneConfig
 
 TEXTS = ["great", "The movie was dull and boring and far too long.", "superb acting, moving", "bad", "fine film"]
 

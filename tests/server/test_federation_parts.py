@@ -48,7 +48,16 @@ def _holder(tiny_llama, sentiment_file, state, budget=50.0, **kw) -> Holder:
 
 
 def _settings(**kw) -> LocalSettings:
-    base = dict(run_id="run-1", server_round=1, num_rounds=3, local_steps=3, batch_size=8, lr=0.05, target_epsilon=4.0)
+    base = dict(
+        run_id="run-1",
+        server_round=1,
+        num_rounds=3,
+        local_steps=3,
+        batch_size=8,
+        lr=0.05,
+        target_epsilon=4.0,
+        delta=0.0,
+    )
     base.update(kw)
     return LocalSettings(**base)
 

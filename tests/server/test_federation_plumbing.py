@@ -24,10 +24,11 @@ from fedprompt.dp.ledger import Budget, PrivacyLedger
 from fedprompt.errors import FedPromptError
 from fedprompt.flower_procs import app_dir
 from fedprompt.protocols.flower_records import from_record, to_record
+from fedprompt.server.coordinator import flower_app
 from fedprompt.server.coordinator.config import FederationConfig
 
 
-def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_defaults():
+def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_defaults(tmp_path, monkeypatch):
     folder = app_dir()
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == ["LICENSE", "pyproject.toml"]
     project = tomllib.loads((folder / "pyproject.toml").read_text())
@@ -40,6 +41,31 @@ def test_flower_app_is_a_thin_folder_whose_config_matches_the_federation_default
     # flwr run rejects run-config keys the app does not declare: every setting must be there, with its default
     expected = {f.name: ("" if f.default is MISSING else f.default) for f in fields(FederationConfig)}
     assert config == expected
+    # the file is written from FederationConfig: a stale copy (a default changed by hand) is reported
+    assert (folder / "pyproject.toml").read_text() == flower_app.render()
+    assert flower_app.main(["--check"]) == 0
+    stale = tmp_path / "pyproject.toml"
+    stale.write_text(flower_app.render().replace("num_rounds = 5", "num_rounds = 6"))
+    monkeypatch.setattr(flower_app, "app_dir", lambda: tmp_path)
+    assert flower_app.main(["--check"]) == 1
+
+
+def test_the_coordinator_flags_are_the_flagged_federation_settings():
+    """Each flag of fedprompt server is declared on its setting: its type is the setting's, its value lands there."""
+    from fedprompt.cli import build_parser
+    from fedprompt.server.coordinator.cli import config_from_args
+
+    flagged = [f.name for f in fields(FederationConfig) if f.metadata.get("flag")]
+    assert {"num_rounds", "local_steps", "lr", "batch_size", "target_epsilon", "method"} <= set(flagged)
+    args = build_parser().parse_args(
+        ["server", "--certs", "c", "--state", "/tmp/s", "--num-rounds", "3", "--lr", "0.01", "--no-aggregator"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.num_rounds, cfg.lr) == (3, 0.01) and isinstance(cfg.num_rounds, int)
+    settings = cfg.local_settings(run_id="r", server_round=1)
+    assert (settings.num_rounds, settings.lr, settings.batch_size) == (3, 0.01, cfg.batch_size)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["server", "--certs", "c", "--state", "s", "--num-rounds", "three"])
 
 
 def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):

@@ -22,7 +22,8 @@ from fedprompt.runtime import Runtime
 from fedprompt.server.post.distill import DistillConfig, distill
 from fedprompt.server.post.transfer import TransferConfig, public_examples, transfer
 from fedprompt.task import TemplateEncoder, Verbalizer
-from fedprompt.training import Session, TuneConfig
+from fedprompt.training import Session
+from fedprompt.tuning_settings import TuneConfig
 from tests.conftest import make_sentiment_rows
 from tests.server.test_post_distill import trained_teacher
 
