@@ -14,11 +14,10 @@ This module imports no torch; the service loads it when it first trains.
 
 from __future__ import annotations
 
-import json
-
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedprompt.protocols import methods
 from fedprompt.protocols.flower_records import from_record, to_record
 
 # Error codes of fedprompt's refusals, beside Flower's own 0-8.
@@ -27,22 +26,14 @@ REFUSED = 101
 FAILED = 102
 _CODES = {"budget": BUDGET_EXCEEDED, "refused": REFUSED, "error": FAILED}
 
-# Flower message type -> the service's kind of request
-KINDS = {
-    "query.hello": "hello",
-    "train": "train",
-    "evaluate": "evaluate",
-    "query.dpopt_generate": "dpopt_generate",
-    "query.dpopt_score": "dpopt_score",
-}
 MAX_CONFIG_ENTRIES = 256
 MAX_TEXT = 64 << 10  # a config value: a template, label words as JSON, DP-OPT candidates
 
 
 def request_of(message: Message) -> tuple[str, dict, object]:
     """(kind, config, prompt or None) of a message; ValueError when it is not a request fedprompt knows."""
-    kind = KINDS.get(message.metadata.message_type)
-    if kind is None:
+    request = methods.requests().get(message.metadata.message_type)
+    if request is None:
         raise ValueError(f"unknown message type {message.metadata.message_type!r}")
     content = message.content
     if "config" not in content.config_records:
@@ -56,11 +47,11 @@ def request_of(message: Message) -> tuple[str, dict, object]:
         if isinstance(value, list):
             raise ValueError(f"config value {key!r} is a list; fedprompt sends lists as JSON text")
     prompt = None
-    if kind in ("train", "evaluate"):
+    if request.carries_prompt:
         if "prompt" not in content.array_records:
             raise ValueError("the message has no prompt")
         prompt = from_record(content.array_records["prompt"], "weight")
-    return kind, config, prompt
+    return request.kind, config, prompt
 
 
 def answer(service, message: Message) -> Message:
@@ -79,12 +70,10 @@ def answer(service, message: Message) -> Message:
         "metrics": MetricRecord(header["metrics"]),
         "info": ConfigRecord({"holder": str(header.get("holder", ""))}),
     }
-    if kind == "train" and not header.get("secure"):
+    if arr is not None:  # a round's update (none under secure aggregation: the holder kept it)
         records["update"] = to_record(delta=arr)
-    if kind == "dpopt_generate":
-        records["dpopt"] = ConfigRecord({"candidates_json": json.dumps(header["candidates"])})
-    if kind == "dpopt_score":
-        records["dpopt"] = ConfigRecord({"scores_json": json.dumps(header["scores"])})
+    for name, record in header.get("records", {}).items():
+        records[name] = ConfigRecord(record)
     return Message(RecordDict(records), reply_to=message)
 
 
@@ -101,8 +90,8 @@ def _refuse(message: Message, context: Context) -> Message:
     return Message(Error(code=REFUSED, reason=NOT_HERE), reply_to=message)
 
 
-app.train()(_refuse)
-app.evaluate()(_refuse)
-app.query("hello")(_refuse)
-app.query("dpopt_generate")(_refuse)
-app.query("dpopt_score")(_refuse)
+for _request in methods.requests().values():
+    if _request.message_type.startswith(methods.QUERY):
+        app.query(_request.kind)(_refuse)
+    else:  # train, evaluate
+        getattr(app, _request.message_type)()(_refuse)

@@ -86,3 +86,12 @@ def wait_for(predicate, timeout: float, what: str, logs: Path, *, poll: float = 
         time.sleep(poll)
     dump = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
     raise AssertionError(f"timed out waiting for {what}\n{dump}")
+
+
+@pytest.fixture
+def as_serverapp(monkeypatch):
+    """Messages are made inside a run's process, whose identity Flower sets; set it as a ServerApp's would be."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)

@@ -43,11 +43,31 @@ class _Pending:
     selection_epsilon: float
 
 
-class DPOPTJobs:
-    """The federated DP-OPT work of one holder; ``holder`` is its loaded :class:`~fedprompt.client.trainer.Holder`."""
+class DPOPTHolder:
+    """The holder's side of federated DP-OPT (method ``dpopt``): ``dpopt_generate`` and ``dpopt_score`` requests
+    of one holder's :class:`~fedprompt.client.service.HolderService`; ``holder`` below is its loaded
+    :class:`~fedprompt.client.trainer.Holder`."""
 
-    def __init__(self) -> None:
-        self._pending: dict[str, _Pending] = {}
+    def __init__(self, service) -> None:
+        self.service = service
+        self._pending: dict[str, _Pending] = {}  # runs between their generation and their scoring
+
+    def handle(self, kind: str, config: dict, prompt: None) -> tuple[dict, None]:
+        policy = self.service.policy
+        policy.check_run(
+            dp=True,
+            target_epsilon=float(config["target_epsilon"]),
+            delta=float(config.get("delta") or policy.max_delta),
+            secure_aggregation=False,
+        )
+        holder = self.service.holder(config)
+        if kind == "dpopt_generate":
+            out = self.generate(holder, config, run_cap=policy.max_run_epsilon)
+            records = {"dpopt": {"candidates_json": json.dumps(out["candidates"])}}
+        else:
+            out = self.score(holder, config)
+            records = {"dpopt": {"scores_json": json.dumps(out["scores"])}}
+        return {"metrics": out["metrics"], "records": records}, None
 
     def generate(self, holder, config: dict, run_cap: float | None = None) -> dict:
         from fedprompt.client.dpopt import generation as dpopt

@@ -174,8 +174,10 @@ def post_transfer_settings(args: argparse.Namespace, cfg: FederationConfig):
         return None
     if not (args.post_teacher and args.post_public):
         raise FedPromptError("a transfer needs both --post-teacher and --post-public")
-    if cfg.method != "prompt-tuning":
-        raise FedPromptError("POST transfers a soft prompt; --method dpopt writes a text prompt, usable on any model")
+    if not cfg.coordinator_side().soft_prompt:
+        raise FedPromptError(
+            f"POST transfers a soft prompt; --method {cfg.method} writes a text prompt, usable on any model"
+        )
     from fedprompt.data import datasets as ds_mod
     from fedprompt.models import zoo
     from fedprompt.server.post.transfer import TransferConfig
@@ -250,7 +252,7 @@ def check_task(cfg: FederationConfig) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg.method == "prompt-tuning":
+    if cfg.coordinator_side().soft_prompt:  # its label words are scored on the run's model
         check_task(cfg)
     transfer_cfg = post_transfer_settings(args, cfg)
     if transfer_cfg is not None and args.superlink:
@@ -288,16 +290,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"federation submitted: run {run_id}; checkpoints in {cfg.checkpoint_dir}", flush=True)
         coord.follow(run_id, cfg)
         where = "on the SuperLink's machine" if args.superlink else ""
-        if cfg.method == "dpopt":
-            from fedprompt.server.coordinator.dpopt import ARTIFACT_DIR
-
-            final = Path(cfg.checkpoint_dir) / ARTIFACT_DIR
-            print(f"DP-OPT complete: text prompt {final} {where}".rstrip(), flush=True)
-        else:
-            final = Path(cfg.checkpoint_dir) / f"round-{cfg.num_rounds:04d}"
-            print(f"federation complete: global prompt {final} {where}".rstrip(), flush=True)
-            if transfer_cfg is not None:
-                run_post_transfer(args, cfg, transfer_cfg, final)
+        final, what = cfg.coordinator_side().result(cfg)
+        print(f"{what} {final} {where}".rstrip(), flush=True)
+        if transfer_cfg is not None:
+            run_post_transfer(args, cfg, transfer_cfg, final)
         if args.keep_running and coord.superlink is not None:
             print("SuperLink keeps running (Ctrl-C to stop)", flush=True)
             while coord.superlink.poll() is None:

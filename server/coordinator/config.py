@@ -9,12 +9,11 @@ from pathlib import Path
 
 from fedprompt import taskfile
 from fedprompt.errors import ConfigError
+from fedprompt.protocols import methods
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec, TrainingSettings
 from fedprompt.settings_checks import setting
 from fedprompt.taskfile import Task
 from fedprompt.tuning_settings import DEFAULT_INIT_TEXT, TuneConfig
-
-METHODS = ("prompt-tuning", "dpopt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +72,7 @@ class FederationConfig(TrainingSettings):
     secagg_clip_range: float = 1.0
     # "prompt-tuning" (rounds of DP soft-prompt tuning) or "dpopt" (every holder writes DP text candidates,
     # every holder scores them with noise, the best sum wins); dpopt_settings: JSON overrides of the preset
-    method: str = setting("prompt-tuning", flag="prompt-tuning (DP soft prompts) or dpopt (DP text prompts)")
+    method: str = setting("prompt-tuning", flag=f"the federated method: {' or '.join(methods.METHODS)}")
     dpopt_preset: str = setting("cpu", flag="DP-OPT's settings preset")
     dpopt_settings: str = setting("", flag="JSON overrides of the DP-OPT preset")
 
@@ -117,19 +116,12 @@ class FederationConfig(TrainingSettings):
         if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
             raise ConfigError(f"secagg_clip_range must be positive, got {self.secagg_clip_range}")
         self.task_definition()  # a bad task fails here, before any process starts
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "dpopt":
-            from fedprompt.protocols.dpopt_settings import dpopt_config
-
-            dpopt_config(
-                {
-                    "dpopt_preset": self.dpopt_preset,
-                    "dpopt_settings": self.dpopt_settings,
-                    "target_epsilon": self.target_epsilon,
-                }
-            )  # the holders would refuse what fails here
+        self.coordinator_side().check(self)
         self.local_settings(run_id="check", server_round=1)  # validates the holders' settings up front
+
+    def coordinator_side(self):
+        """The coordinator's side of the run's federated method (a ``protocols.methods.CoordinatorSide``)."""
+        return methods.load(methods.method(self.method).coordinator)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:

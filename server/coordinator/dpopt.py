@@ -24,6 +24,7 @@ from fedprompt import text_prompt
 from fedprompt.cache import write_json_atomic
 from fedprompt.models import zoo
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
+from fedprompt.protocols.dpopt_settings import dpopt_config
 from fedprompt.protocols.records import ModelRef
 from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.exchange import send_and_receive
@@ -156,3 +157,26 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
             log(WARNING, "DP-OPT: not stored in the prompt registry: %s", exc)
     write_json_atomic(Path(cfg.checkpoint_dir) / RESULT_FILE, record)
     return record
+
+
+class DPOPTCoordinator:
+    soft_prompt = False  # a text prompt, usable on any model
+
+    def check(self, cfg: FederationConfig) -> None:
+        """The holders would refuse DP-OPT settings that fail here."""
+        dpopt_config(
+            {
+                "dpopt_preset": cfg.dpopt_preset,
+                "dpopt_settings": cfg.dpopt_settings,
+                "target_epsilon": cfg.target_epsilon,
+            }
+        )
+
+    def run(self, grid: Grid, cfg: FederationConfig, run_id: str) -> None:
+        run_dpopt(grid, cfg, run_id=run_id)
+
+    def result(self, cfg: FederationConfig) -> tuple[Path, str]:
+        return Path(cfg.checkpoint_dir) / ARTIFACT_DIR, "DP-OPT complete: text prompt"
+
+
+COORDINATOR = DPOPTCoordinator()

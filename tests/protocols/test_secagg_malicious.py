@@ -59,13 +59,13 @@ class PlayedServer:
         self._requests: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue()
         service.transport = self
-        make_client = service._secagg_client
+        make_client = service.secagg_client
 
         def seen(setup, update):  # the test's own view of the victim's update; the holder is unchanged
             self.update = update.copy()
             return make_client(setup, update)
 
-        service._secagg_client = seen
+        service.secagg_client = seen
         self.thread = threading.Thread(target=self._train, args=(config, prompt), daemon=True)
         self.thread.start()
 

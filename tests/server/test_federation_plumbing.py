@@ -169,15 +169,6 @@ def test_a_holder_stopped_before_its_update_left_is_charged_nothing_for_that_rou
     assert [r.id for r in PrivacyLedger(state).releases()] == [sent.id]
 
 
-@pytest.fixture
-def as_serverapp(monkeypatch):
-    """Messages are made inside a run's process, whose identity Flower sets; set it as a ServerApp's would be."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
-
-
 def test_answer_turns_refusals_into_error_replies(tiny_llama, holder_files, as_serverapp):
     data, state = holder_files
     PrivacyLedger(state).set_budget(Budget(0.5, 1e-3))  # too small for one round
