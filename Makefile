@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo demo-post test test-fast lint bench clean images images-test
+.PHONY: install demo demo-post test test-fast lint bench clean images images-test dev-holders flower-app
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,17 @@ images-test:
 
 clean:
 	rm -rf $(VENV) .test-cache runs
+
+# The dev overlay's holders (deploy/k8s/overlays/dev/HOLDER/), each written from the one template there; list
+# them in that overlay's kustomization.yaml. tests/deploy/test_deploy_k8s.py checks they match the template.
+DEV_HOLDERS ?= holder-1 holder-2 holder-3
+dev-holders:
+	for h in $(DEV_HOLDERS); do \
+		mkdir -p deploy/k8s/overlays/dev/$$h && \
+		sed "s/{{holder}}/$$h/g" deploy/k8s/overlays/dev/holder.template.yaml > deploy/k8s/overlays/dev/$$h/kustomization.yaml; \
+	done
+
+# The Flower App's pyproject.toml, written from the federation's settings (server/coordinator/flower_app.py).
+flower-app: $(STAMP)
+	$(BIN)/python -m fedprompt.server.coordinator.flower_app
+

@@ -31,7 +31,8 @@ from common import emit
 from fedprompt.client.trainer import Holder
 from fedprompt.data import datasets as ds_mod
 from fedprompt.data import partition
-from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.dp.spend import Budget
 from fedprompt.models import zoo
 from fedprompt.runtime import Runtime
 from fedprompt.server.coordinator.config import FederationConfig

@@ -39,13 +39,10 @@ def dp_prompt(session: Session, cfg: TuneConfig, epsilon: float, out: Path) -> t
     result, spend = private_tune(session, cfg, DPConfig(target_epsilon=epsilon))
     seconds = time.monotonic() - started
     _, init = session.initial_prompt(cfg)
-    meta = artifact.ArtifactMeta(
-        task=session.dataset.name,
-        template=session.template,
-        label_names=session.dataset.label_names,
-        label_words=session.label_words,
-        base_model_id=session.loaded.model_id,
-        base_model_sha256=session.loaded.weights_sha256,
+    meta = artifact.ArtifactMeta.create(
+        session.prompt_task,
+        session.loaded.model_id,
+        session.loaded.weights_sha256,
         origin_id=result.origin_id,
         init=init,
         privacy=spend,

@@ -113,11 +113,9 @@ def main() -> None:
     if args.transfer_steps > 0:
         with tempfile.TemporaryDirectory() as tmp:
             initial, init = student.initial_prompt(tune_cfg)
-            meta = artifact.ArtifactMeta(
-                task=teacher.dataset.name, template=teacher.template, label_names=teacher.dataset.label_names,
-                label_words=teacher.label_words, base_model_id=student.loaded.model_id,
-                base_model_sha256=student.loaded.weights_sha256, origin_id="", init=init,
-            )  # fmt: skip
+            meta = artifact.ArtifactMeta.create(
+                teacher.prompt_task, student.loaded.model_id, student.loaded.weights_sha256, origin_id="", init=init
+            )
             artifact.save(Path(tmp) / "source", initial, meta)
             cfg = TransferConfig(steps=args.transfer_steps)
             t0 = time.perf_counter()

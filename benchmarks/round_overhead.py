@@ -205,7 +205,8 @@ def demo_round(folder: Path, rounds: int = 3) -> dict:
 
 def policy_check_seconds(folder: Path, repeats: int = 200) -> float:
     """One training request's policy checks on a ledger of 50 releases: the rules and the run's ε cap."""
-    from fedprompt.dp.ledger import Budget, PrivacyLedger
+    from fedprompt.dp.ledger import PrivacyLedger
+    from fedprompt.dp.spend import Budget
 
     ledger = PrivacyLedger.create(folder / "policy-state", Budget(1000.0, 1e-5))
     release = {"mechanism": "dp-sgd", "delta": 1e-5, "epsilon": 1.0, "accountant": "rdp"}

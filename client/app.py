@@ -63,7 +63,8 @@ def answer(service, message: Message) -> Message:
     header, arr = service.handle(kind, config, prompt)
     if not header.get("ok"):
         code = _CODES.get(header.get("code"), FAILED)
-        # Flower's error replies carry no records: the holder's name leads the reason (see server.app.holder_of)
+        # Flower's error replies carry no records: the holder's name leads the reason (the coordinator reads it:
+        # server/coordinator/replies.py)
         reason = f"{header.get('holder', '')}: {header.get('reason', '')}"
         return Message(Error(code=code, reason=reason), reply_to=message)
     records: dict = {

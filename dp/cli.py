@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedprompt.dp.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, Reservation, default_state_dir
+from fedprompt.dp.ledger import LEDGER_FILE, PrivacyLedger, Reservation, default_state_dir
+from fedprompt.dp.spend import Budget
 from fedprompt.errors import ConfigError, FedPromptError
 
 if TYPE_CHECKING:  # torch and opacus load when a command trains, not to build the command line

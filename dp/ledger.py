@@ -30,12 +30,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, fields
 from pathlib import Path
 
 from fedprompt.cache import sqlite_backup
 from fedprompt.dp import ledger_file as lf
-from fedprompt.dp.accounting import check_accountant, epsilon
+from fedprompt.dp.accounting import check_accountant
+from fedprompt.dp.spend import Budget, Release, Spend, compose
 from fedprompt.errors import BudgetExceededError, ConfigError, FedPromptError
 
 LEDGER_FILE = lf.LEDGER_FILE
@@ -48,70 +49,6 @@ def default_state_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "fedprompt"
-
-
-@dataclass(frozen=True)
-class Release:
-    id: int
-    created_at: float
-    task: str
-    run_id: str
-    round: int
-    mechanism: str
-    accountant: str | None
-    noise_multiplier: float | None
-    sample_rate: float | None
-    steps: int | None
-    delta: float
-    epsilon: float
-    status: str
-    owner: str = ""
-
-
-@dataclass(frozen=True)
-class Spend:
-    epsilon: float
-    delta: float
-    releases: int
-    method: str  # how the releases were composed
-
-
-@dataclass(frozen=True)
-class Budget:
-    epsilon: float
-    delta: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ConfigError(f"budget epsilon must be positive and finite, got {self.epsilon!r}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"budget delta must be in (0, 1), got {self.delta!r}")
-
-
-def compose(releases: list[Release], delta: float) -> Spend:
-    """The (epsilon, delta) of all ``releases`` together (cancelled ones left out), at total ``delta``."""
-    releases = [r for r in releases if r.status != "cancelled"]
-    if not releases:
-        return Spend(0.0, 0.0, 0, "nothing released")
-    pure = [r for r in releases if r.accountant is None]
-    groups: dict[str, list[tuple[float, float, int]]] = {}
-    for r in releases:
-        if r.accountant is not None:
-            groups.setdefault(r.accountant, []).append((r.noise_multiplier, r.sample_rate, r.steps))
-    eps = sum(r.epsilon for r in pure)
-    left = delta - sum(r.delta for r in pure)
-    if groups and left <= 0:
-        return Spend(math.inf, delta, len(releases), "the (epsilon, delta) releases use up all of delta")
-    for name, hist in groups.items():
-        eps += epsilon(name, hist, delta=left / len(groups))
-    used_delta = delta if groups else delta - left
-    parts = [f"{name} accountant over {len(h)} release(s)" for name, h in groups.items()]
-    if pure:
-        parts.append(f"{len(pure)} (epsilon, delta) release(s) added")
-    method = "; ".join(parts)
-    if len(groups) + bool(pure) > 1:
-        method += "; groups added by basic composition"
-    return Spend(eps, used_delta, len(releases), method)
 
 
 def _release(

@@ -23,6 +23,7 @@ from fedprompt.cache import atomic_dir
 from fedprompt.errors import ArtifactError
 from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompt import prompt_sha256
+from fedprompt.taskfile import PromptTask
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,6 +58,54 @@ class ArtifactMeta:
             for key in ("epsilon", "delta", "accountant"):
                 if key not in self.privacy:
                     raise ArtifactError(f"privacy spend must record {key!r}; got {sorted(self.privacy)}")
+
+    @classmethod
+    def create(
+        cls,
+        task: PromptTask,
+        model_id: str,
+        model_sha256: str,
+        *,
+        origin_id: str,
+        init: dict[str, Any],
+        privacy: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> ArtifactMeta:
+        """The metadata of a new prompt for ``task`` on model ``model_id`` (weights hash ``model_sha256``): the one
+        way every tool makes it (:meth:`from_record` reads a stored one back)."""
+        return cls(
+            task=task.name,
+            template=task.template,
+            label_names=list(task.label_names),
+            label_words=[list(w) for w in task.label_words],
+            scoring=task.scoring,
+            base_model_id=model_id,
+            base_model_sha256=model_sha256,
+            origin_id=origin_id,
+            init=dict(init),
+            privacy=privacy,
+            training=dict(training or {}),
+            lineage=dict(lineage or {}),
+        )
+
+    @classmethod
+    def from_record(cls, raw: dict[str, Any], *, ignore_unknown: bool = False) -> ArtifactMeta:
+        """Stored metadata (``fedprompt.json``, a registry version's) back as an ArtifactMeta; ArtifactError when
+        it is not one. ``ignore_unknown``: drop keys that are not fields (a registry version records more)."""
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"artifact metadata is a JSON object, got {type(raw).__name__}")
+        if ignore_unknown:
+            raw = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ArtifactError(f"not prompt-artifact metadata: {exc}") from exc
+
+    @property
+    def prompt_task(self) -> PromptTask:
+        words = tuple(tuple(w) for w in self.label_words)
+        return PromptTask(self.task, self.template, tuple(self.label_names), words, self.scoring)
 
 
 def save(folder: str | Path, weight: torch.Tensor, meta: ArtifactMeta) -> Path:
@@ -127,9 +176,8 @@ def load(folder: str | Path) -> tuple[torch.Tensor, ArtifactMeta]:
         if not (folder / name).is_file():
             raise ArtifactError(f"{folder} is not a prompt artifact: {name} is missing")
     try:
-        raw = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        meta = ArtifactMeta(**raw)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        meta = ArtifactMeta.from_record(json.loads((folder / META_FILE).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ArtifactError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{folder / META_FILE}: malformed ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if meta.format_version > FORMAT_VERSION:
         raise ArtifactError(f"{folder}: format version {meta.format_version} is newer than this fedprompt")

@@ -213,7 +213,8 @@ def spend_per_round(out: Path, holders: int, rounds: int) -> dict[str, list[floa
     The holders run on this machine, so the demo can read what in a real federation only each holder sees
     (under DP a holder replies with its bound for the run, never its per-round spend, which depends on its n).
     """
-    from fedprompt.dp.ledger import PrivacyLedger, compose
+    from fedprompt.dp.ledger import PrivacyLedger
+    from fedprompt.dp.spend import compose
     from fedprompt.server.coordinator.config import FederationConfig
 
     spend = {}

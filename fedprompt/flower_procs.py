@@ -137,7 +137,7 @@ def tail(path: Path, lines: int = 30) -> str:
 
 def write_cli_config(home: Path, address: str, root_cert: Path | None) -> None:
     """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``). Without ``root_cert`` the
-    connection is plain HTTP: only for a loopback relay (``server.front.ControlRelay``)."""
+    connection is plain HTTP: only for a loopback relay (``server.coordinator.control_relay.ControlRelay``)."""
     home.mkdir(parents=True, exist_ok=True)
     tls = f"root-certificates = {json.dumps(str(root_cert))}\n" if root_cert is not None else "insecure = true\n"
     (home / "config.toml").write_text(

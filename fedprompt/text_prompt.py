@@ -18,6 +18,7 @@ from typing import Any
 from fedprompt import __version__
 from fedprompt.cache import atomic_dir
 from fedprompt.errors import ArtifactError
+from fedprompt.taskfile import PromptTask
 
 FORMAT_VERSION = 1
 TEXT_FILE = "prompt.txt"
@@ -54,6 +55,32 @@ class TextPromptMeta:
             for key in ("epsilon", "delta", "accountant"):
                 if key not in self.privacy:
                     raise ArtifactError(f"privacy spend must record {key!r}; got {sorted(self.privacy)}")
+
+    @classmethod
+    def create(
+        cls,
+        task: PromptTask,
+        writer_model_id: str,
+        writer_model_sha256: str,
+        *,
+        initial_instruction: str,
+        privacy: dict[str, Any] | None,
+        settings: dict[str, Any] | None = None,
+    ) -> TextPromptMeta:
+        """The metadata of a new text prompt for ``task`` (a PromptTask, TaskSpec or dataset), written by the model
+        ``writer_model_id``: the one way every tool makes it."""
+        return cls(
+            task=task.name,
+            template=task.template,
+            label_names=list(task.label_names),
+            label_words=[list(w) for w in task.label_words],
+            scoring=task.scoring,
+            writer_model_id=writer_model_id,
+            writer_model_sha256=writer_model_sha256,
+            initial_instruction=initial_instruction,
+            privacy=privacy,
+            settings=dict(settings or {}),
+        )
 
 
 def save(folder: str | Path, text: str, meta: TextPromptMeta) -> Path:

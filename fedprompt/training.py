@@ -80,6 +80,14 @@ class Session:
         )
         self._encoded: dict[str, list[tuple[list[int], int]]] = {}
 
+    @property
+    def prompt_task(self):
+        """The task a prompt tuned in this session is tied to (its artifact's metadata records it)."""
+        from fedprompt.taskfile import PromptTask
+
+        words = tuple(tuple(w) for w in self.label_words)
+        return PromptTask(self.dataset.name, self.template, tuple(self.dataset.label_names), words, self.scoring)
+
     # -------------------------------------------------------------- prompts
 
     def initial_prompt(self, cfg: TuneConfig) -> tuple[torch.Tensor, dict]:

@@ -180,14 +180,10 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
 
     from fedprompt import text_prompt
 
-    meta = text_prompt.TextPromptMeta(
-        task=dataset.name,
-        template=dataset.template,
-        label_names=list(dataset.label_names),
-        label_words=[list(w) for w in dataset.label_words],
-        scoring=dataset.scoring,
-        writer_model_id=writer.model_id,
-        writer_model_sha256=writer.weights_sha256,
+    meta = text_prompt.TextPromptMeta.create(
+        dataset,
+        writer.model_id,
+        writer.weights_sha256,
         initial_instruction=instruction,
         privacy={
             "epsilon": result.epsilon,

@@ -144,14 +144,14 @@ def search(zero_shot: ZeroShot, labels: list[str]) -> tuple[list[list[str]], str
 
 def cmd_init(args: argparse.Namespace) -> int:
     from fedprompt import taskfile
-    from fedprompt.data import datasets
+    from fedprompt.data import files
     from fedprompt.models import zoo
 
     data = Path(args.data).expanduser()
     out = Path(args.out) if args.out else data.with_suffix(".task.toml")
     if out.exists() and not args.force:
         raise FedPromptError(f"{out} exists; pass --force to replace it")
-    ds = datasets.load_file(data, text_column=args.text_column, label_column=args.label_column)
+    ds = files.load_file(data, text_column=args.text_column, label_column=args.label_column)
     labels = ds.label_names
     loaded = zoo.load(args.model)
     print(f"{data}: {len(ds.split('train'))} train, {len(ds.split('validation'))} validation, "

@@ -69,14 +69,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             training[f"{args.eval_split}_accuracy"] = accs
         # A private prompt carries no accuracy on the holder's own data: that number is not covered by the
         # DP guarantee, so it is printed here for the holder and never shipped with the prompt.
-        meta = artifact.ArtifactMeta(
-            task=session.dataset.name,
-            template=session.template,
-            label_names=session.dataset.label_names,
-            label_words=session.label_words,
-            scoring=session.scoring,
-            base_model_id=session.loaded.model_id,
-            base_model_sha256=session.loaded.weights_sha256,
+        meta = artifact.ArtifactMeta.create(
+            session.prompt_task,
+            session.loaded.model_id,
+            session.loaded.weights_sha256,
             origin_id=result.origin_id,
             init=init_info,
             privacy=private,
@@ -104,7 +100,7 @@ def _eval_dataset(args: argparse.Namespace, meta):
     """The data to evaluate a prompt on, labelled as its artifact says: ``--data`` (columns from ``--task`` if
     given), else the task's own data, else the artifact's task when it is a bundled one."""
     from fedprompt import taskfile
-    from fedprompt.data import datasets
+    from fedprompt.data import datasets, files
 
     task = taskfile.resolve(args.task) if args.task else None
     if task is not None and list(task.labels) != list(meta.label_names):
@@ -118,7 +114,7 @@ def _eval_dataset(args: argparse.Namespace, meta):
         return datasets.load_task(task, source)
     if source in datasets.BUNDLED:
         return datasets.load(source)
-    return datasets.load_file(source, label_names=list(meta.label_names))
+    return files.load_file(source, label_names=list(meta.label_names))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedprompt.protocols.secagg import crypto as sc
+from fedprompt.protocols.secagg import unmask
 from fedprompt.protocols.secagg.protocol import (
     DEFAULT_COLLUDERS,
     MAX_CIPHERTEXT,
@@ -326,14 +327,15 @@ class SecAggServer:
         b_shares: dict[int, dict[int, bytes]] = {}
         s_shares: dict[int, dict[int, bytes]] = {}
         for v, msg in self._accept(replies, UnmaskResponse).items():
-            parsed = self._parse_unmask(v, msg, self._requests[v])
-            if parsed is None:
+            parsed = unmask.parse_response(self.round_id, v, msg, self._requests[v])
+            if isinstance(parsed, str):
+                self._reject(v, parsed)
                 continue
             for owner, share in parsed[0].items():
                 b_shares.setdefault(owner, {})[v] = share
             for owner, share in parsed[1].items():
                 s_shares.setdefault(owner, {})[v] = share
-        t, length, u3 = self.plan.threshold, self.plan.vector_length, self._u3
+        t, u3 = self.plan.threshold, self._u3
         dropped = sorted(self._u2 - u3)
         missing = [u for u in u3 if len(b_shares.get(u, {})) < t]
         missing += [u for u in dropped if len(s_shares.get(u, {})) < t]
@@ -342,34 +344,11 @@ class SecAggServer:
                 f"secure aggregation round {self.round_id!r}: fewer than {t} shares arrived for the secrets "
                 f"of clients {sorted(missing)}"
             )
-        self_seeds = []
-        for u in sorted(u3):
-            seed = self._reconstruct(u, b_shares[u], "self-mask seed")
-            if sc.commit_seed(self.round_id, u, seed) != self._adverts[u].self_mask_commitment:
-                raise SecAggAbort(
-                    f"secure aggregation round {self.round_id!r}: the shares of client {u}'s self-mask seed do not "
-                    "reconstruct the seed it committed to (a client sent a wrong share)"
-                )
-            self_seeds.append(seed)
-        plus, minus = [], []  # v added +PRG(s_uv) when v < u, −PRG when v > u
-        for u in dropped:
-            raw = self._reconstruct(u, s_shares[u], "mask key")
-            sk = sc.private_from_bytes(raw)
-            if sk.public_key().public_bytes_raw() != self._adverts[u].mask_public_key:
-                raise SecAggAbort(
-                    f"secure aggregation round {self.round_id!r}: the shares of client {u}'s mask key do not "
-                    "match its advertised key (a client sent a wrong share)"
-                )
-            for v in sorted(self.neighbours[u] & u3):
-                seed = sc.agree(sk, self._adverts[v].mask_public_key, purpose="mask", round_id=self.round_id, a=u, b=v)
-                (plus if v < u else minus).append(seed)
-        total = self._masked_sum - sc.expand_sum(self_seeds, length, pairwise=False)
-        if plus:
-            total -= sc.expand_sum(plus, length, pairwise=True)
-        if minus:
-            total += sc.expand_sum(minus, length, pairwise=True)
+        total = unmask.unmasked_sum(
+            self.round_id, self.plan, self._masked_sum, u3, dropped, b_shares, s_shares, self._adverts, self.neighbours
+        )
         survivors = sorted(u3)
-        self._check_range(total, len(survivors))
+        unmask.check_range(self.round_id, self.plan, total, len(survivors))
         self.quantised_sum = total
         result = sc.dequantise_sum(total, self.plan.clip_range, self.plan.quant_bits, len(survivors))
         self.result = (result, survivors)
@@ -377,55 +356,6 @@ class SecAggServer:
         self._asked = set()
         self._stage = STAGE_DONE
         return self.result
-
-    def _check_range(self, total: np.ndarray, count: int) -> None:
-        """``count`` quantised inputs sum to at most count · (2^q − 1) per value: a sum beyond that is a wrong
-        masked input or a wrong mask (garbage unmasks to uniform words, almost all of them out of range)."""
-        if int(total.max()) > count * ((1 << self.plan.quant_bits) - 1):
-            raise SecAggAbort(
-                f"secure aggregation round {self.round_id!r}: the unmasked sum leaves the range {count} "
-                "quantised inputs can reach (a client sent a malformed masked input or share)"
-            )
-
-    def _reconstruct(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
-        """One secret from its shares; shares that disagree with one another (more than t arrived) abort the
-        round, naming who revealed the odd share when that can be told (t + 2 shares or more)."""
-        try:
-            return sc.shamir_combine(shares, self.plan.threshold)
-        except sc.InconsistentShares as exc:
-            odd = sc.odd_share_out(shares, self.plan.threshold)
-            who = f"client {odd} revealed a wrong share" if odd is not None else "a client sent a wrong share"
-            raise SecAggAbort(
-                f"secure aggregation round {self.round_id!r}: the shares of client {owner}'s {what} disagree ({who})"
-            ) from exc
-        except sc.CryptoError as exc:
-            raise SecAggAbort(f"secure aggregation round {self.round_id!r}: client {owner}'s {what}: {exc}") from exc
-
-    def _parse_unmask(self, v: int, msg: UnmaskResponse, req: UnmaskRequest):
-        """({owner: b share}, {owner: s share}) when the response answers exactly the request, else None."""
-        out = []
-        for got, want, name in (
-            (msg.self_mask_shares, req.self_mask_owners, "self-mask"),
-            (msg.key_shares, req.key_owners, "key"),
-        ):
-            shares = {}
-            for rs in got:
-                if rs.owner in shares:
-                    self._reject(v, f"unmask: two {name} shares for {rs.owner}")
-                    return None
-                try:
-                    sc.share_from_bytes(rs.share)
-                except sc.CryptoError as exc:  # not a share at all: a malicious client, not a crashed one
-                    raise SecAggAbort(
-                        f"secure aggregation round {self.round_id!r}: client {v} revealed a {name} share for "
-                        f"{rs.owner} that is not a share ({exc})"
-                    ) from exc
-                shares[rs.owner] = rs.share
-            if set(shares) != set(want):
-                self._reject(v, f"unmask: {name} shares for {sorted(shares)}, asked {sorted(want)}")
-                return None
-            out.append(shares)
-        return out[0], out[1]
 
     def step(self, stage: int, replies: dict[int, SecAggMessage]) -> dict[int, SecAggMessage]:
         """Transport-facing dispatcher: stage 0 = setup (no replies), 1..4 = the replies to stage 0..3."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprompt.bind import BIND_ENV, bind_host, health_default
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ArtifactError, FedPromptError
 from fedprompt.protocols.aggregator_client import DEFAULT_PORT
 
 STORE_ENV = "FEDPROMPT_AGGREGATOR_STORE"  # lets a deployment pass a PostgreSQL URL from a secret
@@ -157,11 +157,9 @@ def cmd_prompts(args: argparse.Namespace) -> int:
                 (out / "prompt.txt").write_text(v.text or "")
                 (out / "fedprompt.json").write_text(json.dumps(v.metadata, indent=2, sort_keys=True) + "\n")
             else:
-                known = {f for f in artifact.ArtifactMeta.__dataclass_fields__}
-                meta_fields = {k: v.metadata[k] for k in known & set(v.metadata)}
                 try:
-                    meta = artifact.ArtifactMeta(**meta_fields)
-                except TypeError as exc:
+                    meta = artifact.ArtifactMeta.from_record(v.metadata, ignore_unknown=True)
+                except ArtifactError as exc:
                     raise FedPromptError(
                         f"version {v.version_id[:16]} lacks the artifact metadata (task template, label words): {exc}"
                     ) from exc

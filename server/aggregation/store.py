@@ -28,59 +28,12 @@ import numpy as np
 
 from fedprompt.errors import FedPromptError
 from fedprompt.protocols.records import ModelRef, Round, Stream, TaskVector, Version
-
-SCHEMA_VERSION = 1
-TABLES = ("versions", "task_vectors", "rounds", "updates", "streams", "stream_versions", "stream_buffer")
-
-# {BLOB} {REAL} {SEQ}: the backend's byte, double and insertion-order column types.
-SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS versions (
-        id TEXT PRIMARY KEY, seq {SEQ}, task TEXT NOT NULL, model_id TEXT NOT NULL,
-        weights_sha256 TEXT NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('soft', 'text')), shape TEXT,
-        data {BLOB}, text TEXT, parent_id TEXT REFERENCES versions (id), metadata TEXT NOT NULL,
-        created_unix {REAL} NOT NULL, created_by TEXT NOT NULL,
-        CHECK ((kind = 'soft' AND data IS NOT NULL AND text IS NULL)
-            OR (kind = 'text' AND text IS NOT NULL AND data IS NULL)))""",
-    "CREATE INDEX IF NOT EXISTS versions_seq ON versions (seq)",
-    """CREATE TABLE IF NOT EXISTS task_vectors (
-        id TEXT PRIMARY KEY, seq {SEQ}, task TEXT NOT NULL, origin_id TEXT NOT NULL REFERENCES versions (id),
-        tuned_id TEXT NOT NULL REFERENCES versions (id), model_id TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
-        shape TEXT NOT NULL, data {BLOB} NOT NULL, created_unix {REAL} NOT NULL, created_by TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS rounds (
-        id TEXT PRIMARY KEY, seq {SEQ}, task TEXT NOT NULL, model_id TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
-        shape TEXT NOT NULL, expected_clients INTEGER NOT NULL, secure INTEGER NOT NULL,
-        base_version_id TEXT REFERENCES versions (id), state TEXT NOT NULL, received INTEGER NOT NULL,
-        version_id TEXT REFERENCES versions (id), min_clients INTEGER NOT NULL, participants TEXT NOT NULL,
-        clip_range {REAL} NOT NULL, created_by TEXT NOT NULL, created_unix {REAL} NOT NULL,
-        closed_unix {REAL}, abort_reason TEXT)""",
-    """CREATE TABLE IF NOT EXISTS updates (
-        round_id TEXT NOT NULL REFERENCES rounds (id), client TEXT NOT NULL, data {BLOB} NOT NULL,
-        weight {REAL} NOT NULL, UNIQUE (round_id, client))""",
-    """CREATE TABLE IF NOT EXISTS streams (
-        id TEXT PRIMARY KEY, seq {SEQ}, task TEXT NOT NULL, model_id TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
-        head_version_id TEXT NOT NULL REFERENCES versions (id), generation INTEGER NOT NULL,
-        buffer_size INTEGER NOT NULL, staleness_exponent {REAL} NOT NULL, server_learning_rate {REAL} NOT NULL,
-        created_by TEXT NOT NULL, created_unix {REAL} NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS stream_versions (
-        stream_id TEXT NOT NULL REFERENCES streams (id), version_id TEXT NOT NULL REFERENCES versions (id),
-        generation INTEGER NOT NULL, PRIMARY KEY (stream_id, version_id))""",
-    """CREATE TABLE IF NOT EXISTS stream_buffer (
-        stream_id TEXT NOT NULL REFERENCES streams (id), position INTEGER NOT NULL, client TEXT NOT NULL,
-        data {BLOB} NOT NULL, weight {REAL} NOT NULL, staleness INTEGER NOT NULL,
-        PRIMARY KEY (stream_id, position))""",
-]
-
-_VERSION_COLS = (
-    "id, task, model_id, weights_sha256, kind, shape, data, text, parent_id, metadata, created_unix, created_by"
-)
-_ROUND_COLS = (
-    "id, task, model_id, weights_sha256, shape, expected_clients, secure, base_version_id, state, received, "
-    "version_id, min_clients, participants, clip_range, created_by"
-)
-_STREAM_COLS = (
-    "id, task, model_id, weights_sha256, head_version_id, generation, buffer_size, staleness_exponent, "
-    "server_learning_rate"
+from fedprompt.server.aggregation.store_schema import (
+    ROUND_COLS,
+    SCHEMA_VERSION,
+    STREAM_COLS,
+    TABLES,
+    VERSION_COLS,
 )
 
 
@@ -139,7 +92,7 @@ class Tx:
             v.created_unix,
             v.created_by,
         )
-        sql = f"INSERT INTO versions ({col}{_VERSION_COLS}) VALUES ({val}{', '.join('?' * len(row))})"
+        sql = f"INSERT INTO versions ({col}{VERSION_COLS}) VALUES ({val}{', '.join('?' * len(row))})"
         return self._changed(sql + " ON CONFLICT (id) DO NOTHING", row) == 1
 
     @staticmethod
@@ -151,7 +104,7 @@ class Tx:
         )
 
     def get_version(self, version_id: str) -> Version | None:
-        rows = self.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE id = ?", (version_id,))
+        rows = self.execute(f"SELECT {VERSION_COLS} FROM versions WHERE id = ?", (version_id,))
         return self._version(rows[0]) if rows else None
 
     def version_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
@@ -161,7 +114,7 @@ class Tx:
 
     def list_versions(self, task: str | None, model_id: str | None, content: bool = True) -> list[Version]:
         where, params = _filters(task=task, model_id=model_id)
-        cols = _VERSION_COLS if content else _VERSION_COLS.replace("data, text", "NULL, NULL")
+        cols = VERSION_COLS if content else VERSION_COLS.replace("data, text", "NULL, NULL")
         rows = self.execute(f"SELECT {cols} FROM versions{where} ORDER BY seq", params)
         return [self._version(r, content) for r in rows]
 
@@ -225,12 +178,12 @@ class Tx:
             r.created_by,
             created_unix,
         )
-        sql = f"INSERT INTO rounds ({col}{_ROUND_COLS}, created_unix) VALUES ({val}{', '.join('?' * len(row))})"
+        sql = f"INSERT INTO rounds ({col}{ROUND_COLS}, created_unix) VALUES ({val}{', '.join('?' * len(row))})"
         self._changed(sql, row)
 
     def get_round(self, round_id: str, *, lock: bool = False) -> Round | None:
         lock_sql = self.for_update if lock else ""
-        rows = self.execute(f"SELECT {_ROUND_COLS} FROM rounds WHERE id = ?{lock_sql}", (round_id,))
+        rows = self.execute(f"SELECT {ROUND_COLS} FROM rounds WHERE id = ?{lock_sql}", (round_id,))
         if not rows:
             return None
         rid, task, model, wsha, shape, expected, secure, base, state, received, vid, min_c, parts, clip, by = rows[0]
@@ -307,7 +260,7 @@ class Tx:
 
     def get_stream(self, stream_id: str, *, lock: bool = False) -> Stream | None:
         lock_sql = self.for_update if lock else ""
-        rows = self.execute(f"SELECT {_STREAM_COLS} FROM streams WHERE id = ?{lock_sql}", (stream_id,))
+        rows = self.execute(f"SELECT {STREAM_COLS} FROM streams WHERE id = ?{lock_sql}", (stream_id,))
         if not rows:
             return None
         # Counted in a second statement: on PostgreSQL it then sees the buffer as of after the row lock was

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from fedprompt.server.aggregation.store import SCHEMA, Store, StoreError, Tx
+from fedprompt.server.aggregation.store import Store, StoreError, Tx
+from fedprompt.server.aggregation.store_schema import SCHEMA
 
 # Any constant: schema creation by several processes at once would race on the catalogue without it.
 _SCHEMA_LOCK_KEY = 0x66656470726F6D70

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedprompt.server.aggregation.store import SCHEMA, Store, StoreError, Tx
+from fedprompt.server.aggregation.store import Store, StoreError, Tx
+from fedprompt.server.aggregation.store_schema import SCHEMA
 
 
 class SqliteTx(Tx):

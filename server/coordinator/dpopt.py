@@ -71,9 +71,26 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
     }
     record: dict = {"method": "dpopt", "run_id": run_id, "holders": {}, "failed": {}}
     nodes = _wait_for_nodes(grid, cfg)
-
-    # 1. every holder writes DP candidates from its own data
     started = time.monotonic()
+    candidates, writers = _generate(grid, cfg, nodes, base, record)
+    record["generation_seconds"] = time.monotonic() - started
+    log(INFO, "DP-OPT: %d candidates from %d holders", len(candidates), len(writers))
+    if not candidates:
+        raise RuntimeError(f"no holder released a candidate: {record['failed']}")
+    totals, scorers = _score(grid, cfg, writers, {**base, "candidates_json": json.dumps(candidates)}, record)
+    if scorers == 0:
+        raise RuntimeError(f"no holder scored the candidates: {record['failed']}")
+    winner = int(np.argmax(totals))
+    chosen = candidates[winner]
+    record.update(candidates=candidates, noisy_score_sums=totals.tolist(), chosen=chosen, scorers=scorers)
+    log(INFO, "DP-OPT: chosen %r (candidate %d of %d)", chosen, winner + 1, len(candidates))
+    _save(cfg, run_id, loaded, task, chosen, record)
+    write_json_atomic(Path(cfg.checkpoint_dir) / RESULT_FILE, record)
+    return record
+
+
+def _generate(grid: Grid, cfg: FederationConfig, nodes: list[int], base: dict, record: dict):
+    """1. Every holder writes DP candidates from its own data: (the distinct candidates, the nodes that wrote)."""
     candidates: list[str] = []
     writers: list[int] = []
     for node, msg in _exchange(grid, cfg, nodes, "dpopt_generate", base).items():
@@ -89,15 +106,14 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         for c in own:  # each distinct text once, however many holders (or candidates of one) wrote it
             if c not in candidates:
                 candidates.append(c)
-    record["generation_seconds"] = time.monotonic() - started
-    log(INFO, "DP-OPT: %d candidates from %d holders", len(candidates), len(writers))
-    if not candidates:
-        raise RuntimeError(f"no holder released a candidate: {record['failed']}")
+    return candidates, writers
 
-    # 2. the writers score every candidate on their holdouts (only they hold a run to settle)
-    totals = np.zeros(len(candidates))
+
+def _score(grid: Grid, cfg: FederationConfig, writers: list[int], request: dict, record: dict):
+    """2. The writers score every candidate on their holdouts (only they hold a run to settle): (the sums of
+    their noisy scores, how many scored)."""
+    totals = np.zeros(len(json.loads(request["candidates_json"])))
     scorers = 0
-    request = {**base, "candidates_json": json.dumps(candidates)}
     for msg in _exchange(grid, cfg, writers, "dpopt_score", request).values():
         name = _holder(msg)
         if msg.has_error():
@@ -105,19 +121,17 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
             log(WARNING, "DP-OPT: holder %s did not score: %s", name, msg.error.reason)
             continue
         scores = json.loads(str(msg.content["dpopt"]["scores_json"]))
-        if len(scores) != len(candidates) or not all(np.isfinite(scores)):
+        if len(scores) != len(totals) or not all(np.isfinite(scores)):
             record["failed"][name] = "scoring: malformed scores"
             continue
         totals += np.asarray(scores, dtype=np.float64)
         record["holders"].setdefault(name, {}).update(dict(msg.content["metrics"]))
         scorers += 1
-    if scorers == 0:
-        raise RuntimeError(f"no holder scored the candidates: {record['failed']}")
-    winner = int(np.argmax(totals))
-    chosen = candidates[winner]
-    record.update(candidates=candidates, noisy_score_sums=totals.tolist(), chosen=chosen, scorers=scorers)
-    log(INFO, "DP-OPT: chosen %r (candidate %d of %d)", chosen, winner + 1, len(candidates))
+    return totals, scorers
 
+
+def _save(cfg: FederationConfig, run_id: str, loaded, task, chosen: str, record: dict) -> None:
+    """3. The chosen prompt as a text-prompt artifact, and in the prompt registry when there is one."""
     holder_eps = {h: m["epsilon"] for h, m in record["holders"].items() if "epsilon" in m}
     privacy = {
         # every holder's data is (target epsilon, delta)-DP with respect to the run (each holder's ledger holds
@@ -128,14 +142,10 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         "mechanism": "dp-opt-federated",
         "per_holder_epsilon": holder_eps,
     }
-    meta = text_prompt.TextPromptMeta(
-        task=task.name,
-        template=task.template,
-        label_names=list(task.label_names),
-        label_words=[list(w) for w in task.label_words],
-        scoring=task.scoring,
-        writer_model_id=loaded.model_id,
-        writer_model_sha256=loaded.weights_sha256,
+    meta = text_prompt.TextPromptMeta.create(
+        task,
+        loaded.model_id,
+        loaded.weights_sha256,
         initial_instruction=task.init_text,
         privacy=privacy,
         settings={"dpopt_preset": cfg.dpopt_preset, "dpopt_settings": cfg.dpopt_settings, "run_id": run_id},
@@ -155,8 +165,6 @@ def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
         except AggregatorError as exc:  # the artifact holds the prompt; the registry can catch up
             record["registry_error"] = str(exc)
             log(WARNING, "DP-OPT: not stored in the prompt registry: %s", exc)
-    write_json_atomic(Path(cfg.checkpoint_dir) / RESULT_FILE, record)
-    return record
 
 
 class DPOPTCoordinator:

@@ -94,7 +94,7 @@ class Coordinator:
         self.superlink_port = superlink_port or fp.free_port()
         self.cli_env = fp.flower_env(state / "flwr" / "cli")
         if self.external:
-            from fedprompt.server.coordinator.front import ControlRelay
+            from fedprompt.server.coordinator.control_relay import ControlRelay
 
             self.relay = ControlRelay(superlink, certs)
             self.address = f"127.0.0.1:{self.relay.start()}"

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,13 +24,14 @@ from fedprompt.artifact import ArtifactMeta
 from fedprompt.models import zoo
 from fedprompt.prompt import origin_id, prompt_sha256
 from fedprompt.protocols.aggregator_client import AggregatorClient, AggregatorError
-from fedprompt.protocols.flower_records import from_record, to_record
+from fedprompt.protocols.flower_records import to_record
 from fedprompt.protocols.records import ModelRef
 from fedprompt.protocols.rounds import TaskSpec
 from fedprompt.server.coordinator import checkpoint, secure_round
 from fedprompt.server.coordinator.config import FederationConfig
-from fedprompt.server.coordinator.evaluation import ServerEvaluation
+from fedprompt.server.coordinator.evaluation import ServerEvaluation, holders_accuracy
 from fedprompt.server.coordinator.exchange import send_and_receive
+from fedprompt.server.coordinator.replies import holder_of, parse_train_reply
 from fedprompt.server.coordinator.strategies import ClientLevelDP, make_strategy, weighted_mean
 from fedprompt.task import Verbalizer
 from fedprompt.training import initial_prompt
@@ -39,56 +39,6 @@ from fedprompt.tuning_settings import TuneConfig
 
 INFO = 20
 WARNING = 30
-
-
-@dataclass
-class Reply:
-    node_id: int
-    holder: str
-    delta: torch.Tensor | None = None
-    num_examples: int = 0
-    metrics: dict = field(default_factory=dict)
-    error: str = ""
-
-
-_NAMED = re.compile(r"^([a-z0-9-]{1,64}): ")
-
-
-def holder_of(msg: Message) -> str:
-    """The holder name a reply gives (its info record, or the lead of an error's reason), else its node id.
-    Only for records and logs: nothing is decided by a name a holder claims."""
-    if msg.has_error():
-        m = _NAMED.match(msg.error.reason)
-        return m.group(1) if m else str(msg.metadata.src_node_id)
-    content = msg.content
-    return str(content["info"]["holder"]) if "info" in content else str(msg.metadata.src_node_id)
-
-
-def parse_train_reply(msg: Message, shape: torch.Size, *, secure: bool = False) -> Reply:
-    """A holder's training reply; under secure aggregation it carries no update (the holder keeps it)."""
-    node = msg.metadata.src_node_id
-    if msg.has_error():
-        return Reply(node, holder_of(msg), error=f"error {msg.error.code}: {msg.error.reason}")
-    content = msg.content
-    holder = holder_of(msg)
-    try:
-        delta = None
-        if secure:
-            if "update" in content:
-                raise ValueError("the holder sent its update in the clear in a secure round")
-        else:
-            delta = torch.from_numpy(from_record(content["update"], "delta"))
-            if delta.shape != shape:
-                raise ValueError(f"update has shape {tuple(delta.shape)}, the prompt {tuple(shape)}")
-            if not torch.isfinite(delta).all():
-                raise ValueError("update holds NaN or infinite values")
-        metrics = dict(content["metrics"])
-        n = int(metrics.get("num_examples", 0))
-        if n < 1:
-            raise ValueError(f"num_examples must be positive, got {n}")
-    except (KeyError, ValueError, TypeError) as exc:
-        return Reply(node, holder, error=f"malformed reply: {exc}")
-    return Reply(node, holder, delta, n, metrics)
 
 
 class Federation:
@@ -189,28 +139,17 @@ class Federation:
                 self.names[reply.metadata.src_node_id] = name
 
     def train_round(self, rnd: int, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One round: the sampled holders train the prompt; their updates (or, secure, their mean) are merged.
+        Whatever goes wrong leaves the prompt unchanged and is recorded in the round's record."""
         nodes = self.sample(self.wait_for_nodes(self.cfg.min_train_nodes))
         record: dict = {"round": rnd, "sampled": len(nodes), "holders": {}, "failed": {}}
         if not nodes:
             log(WARNING, "round %d: no holder sampled; the prompt is unchanged", rnd)
             return weight, record
-        secure = self.cfg.secure_aggregation
         extra, round_id = {}, None
-        if secure:
-            self.learn_names(nodes)
-            nodes = [n for n in nodes if n in self.names]  # a node that did not say who it is cannot be invited
-            try:
-                round_id = secure_round.open_round(
-                    self.secure_rounds,
-                    task=self.task,
-                    shape=tuple(weight.shape),
-                    participants=[self.names[n] for n in nodes],
-                    min_clients=self.cfg.min_train_nodes,
-                    clip_range=self.cfg.secagg_clip_range,
-                )
-            except secure_round.SecureRoundFailed as exc:
-                record["failed"]["secure aggregation"] = str(exc)
-                log(WARNING, "round %d: %s; the prompt is unchanged", rnd, exc)
+        if self.cfg.secure_aggregation:
+            nodes, round_id = self._open_secure_round(rnd, nodes, weight, record)
+            if round_id is None:
                 return weight, record
             extra["secure_round_id"] = round_id
         started = time.monotonic()
@@ -222,60 +161,88 @@ class Federation:
             )
         )
         record["train_seconds"] = time.monotonic() - started
-        parsed = [parse_train_reply(m, weight.shape, secure=secure) for m in replies]
+        ok = self._usable_replies(rnd, nodes, replies, weight.shape, record)
+        mean = self._merge(rnd, ok, weight, round_id, record)
+        if mean is None:
+            return weight, record
+        record["merged"] = True
+        return self.strategy.apply(weight, mean), record
+
+    def _open_secure_round(self, rnd: int, nodes: list[int], weight: torch.Tensor, record: dict):
+        """(the nodes invited, the id of the round opened on the aggregation server), or (nodes, None)."""
+        self.learn_names(nodes)
+        nodes = [n for n in nodes if n in self.names]  # a node that did not say who it is cannot be invited
+        try:
+            round_id = secure_round.open_round(
+                self.secure_rounds,
+                task=self.task,
+                shape=tuple(weight.shape),
+                participants=[self.names[n] for n in nodes],
+                min_clients=self.cfg.min_train_nodes,
+                clip_range=self.cfg.secagg_clip_range,
+            )
+        except secure_round.SecureRoundFailed as exc:
+            record["failed"]["secure aggregation"] = str(exc)
+            log(WARNING, "round %d: %s; the prompt is unchanged", rnd, exc)
+            return nodes, None
+        return nodes, round_id
+
+    def _usable_replies(self, rnd: int, nodes: list[int], replies: list[Message], shape, record: dict) -> list:
+        """The replies that can be merged; the others, and the nodes that did not answer, go to the record."""
+        parsed = [parse_train_reply(m, shape, secure=self.cfg.secure_aggregation) for m in replies]
         for r in parsed:
             if r.holder != str(r.node_id):
                 self.names[r.node_id] = r.holder
             else:
                 r.holder = self.names.get(r.node_id, r.holder)
-        ok = [r for r in parsed if not r.error]
-        answered = {r.node_id for r in parsed}
-        for r in parsed:
             if r.error:
                 record["failed"][r.holder] = r.error
                 log(WARNING, "round %d: holder %s left out: %s", rnd, r.holder, r.error)
-        self.unresponsive = set(nodes) - answered
+        self.unresponsive = set(nodes) - {r.node_id for r in parsed}
         for n in sorted(self.unresponsive):
             record["failed"][self.names.get(n, str(n))] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
             log(WARNING, "round %d: node %s did not reply in time; skipped next round", rnd, n)
+        ok = [r for r in parsed if not r.error]
         for r in ok:
             record["holders"][r.holder] = {k: v for k, v in r.metrics.items() if isinstance(v, int | float)}
         record["replied"] = len(ok)
+        return ok
+
+    def _merge(self, rnd: int, ok: list, weight: torch.Tensor, round_id: str | None, record: dict):
+        """The mean update of the round (client-level DP, secure or plain), or None: the prompt stays."""
         if self.client_dp is not None:
             if not ok:
                 log(WARNING, "round %d: no usable update; the prompt is unchanged", rnd)
-                return weight, record
+                return None
             mean, stats = self.client_dp.merge([r.delta for r in ok])
             record.update(stats)
-        elif secure:
+            return mean
+        if round_id is not None:
             if len(ok) < max(2, self.cfg.min_train_nodes):  # the "sum" of one holder would be its update
                 secure_round.abort(self.secure_rounds, round_id, f"{len(ok)} holder(s) took part")
                 log(WARNING, "round %d: %d holder(s) took part, too few to aggregate securely; unchanged", rnd, len(ok))
-                return weight, record
+                return None
             try:
                 mean_np, stats = secure_round.collect(self.secure_rounds, round_id, tuple(weight.shape))
             except secure_round.SecureRoundFailed as exc:
                 record["failed"]["secure aggregation"] = str(exc)
                 log(WARNING, "round %d: secure aggregation failed, the prompt is unchanged: %s", rnd, exc)
-                return weight, record
+                return None
             record.update(stats)
             # every holder counts once: the protocol sums, and the sum is divided by the survivors
-            mean = torch.from_numpy(mean_np)
-        else:
-            if len(ok) < self.cfg.min_train_nodes:
-                log(
-                    WARNING,
-                    "round %d: %d usable update(s), fewer than min_train_nodes=%d; the prompt is unchanged",
-                    rnd,
-                    len(ok),
-                    self.cfg.min_train_nodes,
-                )
-                return weight, record
-            # under DP a holder's count is not to be trusted or used (it is private): equal weights
-            weights = [1.0] * len(ok) if self.cfg.dp else [float(r.num_examples) for r in ok]
-            mean = weighted_mean([r.delta for r in ok], weights)
-        record["merged"] = True
-        return self.strategy.apply(weight, mean), record
+            return torch.from_numpy(mean_np)
+        if len(ok) < self.cfg.min_train_nodes:
+            log(
+                WARNING,
+                "round %d: %d usable update(s), fewer than min_train_nodes=%d; the prompt is unchanged",
+                rnd,
+                len(ok),
+                self.cfg.min_train_nodes,
+            )
+            return None
+        # under DP a holder's count is not to be trusted or used (it is private): equal weights
+        weights = [1.0] * len(ok) if self.cfg.dp else [float(r.num_examples) for r in ok]
+        return weighted_mean([r.delta for r in ok], weights)
 
     def evaluate(self, rnd: int, weight: torch.Tensor) -> dict:
         """The round's accuracy: on the coordinator's own evaluation data (``server_eval``) and, when asked,
@@ -295,29 +262,11 @@ class Federation:
         replies = send_and_receive(
             self.grid, self._messages(nodes, weight, MessageType.EVALUATE, rnd), timeout=self.cfg.round_timeout_s
         )
-        correct = total = 0.0
-        per_holder, refused = {}, {}
-        for m in replies:
-            holder = holder_of(m)
-            if m.has_error():
-                refused[holder] = m.error.reason[:200]
-                continue
-            try:
-                metrics = m.content["metrics"]
-                c, n = float(metrics["correct"]), float(metrics["examples"])
-            except (KeyError, TypeError, ValueError) as exc:
-                refused[holder] = f"malformed evaluation reply: {exc}"
-                continue
-            if not (math.isfinite(c) and math.isfinite(n)):
-                continue
-            self.names[m.metadata.src_node_id] = holder
-            per_holder[holder] = min(1.0, max(0.0, c / n)) if n > 0 else None
-            correct += c
-            total += n
-        if refused:
-            log(WARNING, "round %d: evaluation refused or failed on %s", rnd, refused)
-        acc = min(1.0, max(0.0, correct / total)) if total > 0 else None
-        return {"holders_accuracy": acc, "eval_holders": per_holder, "eval_refused": refused}
+        record, names = holders_accuracy(replies)
+        self.names.update(names)
+        if record["eval_refused"]:
+            log(WARNING, "round %d: evaluation refused or failed on %s", rnd, record["eval_refused"])
+        return record
 
     # ------------------------------------------------------------------ the run
 
@@ -344,14 +293,10 @@ class Federation:
                     "noise_multiplier": self.client_dp.noise_multiplier,
                     "clip_norm": self.client_dp.clip_norm,
                 }
-        return ArtifactMeta(
-            task=self.task.name,
-            template=self.task.template,
-            label_names=list(self.task.label_names),
-            label_words=[list(w) for w in self.task.label_words],
-            scoring=self.task.scoring,
-            base_model_id=self.task.model,
-            base_model_sha256=self.task.model_sha256,
+        return ArtifactMeta.create(
+            self.task,
+            self.task.model,
+            self.task.model_sha256,
             origin_id=origin_id(self.initial),
             init=self.init_info,
             privacy=privacy,

@@ -224,17 +224,7 @@ def transfer(
     teacher.model.to(runtime.device)
     public = public if isinstance(public, Dataset) else ds_mod.load(public)
     train, validation, dropped = public_examples(public, meta.task, cfg)
-    select = cfg.select
-    labels_match = list(public.label_names) == list(meta.label_names)
-    if select == "auto":
-        select = "accuracy" if labels_match and validation else ("loss" if validation else "last")
-    if select == "accuracy" and not labels_match:
-        raise DatasetError(
-            f"{public.name} has labels {public.label_names}, the task {meta.label_names}: choose by --select loss"
-        )
-    if select in ("accuracy", "loss") and not validation:
-        raise DatasetError(f"{public.name} has no validation examples to choose a checkpoint on")
-
+    select = checkpoint_choice(cfg.select, public, meta.label_names, bool(validation))
     encoder = TemplateEncoder(teacher.tokenizer, meta.template, cfg.max_length)
     verbalizer = Verbalizer.build(teacher.tokenizer, meta.label_words, label_names=meta.label_names)
     if not verbalizer.single_token:
@@ -327,34 +317,57 @@ def transfer(
         "public": {"name": public.name, "sha256": public.sha256, "inputs": n, "validation": len(enc_val),
                    "dropped_task_texts": dropped},
     }  # fmt: skip
+    transfer_record = {**asdict(cfg), "select": select, "chosen_step": best["step"], "seconds": report["seconds"]}
+    out_meta = transferred_meta(meta, student, teacher, initial, transfer_record, report["public"], runtime)
+    if prompt_sha256(best_weight) == prompt_sha256(initial):
+        report["note"] = "the untrained initialisation scored best on the public validation split"
+    return TransferResult(best_weight, out_meta, report, checkpoints)
+
+
+def checkpoint_choice(select: str, public: Dataset, task_labels: list[str], has_validation: bool) -> str:
+    """How the transfer chooses its checkpoint (``auto``: by accuracy when the public set has the task's labels and
+    a validation split, else by loss on it, else the last step); DatasetError when the public set cannot serve."""
+    labels_match = list(public.label_names) == list(task_labels)
+    if select == "auto":
+        select = "accuracy" if labels_match and has_validation else ("loss" if has_validation else "last")
+    if select == "accuracy" and not labels_match:
+        raise DatasetError(
+            f"{public.name} has labels {public.label_names}, the task {task_labels}: choose by --select loss"
+        )
+    if select in ("accuracy", "loss") and not has_validation:
+        raise DatasetError(f"{public.name} has no validation examples to choose a checkpoint on")
+    return select
+
+
+def transferred_meta(
+    meta: ArtifactMeta,
+    student: LoadedModel,
+    teacher: LoadedModel,
+    initial: torch.Tensor,
+    transfer_record: dict,
+    public: dict,
+    runtime: Runtime,
+) -> ArtifactMeta:
+    """The transferred prompt's metadata: the source's task and privacy spend (the transfer is post-processing of
+    a released prompt), the teacher as its model, and its lineage back to the source prompt and the student."""
     lineage = {
         "method": "post-transfer",
         "source_prompt_sha256": meta.prompt_sha256,
         "source_model": {"id": meta.base_model_id, "weights_sha256": meta.base_model_sha256},
         "source_origin_id": meta.origin_id,
         "source_lineage": meta.lineage,
-        "public": report["public"],
+        "public": public,
     }
     student_manifest = zoo.read_manifest(zoo.registered().get(student.model_id, zoo.model_folder(student.model_id)))
     if student_manifest.get("kind") == "distilled":
         lineage["student_of"] = student_manifest.get("teacher")
-    out_meta = ArtifactMeta(
-        task=meta.task,
-        template=meta.template,
-        label_names=list(meta.label_names),
-        label_words=[list(w) for w in meta.label_words],
-        base_model_id=teacher.model_id,
-        base_model_sha256=teacher.weights_sha256,
+    return ArtifactMeta.create(
+        meta.prompt_task,
+        teacher.model_id,
+        teacher.weights_sha256,
         origin_id=origin_id(initial),
         init=meta.init,
         privacy=meta.privacy,  # post-processing of the released source prompt: the spend is unchanged
-        training={
-            "transfer": {**asdict(cfg), "select": select, "chosen_step": best["step"], "seconds": report["seconds"]},
-            "source_training": meta.training,
-            "precision": runtime.precision,
-        },
+        training={"transfer": transfer_record, "source_training": meta.training, "precision": runtime.precision},
         lineage=lineage,
     )
-    if prompt_sha256(best_weight) == prompt_sha256(initial):
-        report["note"] = "the untrained initialisation scored best on the public validation split"
-    return TransferResult(best_weight, out_meta, report, checkpoints)

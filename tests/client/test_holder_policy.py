@@ -11,7 +11,8 @@ from conftest import make_sentiment_rows, round_config
 
 from fedprompt.client.policy import HolderPolicy, PolicyViolation
 from fedprompt.client.service import HolderService
-from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.dp.spend import Budget
 from fedprompt.errors import FedPromptError
 
 N = 64  # the holder's training examples (80 rows less the held-out splits)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedprompt.data import datasets
+from fedprompt.data import datasets, files
 from fedprompt.errors import DatasetError
 
 
@@ -72,7 +72,7 @@ def test_bad_user_files_fail_clearly(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"
     path.write_text(content)
     with pytest.raises(DatasetError, match=message) as err:
-        datasets.load_file(path, label_names=["neg", "pos"])
+        files.load_file(path, label_names=["neg", "pos"])
     assert str(path) in str(err.value)
 
 
@@ -80,13 +80,13 @@ def test_unreadable_and_non_utf8_files(tmp_path):
     binary = tmp_path / "b.csv"
     binary.write_bytes(b"text,label\n\xff\xfe,1\n")
     with pytest.raises(DatasetError, match="not UTF-8"):
-        datasets.load_file(binary)
+        files.load_file(binary)
     with pytest.raises(DatasetError, match="neither a bundled dataset"):
         datasets.load(str(tmp_path / "missing.csv"))
     folder = tmp_path / "dir.csv"
     folder.mkdir()
     with pytest.raises(DatasetError, match="cannot read"):
-        datasets.load_file(folder)
+        files.load_file(folder)
 
 
 def test_label_in_test_split_never_seen_in_train(tmp_path):
@@ -95,7 +95,7 @@ def test_label_in_test_split_never_seen_in_train(tmp_path):
     rows.append({"text": "z", "label": "c", "split": "test"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DatasetError, match="never in train"):
-        datasets.load_file(path)
+        files.load_file(path)
 
 
 def _rows(n: int, labels=("a", "b")) -> list[dict]:
@@ -108,7 +108,7 @@ def test_a_label_that_falls_only_into_the_held_out_splits_is_refused(tmp_path):
     for seed_rows in range(40):  # without a split column the held-out parts are a seeded shuffle: find one
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         try:
-            ds = datasets.load_file(path)
+            ds = files.load_file(path)
         except DatasetError as exc:
             assert "'rare'" in str(exc) and "held-out" in str(exc) and str(path) in str(exc)
             return
@@ -118,19 +118,19 @@ def test_a_label_that_falls_only_into_the_held_out_splits_is_refused(tmp_path):
 
 
 def test_one_field_size_limit_for_csv_and_jsonl(tmp_path):
-    big = "x" * (datasets.MAX_FIELD_CHARS + 1)
+    big = "x" * (files.MAX_FIELD_CHARS + 1)
     jsonl = tmp_path / "big.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in _rows(30)) + json.dumps({"text": big, "label": "a"}) + "\n")
     with pytest.raises(DatasetError, match=r"big\.jsonl:31: field 'text' has 131,073 characters"):
-        datasets.load_file(jsonl)
+        files.load_file(jsonl)
     huge = tmp_path / "huge.jsonl"  # a 50 MB line is refused before it is parsed
     huge.write_text(json.dumps({"text": "y" * 50_000_000, "label": "a"}) + "\n")
     with pytest.raises(DatasetError, match="a line of 50,000,"):
-        datasets.load_file(huge)
+        files.load_file(huge)
     csv = tmp_path / "big.csv"
     csv.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in _rows(30)) + f"{big},a\n")
     with pytest.raises(DatasetError, match=r"big\.csv"):
-        datasets.load_file(csv)
+        files.load_file(csv)
 
 
 @pytest.mark.parametrize("label", [{"name": "a"}, ["a"], None, True, 1.5])
@@ -138,7 +138,7 @@ def test_labels_that_are_not_strings_name_the_file(tmp_path, label):
     path = tmp_path / "odd.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows(30)) + json.dumps({"text": "t", "label": label}) + "\n")
     with pytest.raises(DatasetError, match=r"odd\.jsonl: example 31 has"):
-        datasets.load_file(path)
+        files.load_file(path)
 
 
 def test_datasets_split_refuses_a_folder_with_files_in_it(tmp_path, capsys):

@@ -628,3 +628,39 @@ def test_checker_reports_a_broken_render(rendered, breakage):
     BREAKAGES[breakage](objects)
     found = violations(objects, "fedprompt-dev")
     assert any(breakage in v for v in found), found
+
+
+def test_the_dev_holders_are_written_from_one_template(tmp_path):
+    """deploy/k8s/overlays/dev/holder-N/ are `make dev-holders` output: each equals the template with its name, and
+    the overlay lists exactly them; a holder edited by hand (or a template changed without rewriting) fails."""
+    dev = OVERLAYS / "dev"
+    template = (dev / "holder.template.yaml").read_text()
+    listed = [
+        r for r in yaml.safe_load((dev / "kustomization.yaml").read_text())["resources"] if r.startswith("holder-")
+    ]
+    assert listed == ["holder-1", "holder-2", "holder-3"]
+    on_disk = sorted(p.parent.name for p in dev.glob("holder-*/kustomization.yaml"))
+    assert on_disk == listed
+
+    def stale(folder, names) -> list[str]:
+        return [
+            n for n in names if (folder / n / "kustomization.yaml").read_text() != template.replace("{{holder}}", n)
+        ]
+
+    assert stale(dev, listed) == []
+    edited = tmp_path / "holder-2"
+    edited.mkdir()
+    text = (dev / "holder-2" / "kustomization.yaml").read_text()
+    (edited / "kustomization.yaml").write_text(text.replace('- "10"', '- "50"'))  # its budget, by hand
+    assert stale(tmp_path, ["holder-2"]) == ["holder-2"]
+    # make dev-holders writes them, for another list of holders too (in a copy: the tree is left as it is)
+    copy_dev = tmp_path / "tree" / "deploy" / "k8s" / "overlays" / "dev"
+    copy_dev.mkdir(parents=True)
+    (copy_dev / "holder.template.yaml").write_text(template)
+    (tmp_path / "tree" / "Makefile").write_text((ROOT / "Makefile").read_text())
+    out = run(["make", "-s", "dev-holders", "DEV_HOLDERS=holder-1 holder-7"], cwd=tmp_path / "tree")
+    assert out.returncode == 0, out.stderr
+    assert stale(copy_dev, ["holder-1", "holder-7"]) == []
+    assert (copy_dev / "holder-1" / "kustomization.yaml").read_text() == (
+        dev / "holder-1" / "kustomization.yaml"
+    ).read_text()

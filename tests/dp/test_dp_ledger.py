@@ -11,7 +11,8 @@ import pytest
 
 from fedprompt.cli import main
 from fedprompt.dp.accounting import epsilon
-from fedprompt.dp.ledger import LEDGER_FILE, Budget, PrivacyLedger, compose
+from fedprompt.dp.ledger import LEDGER_FILE, PrivacyLedger
+from fedprompt.dp.spend import Budget, compose
 from fedprompt.errors import BudgetExceededError, FedPromptError
 
 DELTA = 1e-5

@@ -390,12 +390,12 @@ def test_a_wrong_share_or_input_aborts_and_without_the_checks_gives_a_wrong_sum(
     """A malicious client's crafted share (+1 on one self-mask share) or out-of-range masked input: with the
     server's checks (shares against the others and the commitment, the sum's range) the round aborts; with them
     switched off it ends in a wrong sum, which is what the checks are for."""
-    from fedprompt.protocols.secagg import server as secagg_server
+    from fedprompt.protocols.secagg import unmask as secagg_unmask
 
     if checks == "off":
         real = sc.shamir_combine
         monkeypatch.setattr(sc, "shamir_combine", lambda shares, t: real(dict(sorted(shares.items())[:t]), t))
-        monkeypatch.setattr(secagg_server.SecAggServer, "_check_range", lambda self, total, count: None)
+        monkeypatch.setattr(secagg_unmask, "check_range", lambda round_id, plan, total, count: None)
 
     def crafted(stage, replies):
         if stage == 4:  # client 2 reveals a wrong share of client 1's self-mask seed

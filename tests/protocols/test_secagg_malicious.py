@@ -109,7 +109,8 @@ class Cohort:
     """Five holders, each with its own data, ledger, node key and roster."""
 
     def __init__(self, model, cert_dir, folder) -> None:
-        from fedprompt.dp.ledger import Budget, PrivacyLedger
+        from fedprompt.dp.ledger import PrivacyLedger
+        from fedprompt.dp.spend import Budget
 
         self.model, self.services, self.played = model, {}, {}
         for i, name in enumerate(NAMES):

@@ -10,7 +10,8 @@ import torch
 from fedprompt.client.trainer import DP_NUM_EXAMPLES, Holder
 from fedprompt.data import datasets, partition
 from fedprompt.dp.accounting import epsilon
-from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.dp.spend import Budget
 from fedprompt.errors import BudgetExceededError, ModelError
 from fedprompt.protocols.rounds import LocalSettings, TaskSpec
 from fedprompt.runtime import Runtime

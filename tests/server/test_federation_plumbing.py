@@ -20,7 +20,8 @@ from fedprompt import certs
 from fedprompt.client import app as client_app
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.client.service import HolderService
-from fedprompt.dp.ledger import Budget, PrivacyLedger
+from fedprompt.dp.ledger import PrivacyLedger
+from fedprompt.dp.spend import Budget
 from fedprompt.errors import FedPromptError
 from fedprompt.flower_procs import app_dir
 from fedprompt.protocols.flower_records import from_record, to_record

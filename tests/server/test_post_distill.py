@@ -15,7 +15,8 @@ from fedprompt.errors import DatasetError, FedPromptError
 from fedprompt.models import zoo
 from fedprompt.models.student import build_student, decoder_layers, parse_keep_layers, tokenizer_sha256
 from fedprompt.runtime import Runtime
-from fedprompt.server.post.distill import CHECKPOINT, HISTORY, DistillConfig, distill, distillation_loss
+from fedprompt.server.post.distill import CHECKPOINT, HISTORY, DistillConfig, distill
+from fedprompt.server.post.distill_loss import distillation_loss
 
 FP32 = Runtime(torch.device("cpu"), "fp32")
 
