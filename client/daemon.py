@@ -195,46 +195,39 @@ def cmd_client(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the runner polls the SuperNode every 0.2 s
     name, ca, key = _identity(args)
     state = Path(args.state).resolve()
-    task = taskfile.read(args.task) if args.task else None
-    if args.dataset or args.data:
-        data = args.dataset or str(Path(args.data).resolve())
-    elif task is not None and task.data:
-        data = task.data
-    else:
-        raise FedPromptError("give the holder's data: --data FILE, --dataset NAME, or a --task file that names it")
-    # fail here, not in the first round, when the data is unusable
-    dataset = ds_mod.load_task(task, data) if task is not None else ds_mod.load(data)
-    n = len(dataset.split("train"))
     args.state = str(state)
+    task = taskfile.read(args.task) if args.task else None
+    data, n = _holder_data(args, task)
     policy = policy_from_args(args, state)
     ledger = open_ledger(args, default_delta=1.0 / (2 * n))
     if ledger.budget() is None:
         raise FedPromptError(f"{ledger.path}: no privacy budget yet; pass --budget-epsilon")
     budget, spent = ledger.budget(), ledger.spent()
-    print(
-        f"holder {name}: {n} training examples; budget epsilon = {budget.epsilon:g} (delta = {budget.delta:g}), "
-        f"spent {spent.epsilon:.3f}; ledger {ledger.path}",
-        flush=True,
+    say = _announcer(name)
+    say(
+        f"{n} training examples; budget epsilon = {budget.epsilon:g} (delta = {budget.delta:g}), "
+        f"spent {spent.epsilon:.3f}; ledger {ledger.path}"
     )
-    print(f"holder {name} policy: {policy.resolved(n).describe()}", flush=True)
+    say(f"policy: {policy.resolved(n).describe()}")
     peers = _roster(args, key)
     if peers:  # compare these with the other holders' out of band: a key the coordinator slipped in shows here
-        listed = ", ".join(f"{p} {certs_mod.fingerprint(f)}" for p, f in peers.items())
-        print(f"holder {name} roster ({len(peers)} node keys): {listed}", flush=True)
+        say(
+            f"roster ({len(peers)} node keys): "
+            + ", ".join(f"{p} {certs_mod.fingerprint(f)}" for p, f in peers.items())
+        )
     else:
-        print(f"holder {name}: no roster of peer keys (--peers): secure rounds will be refused", flush=True)
+        say("no roster of peer keys (--peers): secure rounds will be refused")
     aggregator = _aggregator(args, ca, key)
     if aggregator is None:
-        print(f"holder {name}: no TLS client certificate beside {key}: secure rounds will be refused", flush=True)
+        say(f"no TLS client certificate beside {key}: secure rounds will be refused")
     else:
-        print(f"holder {name}: secure rounds with the aggregation server at {aggregator.address}", flush=True)
-    from fedprompt.client.threads import ThreadChoice
-
-    threads = ThreadChoice(args.threads, say=lambda message: print(f"holder {name}: {message}", flush=True))
-    threads.apply()
+        say(f"secure rounds with the aggregation server at {aggregator.address}")
     from fedprompt.client.runner import ClientAppRunner, installed_app_sha256, write_secret
     from fedprompt.client.service import HolderService
+    from fedprompt.client.threads import ThreadChoice
 
+    threads = ThreadChoice(args.threads, say=say)
+    threads.apply()
     service = HolderService(
         data=data,
         state_dir=state,
@@ -254,7 +247,6 @@ def cmd_client(args: argparse.Namespace) -> int:
     secret = write_secret(state)
     runner = ClientAppRunner(service, f"127.0.0.1:{port}", secret, app_sha256=installed_app_sha256())
     runner.start()
-    log = state / "logs" / "supernode.log"
     cmd = [
         fp.flower_bin("flower-supernode"),
         "--superlink", args.superlink,
@@ -268,6 +260,38 @@ def cmd_client(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if args.health_listen:
         cmd += ["--health-server-address", args.health_listen]
+    try:
+        _run_supernode(cmd, state, args.superlink, say)
+        return 0
+    finally:
+        runner.stop()
+        total = ledger.spent()
+        say(f"stopped; privacy spent: epsilon = {total.epsilon:.3f} ({total.method})")
+
+
+def _announcer(name: str):
+    def say(message: str) -> None:
+        print(f"holder {name}: {message}", flush=True)
+
+    return say
+
+
+def _holder_data(args: argparse.Namespace, task) -> tuple[str, int]:
+    """The holder's data (``--dataset``, ``--data``, or its task file's) and its number of training examples;
+    loaded once here so that unusable data fails at start, not in the first round."""
+    if args.dataset or args.data:
+        data = args.dataset or str(Path(args.data).resolve())
+    elif task is not None and task.data:
+        data = task.data
+    else:
+        raise FedPromptError("give the holder's data: --data FILE, --dataset NAME, or a --task file that names it")
+    dataset = ds_mod.load_task(task, data) if task is not None else ds_mod.load(data)
+    return data, len(dataset.split("train"))
+
+
+def _run_supernode(cmd: list, state: Path, superlink: str, say) -> None:
+    """Run the SuperNode until SIGTERM or SIGINT. It exits when the coordinator is unreachable or does not know
+    this node's key yet (a restart, a registration still under way): start it again, backing off."""
     stopping = False
 
     def on_signal(signum, frame):
@@ -276,22 +300,21 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log = state / "logs" / "supernode.log"
     supernode = None
+    delay = RESTART_MIN_S / 2
     try:
-        # The SuperNode exits when the coordinator is unreachable or does not know this node's key yet
-        # (a restart, a registration still under way): start it again, backing off, until stopped.
-        delay = RESTART_MIN_S / 2
         while not stopping:
-            follower = SupernodeLog(log, args.superlink)
+            follower = SupernodeLog(log, superlink)
             supernode = fp.start(cmd, log, fp.flower_env(state / "flwr-home"))
-            print(f"holder {name}: SuperNode connecting to {args.superlink}; log: {log}", flush=True)
+            say(f"SuperNode connecting to {superlink}; log: {log}")
             started = time.monotonic()
             while not stopping and supernode.poll() is None:
                 time.sleep(0.5)
                 for message in follower.poll():
-                    print(f"holder {name}: {message}", flush=True)
+                    say(message)
             for message in follower.poll():
-                print(f"holder {name}: {message}", flush=True)
+                say(message)
             if stopping:
                 break
             ran = time.monotonic() - started
@@ -305,9 +328,5 @@ def cmd_client(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + delay
             while not stopping and time.monotonic() < deadline:
                 time.sleep(0.5)
-        return 0
     finally:
         fp.stop(supernode)
-        runner.stop()
-        total = ledger.spent()
-        print(f"holder {name} stopped; privacy spent: epsilon = {total.epsilon:.3f} ({total.method})", flush=True)

@@ -23,7 +23,7 @@ from fedprompt.cache import atomic_dir
 from fedprompt.errors import ArtifactError
 from fedprompt.models.zoo import LoadedModel
 from fedprompt.prompt import prompt_sha256
-from fedprompt.taskfile import PromptTask
+from fedprompt.prompt_meta import PromptTask, check_recorded, task_fields
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,12 +52,7 @@ class ArtifactMeta:
     fedprompt_version: str = __version__
 
     def __post_init__(self) -> None:
-        if len(self.label_words) != len(self.label_names):
-            raise ArtifactError("label_words and label_names differ in length")
-        if self.privacy is not None:
-            for key in ("epsilon", "delta", "accountant"):
-                if key not in self.privacy:
-                    raise ArtifactError(f"privacy spend must record {key!r}; got {sorted(self.privacy)}")
+        check_recorded(self.label_names, self.label_words, self.privacy)
 
     @classmethod
     def create(
@@ -75,11 +70,7 @@ class ArtifactMeta:
         """The metadata of a new prompt for ``task`` on model ``model_id`` (weights hash ``model_sha256``): the one
         way every tool makes it (:meth:`from_record` reads a stored one back)."""
         return cls(
-            task=task.name,
-            template=task.template,
-            label_names=list(task.label_names),
-            label_words=[list(w) for w in task.label_words],
-            scoring=task.scoring,
+            **task_fields(task),
             base_model_id=model_id,
             base_model_sha256=model_sha256,
             origin_id=origin_id,

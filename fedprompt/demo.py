@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedprompt.cli.common import add_demo_federation
 from fedprompt.errors import FedPromptError
 
 # the demo's defaults, in one place (its flags; benchmarks/round_overhead.py runs rounds of the same)
@@ -74,13 +75,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target-epsilon", type=float, default=8.0, help="each holder's epsilon for the whole run (default 8)"
     )
-    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
-    p.add_argument(
-        "--no-secure-aggregation",
-        action="store_true",
-        help="holders send their updates in the clear to the coordinator (default: SecAgg+ via the aggregation server)",
-    )
+    add_demo_federation(p)
     p.add_argument(
         "--prompt-length", type=int, default=DEMO_DEFAULTS["prompt_length"], help="virtual tokens of the soft prompt"
     )

@@ -44,19 +44,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
-class PromptTask:
-    """What a prompt is tied to on its model: the task's name, its template, labels and label words, and how the
-    words are scored. A :class:`~fedprompt.protocols.rounds.TaskSpec` and a dataset have the same five attributes;
-    a prompt's metadata is made from any of them (``ArtifactMeta.create``, ``TextPromptMeta.create``)."""
-
-    name: str
-    template: str
-    label_names: tuple[str, ...]
-    label_words: tuple[tuple[str, ...], ...]
-    scoring: str = "sum"
-
-
-@dataclass(frozen=True)
 class Task:
     name: str
     labels: tuple[str, ...]

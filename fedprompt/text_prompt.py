@@ -18,7 +18,7 @@ from typing import Any
 from fedprompt import __version__
 from fedprompt.cache import atomic_dir
 from fedprompt.errors import ArtifactError
-from fedprompt.taskfile import PromptTask
+from fedprompt.prompt_meta import PromptTask, check_recorded, task_fields
 
 FORMAT_VERSION = 1
 TEXT_FILE = "prompt.txt"
@@ -49,12 +49,7 @@ class TextPromptMeta:
     def __post_init__(self) -> None:
         if self.kind != "text":
             raise ArtifactError(f"not a text prompt (kind {self.kind!r})")
-        if len(self.label_words) != len(self.label_names):
-            raise ArtifactError("label_words and label_names differ in length")
-        if self.privacy is not None:
-            for key in ("epsilon", "delta", "accountant"):
-                if key not in self.privacy:
-                    raise ArtifactError(f"privacy spend must record {key!r}; got {sorted(self.privacy)}")
+        check_recorded(self.label_names, self.label_words, self.privacy)
 
     @classmethod
     def create(
@@ -70,11 +65,7 @@ class TextPromptMeta:
         """The metadata of a new text prompt for ``task`` (a PromptTask, TaskSpec or dataset), written by the model
         ``writer_model_id``: the one way every tool makes it."""
         return cls(
-            task=task.name,
-            template=task.template,
-            label_names=list(task.label_names),
-            label_words=[list(w) for w in task.label_words],
-            scoring=task.scoring,
+            **task_fields(task),
             writer_model_id=writer_model_id,
             writer_model_sha256=writer_model_sha256,
             initial_instruction=initial_instruction,

@@ -83,7 +83,7 @@ class Session:
     @property
     def prompt_task(self):
         """The task a prompt tuned in this session is tied to (its artifact's metadata records it)."""
-        from fedprompt.taskfile import PromptTask
+        from fedprompt.prompt_meta import PromptTask
 
         words = tuple(tuple(w) for w in self.label_words)
         return PromptTask(self.dataset.name, self.template, tuple(self.dataset.label_names), words, self.scoring)

@@ -180,27 +180,8 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
 
     from fedprompt import text_prompt
 
-    meta = text_prompt.TextPromptMeta.create(
-        dataset,
-        writer.model_id,
-        writer.weights_sha256,
-        initial_instruction=instruction,
-        privacy={
-            "epsilon": result.epsilon,
-            "delta": result.delta,
-            "accountant": dpopt.ACCOUNTANT,
-            "mechanism": MECHANISM,
-            "epsilon_generation": result.epsilon_generation,
-            "epsilon_selection": result.epsilon_selection,
-            "queries": result.queries,
-            "sample_rate": result.sample_rate,
-            "token_epsilon": cfg.token_epsilon,
-            "token_delta": cfg.token_delta,
-        },
-        settings={**result.settings, "preset": preset, "candidates_released": result.candidates},
-    )
+    meta = _text_prompt_meta(dataset, writer, instruction, result, cfg, preset)
     text_prompt.save(out, result.chosen, meta)
-
     prompts = {"zero_shot_template": None, "zero_shot_instruction": instruction, "dp_opt": result.chosen}
     if nonprivate is not None and nonprivate.chosen is not None:
         prompts["nonprivate_ensemble"] = nonprivate.chosen
@@ -221,25 +202,57 @@ def cmd_dpopt(args: argparse.Namespace) -> int:
             "dataset": dataset.name,
             "writer_model": writer.model_id,
             "preset": preset,
-            "settings": result.settings,
             "eval_split": args.eval_split,
             "eval_examples": len(examples),
             "accuracy": accuracy,
-            "dp_prompt": result.chosen,
-            "candidates": result.candidates,
+            **_run_record(result, nonprivate),
             "privacy": meta.privacy,
-            "generation": {
-                "queries": result.queries,
-                "failures": result.failures,
-                "tokens": result.tokens,
-                "seconds": result.seconds,
-            },
-            "nonprivate": None
-            if nonprivate is None
-            else {"queries": nonprivate.queries, "tokens": nonprivate.tokens, "seconds": nonprivate.seconds},
         }
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _text_prompt_meta(dataset, writer, instruction: str, result, cfg, preset: str):
+    from fedprompt import text_prompt
+    from fedprompt.client.dpopt import generation as dpopt
+
+    return text_prompt.TextPromptMeta.create(
+        dataset,
+        writer.model_id,
+        writer.weights_sha256,
+        initial_instruction=instruction,
+        privacy={
+            "epsilon": result.epsilon,
+            "delta": result.delta,
+            "accountant": dpopt.ACCOUNTANT,
+            "mechanism": MECHANISM,
+            "epsilon_generation": result.epsilon_generation,
+            "epsilon_selection": result.epsilon_selection,
+            "queries": result.queries,
+            "sample_rate": result.sample_rate,
+            "token_epsilon": cfg.token_epsilon,
+            "token_delta": cfg.token_delta,
+        },
+        settings={**result.settings, "preset": preset, "candidates_released": result.candidates},
+    )
+
+
+def _run_record(result, nonprivate) -> dict:
+    """What the report says of the private run (and of the non-private ensemble, when it ran)."""
+    return {
+        "settings": result.settings,
+        "dp_prompt": result.chosen,
+        "candidates": result.candidates,
+        "generation": {
+            "queries": result.queries,
+            "failures": result.failures,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+        },
+        "nonprivate": None
+        if nonprivate is None
+        else {"queries": nonprivate.queries, "tokens": nonprivate.tokens, "seconds": nonprivate.seconds},
+    }
 
 
 def evaluate_prompts(model, runtime, dataset, prompts: dict, examples, max_length: int) -> dict[str, float]:

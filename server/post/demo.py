@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from fedprompt.cli.common import add_demo_federation
 from fedprompt.errors import FedPromptError
 
 
@@ -48,13 +49,7 @@ def add_demo_post_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--transfer-alpha", type=float, default=None, help="weight of the shift term (default 0.5)")
     p.add_argument("--transfer-steps", type=int, default=None, help="transfer steps (default 200)")
-    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up on the federation after this many seconds")
-    p.add_argument(
-        "--no-secure-aggregation",
-        action="store_true",
-        help="holders send their updates in the clear to the coordinator (default: SecAgg+ via the aggregation server)",
-    )
+    add_demo_federation(p)
     p.set_defaults(func=cmd_demo_post)
 
 

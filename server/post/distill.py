@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fedprompt.cache import atomic_dir, write_json_atomic
@@ -51,7 +50,7 @@ from fedprompt.models.student import (
 )
 from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
-from fedprompt.server.post.distill_loss import distillation_loss
+from fedprompt.server.post.distill_loss import distillation_loss, forward_with_hidden, heldout_losses
 from fedprompt.settings_checks import finite_numbers, non_negative_ints, positive_ints
 
 CHECKPOINT = "checkpoint"
@@ -134,11 +133,6 @@ def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> tor
 
 
 # ------------------------------------------------------------------ loss
-
-
-def _forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=0)
-    return out.logits, out.hidden_states[-1]
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -230,27 +224,6 @@ def _fingerprint(cfg: DistillConfig, teacher: LoadedModel, corpus: corpora.Corpu
     }
 
 
-@torch.no_grad()
-def heldout_losses(teacher, student, blocks: torch.Tensor, cfg: DistillConfig, runtime: Runtime) -> dict:
-    """Next-token loss of teacher and student, and their KL, on held-out corpus blocks (never trained on)."""
-    if len(blocks) == 0:
-        return {}
-    sums = {"teacher_lm": 0.0, "student_lm": 0.0, "kl": 0.0}
-    student.eval()
-    for i in range(0, len(blocks), cfg.batch_size):
-        ids = blocks[i : i + cfg.batch_size].to(runtime.device)
-        with runtime.autocast():
-            t_logits, t_h = _forward(teacher, ids)
-            s_logits, s_h = _forward(student, ids)
-        parts = distillation_loss(s_logits, t_logits, s_h, t_h, ids, cfg)
-        t_lm = F.cross_entropy(t_logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-        n = len(ids)
-        sums["teacher_lm"] += float(t_lm) * n
-        sums["student_lm"] += parts.lm * n
-        sums["kl"] += parts.kl * n
-    return {k: v / len(blocks) for k, v in sums.items()} | {"blocks": len(blocks)}
-
-
 def distill(
     teacher: LoadedModel | str,
     cfg: DistillConfig,
@@ -268,14 +241,7 @@ def distill(
     """
     runtime = runtime or Runtime.create()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FedPromptError(f"{out} is a file; --out must name a folder")
-    has_ckpt = (out / CHECKPOINT / STATE).exists()
-    if resume and not has_ckpt:
-        raise FedPromptError(f"{out} holds no checkpoint to resume from")
-    if not resume and out.exists() and any(out.iterdir()):
-        hint = " (it holds a checkpoint: add --resume)" if has_ckpt else ""
-        raise FedPromptError(f"{out} exists and is not empty{hint}")
+    _check_out(out, resume)
     teacher = teacher if isinstance(teacher, LoadedModel) else zoo.load(teacher, device=runtime.device)
     teacher.model.to(runtime.device).eval()
     keep = parse_keep_layers(cfg.keep_layers, len(decoder_layers(teacher.model)[1]))
@@ -316,8 +282,8 @@ def distill(
                 group["lr"] = cfg.lr_at(step)
             with runtime.autocast():
                 with torch.no_grad():
-                    t_logits, t_h = _forward(teacher.model, ids)
-                s_logits, s_h = _forward(student, ids)
+                    t_logits, t_h = forward_with_hidden(teacher.model, ids)
+                s_logits, s_h = forward_with_hidden(student, ids)
                 parts = distillation_loss(s_logits, t_logits, s_h, t_h, ids, cfg)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -349,11 +315,34 @@ def distill(
     bar.close()
     student.eval()
     report = heldout_losses(teacher.model, student, heldout, cfg, runtime) if heldout is not None else {}
-    manifest = {
+    manifest = _manifest(name, teacher, keep, corpus, cfg, state, runtime, report)
+    write_json_atomic(out / HISTORY, state["history"])
+    _write_student(out, student, teacher, manifest)
+    if register:
+        zoo.register(out, name)
+    return DistillResult(out, name, json.loads((out / zoo.MANIFEST).read_text()))
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """``out`` is a new or empty folder, or (``resume``) one that holds a checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise FedPromptError(f"{out} is a file; --out must name a folder")
+    has_ckpt = (out / CHECKPOINT / STATE).exists()
+    if resume and not has_ckpt:
+        raise FedPromptError(f"{out} holds no checkpoint to resume from")
+    if not resume and out.exists() and any(out.iterdir()):
+        hint = " (it holds a checkpoint: add --resume)" if has_ckpt else ""
+        raise FedPromptError(f"{out} exists and is not empty{hint}")
+
+
+def _manifest(name: str, teacher: LoadedModel, keep: list[int], corpus, cfg: DistillConfig, state: dict,
+              runtime: Runtime, heldout: dict) -> dict:  # fmt: skip
+    """The student's model manifest (``fedprompt-model.json``): its teacher, layers, corpus and distillation."""
+    return {
         "name": name,
         "kind": "distilled",
         "source": "distilled by fedprompt post distill",
-        "teacher": fingerprint["teacher"],
+        "teacher": state["fingerprint"]["teacher"],
         "tokenizer_sha256": tokenizer_sha256(teacher.tokenizer),
         "layers_kept": keep,
         "teacher_layers": len(decoder_layers(teacher.model)[1]),
@@ -366,14 +355,9 @@ def distill(
             "precision": runtime.precision,
             "device": runtime.device.type,
             "final_losses": state["history"][-1] if state["history"] else None,
-            "heldout": report,
+            "heldout": heldout,
         },
     }
-    write_json_atomic(out / HISTORY, state["history"])
-    _write_student(out, student, teacher, manifest)
-    if register:
-        zoo.register(out, name)
-    return DistillResult(out, name, json.loads((out / zoo.MANIFEST).read_text()))
 
 
 def _write_student(out: Path, student, teacher: LoadedModel, manifest: dict) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
+    from fedprompt.runtime import Runtime
     from fedprompt.server.post.distill import DistillConfig
 
 
@@ -97,3 +98,30 @@ def distillation_loss(
     kl = float(kl_rows.detach().sum()) * t * t / n_kl
     lm = float(ce_rows.detach().sum()) / n_lm
     return LossParts(total + cfg.cos_weight * cos, kl, lm, float(cos.detach()))
+
+
+def forward_with_hidden(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at every position and the final hidden states (what the loss compares)."""
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=0)
+    return out.logits, out.hidden_states[-1]
+
+
+@torch.no_grad()
+def heldout_losses(teacher, student, blocks: torch.Tensor, cfg: DistillConfig, runtime: Runtime) -> dict:
+    """Next-token loss of teacher and student, and their KL, on held-out corpus blocks (never trained on)."""
+    if len(blocks) == 0:
+        return {}
+    sums = {"teacher_lm": 0.0, "student_lm": 0.0, "kl": 0.0}
+    student.eval()
+    for i in range(0, len(blocks), cfg.batch_size):
+        ids = blocks[i : i + cfg.batch_size].to(runtime.device)
+        with runtime.autocast():
+            t_logits, t_h = forward_with_hidden(teacher, ids)
+            s_logits, s_h = forward_with_hidden(student, ids)
+        parts = distillation_loss(s_logits, t_logits, s_h, t_h, ids, cfg)
+        t_lm = F.cross_entropy(t_logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        n = len(ids)
+        sums["teacher_lm"] += float(t_lm) * n
+        sums["student_lm"] += parts.lm * n
+        sums["kl"] += parts.kl * n
+    return {k: v / len(blocks) for k, v in sums.items()} | {"blocks": len(blocks)}

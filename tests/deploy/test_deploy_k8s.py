@@ -633,7 +633,7 @@ def test_checker_reports_a_broken_render(rendered, breakage):
 def test_the_dev_holders_are_written_from_one_template(tmp_path):
     """deploy/k8s/overlays/dev/holder-N/ are `make dev-holders` output: each equals the template with its name, and
     the overlay lists exactly them; a holder edited by hand (or a template changed without rewriting) fails."""
-    dev = OVERLAYS / "dev"
+    dev = K8S / "overlays" / "dev"
     template = (dev / "holder.template.yaml").read_text()
     listed = [
         r for r in yaml.safe_load((dev / "kustomization.yaml").read_text())["resources"] if r.startswith("holder-")
