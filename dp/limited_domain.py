@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from fedprompt.errors import ConfigError
+
 L0_SENSITIVITY = 2
 THRESHOLD_MARGIN = 2  # see the module docstring: 1 (Durfee-Rogers) is not enough for a moved vote
 ORDERS = tuple(range(2, 257))
@@ -62,9 +64,9 @@ class LimitedDomain:
 
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and 0 < self.delta < 1):
-            raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got {self.epsilon}, {self.delta}")
+            raise ConfigError(f"need epsilon > 0 and 0 < delta < 1, got {self.epsilon}, {self.delta}")
         if not 1 <= self.k_bar < self.vocab_size:
-            raise ValueError(f"need 1 <= k_bar < vocab_size, got {self.k_bar}, {self.vocab_size}")
+            raise ConfigError(f"need 1 <= k_bar < vocab_size, got {self.k_bar}, {self.vocab_size}")
 
     @property
     def noise_epsilon(self) -> float:
@@ -100,7 +102,7 @@ class LimitedDomain:
         """
         rng = rng or random.SystemRandom()
         if any(c < 0 for c in counts.values()):
-            raise ValueError("vote counts must be non-negative")
+            raise ConfigError("vote counts must be non-negative")
         top = self._top(counts)
         scale = 1.0 / self.noise_epsilon
         best_token, best_value = None, self.threshold(counts) + gumbel(rng, scale)
@@ -121,11 +123,11 @@ def select_candidate(correct_counts: list[int], epsilon: float, rng: random.Rand
     generation's ε are not added, the guarantee is their maximum.
     """
     if not correct_counts:
-        raise ValueError("no candidates to select from")
+        raise ConfigError("no candidates to select from")
     if not epsilon > 0:
-        raise ValueError(f"epsilon must be positive, got {epsilon}")
+        raise ConfigError(f"epsilon must be positive, got {epsilon}")
     if any(c < 0 for c in correct_counts):
-        raise ValueError("counts must be non-negative")
+        raise ConfigError("counts must be non-negative")
     rng = rng or random.SystemRandom()
     noisy = [c + gumbel(rng, 1.0 / epsilon) for c in correct_counts]
     return max(range(len(noisy)), key=noisy.__getitem__)
@@ -137,7 +139,7 @@ def select_candidate(correct_counts: list[int], epsilon: float, rng: random.Rand
 def pure_dp_rdp(alpha: float, eps0: float) -> float:
     """RDP of order ``alpha`` of an ε₀-DP mechanism (tight: randomized response attains it)."""
     if alpha <= 1:
-        raise ValueError("RDP orders must exceed 1")
+        raise ConfigError("RDP orders must exceed 1")
     a_e = alpha * eps0
     # log(sinh(αε) - sinh((α-1)ε)) computed stably: sinh x - sinh y = 2 cosh((x+y)/2) sinh((x-y)/2)
     log_num = math.log(2.0) + _log_cosh((2 * alpha - 1) * eps0 / 2) + math.log(math.sinh(eps0 / 2))
@@ -167,7 +169,7 @@ def poisson_subsampled_rdp(alpha: int, q: float, rdp) -> float:
     """Zhu and Wang (2019), Theorem 6: an upper bound on the RDP of ``rdp`` (a function of the order) run on
     a Poisson subsample of rate ``q``, for integer orders ``alpha`` >= 2."""
     if not (isinstance(alpha, int) and alpha >= 2):
-        raise ValueError("the bound holds for integer orders >= 2")
+        raise ConfigError("the bound holds for integer orders >= 2")
     if q == 0:
         return 0.0
     if q == 1:
@@ -203,12 +205,12 @@ def dpopt_epsilon(queries: int, *, sample_rate: float, eps0: float, delta0: floa
     Raises ValueError when that δ₀ part alone exceeds ``delta``.
     """
     if queries < 0:
-        raise ValueError("queries must be >= 0")
+        raise ConfigError("queries must be >= 0")
     if queries == 0:
         return 0.0
     delta1 = delta - sample_rate * queries * delta0
     if delta1 <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{queries} queries at delta0 = {delta0:g}, q = {sample_rate:g} spend q*T*delta0 = "
             f"{sample_rate * queries * delta0:.3g}, not below the target delta {delta:g}"
         )

@@ -17,6 +17,8 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from fedprompt.errors import ConfigError
+
 
 def urandom_uniform(n: int) -> np.ndarray:
     """``n`` uniform floats in (0, 1], 53 random bits each, from the OS CSPRNG."""
@@ -41,7 +43,7 @@ class SecurePoissonSampler:
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int) -> None:
         if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
 
     def __len__(self) -> int:

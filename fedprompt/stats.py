@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fedprompt.errors import ConfigError
+
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
@@ -22,7 +24,7 @@ def accuracy_interval(correct: list[bool], z: float = Z95) -> Interval:
     """The accuracy with its Wilson score interval (sound near 0 and 1, unlike the normal approximation)."""
     n = len(correct)
     if n == 0:
-        raise ValueError("no examples")
+        raise ConfigError("no examples")
     p = sum(correct) / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -37,7 +39,7 @@ def gain_interval(correct: list[bool], baseline: list[bool], z: float = Z95) -> 
     the two accuracies as independent samples.
     """
     if len(correct) != len(baseline) or not correct:
-        raise ValueError("a paired comparison needs the same, non-empty, examples")
+        raise ConfigError("a paired comparison needs the same, non-empty, examples")
     n = len(correct)
     d = [int(a) - int(b) for a, b in zip(correct, baseline, strict=True)]
     mean = sum(d) / n

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedprompt.errors import ConfigError
 from fedprompt.models.zoo import LoadedModel
 from fedprompt.runtime import Runtime
 
@@ -30,7 +31,7 @@ class TeacherEnsemble:
         batch_size: int = 64,
     ) -> None:
         if not head_ids:
-            raise ValueError("the shared head is empty")
+            raise ConfigError("the shared head is empty")
         self.model = loaded.model
         self.runtime = runtime
         self.head_ids = list(head_ids)
@@ -47,7 +48,7 @@ class TeacherEnsemble:
     def next_token_logits(self, bodies: Sequence[Sequence[int]]) -> torch.Tensor:
         """(J, V) float32 logits of the next token after ``head + body`` for each teacher's body."""
         if not bodies or any(len(b) == 0 for b in bodies):
-            raise ValueError("every teacher needs a non-empty body")
+            raise ConfigError("every teacher needs a non-empty body")
         # batches of similar lengths waste little on padding
         order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
         logits = torch.empty(0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprompt.cache import cache_dir, sha256_file
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RegistryArchive:
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and len(self.sha256) != 64:
-            raise ValueError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
+            raise ConfigError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
 
     @property
     def requirement(self) -> str:

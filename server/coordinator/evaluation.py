@@ -8,6 +8,7 @@ import math
 import torch
 from flwr.app import Message
 
+from fedprompt.errors import DatasetError
 from fedprompt.protocols.rounds import TaskSpec
 from fedprompt.server.coordinator.config import FederationConfig
 from fedprompt.server.coordinator.replies import holder_of
@@ -38,7 +39,7 @@ class ServerEvaluation:
         )
         examples = data.split(cfg.server_eval_split)
         if not examples:
-            raise ValueError(f"server_eval {cfg.server_eval!r} has no {cfg.server_eval_split} examples")
+            raise DatasetError(f"server_eval {cfg.server_eval!r} has no {cfg.server_eval_split} examples")
         return cls(session, examples)
 
     def evaluate(self, weight: torch.Tensor) -> dict:

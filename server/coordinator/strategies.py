@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from fedprompt.dp.accounting import epsilon
 from fedprompt.errors import ConfigError
-
-STRATEGIES = ("fedavg", "fedadam")
 
 
 def weighted_mean(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -27,15 +26,34 @@ def weighted_mean(deltas: list[torch.Tensor], weights: list[float]) -> torch.Ten
     return sum(d.to(torch.float32) * (w / total) for d, w in zip(deltas, weights, strict=True))
 
 
+class Strategy(Protocol):
+    """How the coordinator moves the global prompt given the round's mean update; its state is checkpointed
+    with each round (``state_dict``) so that a resumed run continues the same trajectory."""
+
+    name: str
+    default_lr: float
+
+    def apply(self, current: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def _positive(server_lr: float) -> float:
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ConfigError(f"server_lr must be positive, got {server_lr}")
+    return server_lr
+
+
 class FedAvg:
     """x ← x + η · Σ wᵢ Δᵢ / Σ wᵢ (McMahan et al. 2017 with a server learning rate η)."""
 
     name = "fedavg"
+    default_lr = 1.0
 
-    def __init__(self, server_lr: float = 1.0) -> None:
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ConfigError(f"server_lr must be positive, got {server_lr}")
-        self.server_lr = server_lr
+    def __init__(self, server_lr: float = default_lr) -> None:
+        self.server_lr = _positive(server_lr)
 
     def apply(self, current: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
         return current + self.server_lr * mean_delta
@@ -47,13 +65,16 @@ class FedAvg:
         pass
 
 
-class FedAdam(FedAvg):
+class FedAdam:
     """Adaptive server optimiser on the mean delta as a pseudo-gradient (Reddi et al. 2021, FedAdam)."""
 
     name = "fedadam"
+    default_lr = 1e-2
 
-    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(server_lr)
+    def __init__(
+        self, server_lr: float = default_lr, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        self.server_lr = _positive(server_lr)
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -73,12 +94,16 @@ class FedAdam(FedAvg):
         self.m, self.v = state.get("m"), state.get("v")
 
 
-def make_strategy(name: str, server_lr: float | None = None) -> FedAvg:
-    if name == "fedavg":
-        return FedAvg(1.0 if server_lr is None else server_lr)
-    if name == "fedadam":
-        return FedAdam(1e-2 if server_lr is None else server_lr)
-    raise ConfigError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+_BY_NAME: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedAdam)}
+STRATEGIES = tuple(_BY_NAME)
+
+
+def make_strategy(name: str, server_lr: float | None = None) -> Strategy:
+    """The strategy ``name`` with its step ``server_lr`` (None: the strategy's default)."""
+    if name not in _BY_NAME:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    cls = _BY_NAME[name]
+    return cls(cls.default_lr if server_lr is None else server_lr)
 
 
 @dataclass(frozen=True)
