@@ -20,6 +20,7 @@ from fedprompt import certs as certs_mod
 from fedprompt import flower_procs as fp
 from fedprompt import taskfile
 from fedprompt.bind import BIND_ENV, health_default
+from fedprompt.cli.common import add_runtime
 from fedprompt.client.connection import SupernodeLog
 from fedprompt.client.policy import HolderPolicy
 from fedprompt.data import datasets as ds_mod
@@ -70,10 +71,7 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
         help="a model the coordinator may ask for (repeatable; default: the zoo's names and the models registered "
         "here with fedprompt models add; never a path)",
     )
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16: autocast on fp32 weights"
-    )
+    add_runtime(p)
     p.add_argument(
         "--threads",
         type=int,

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedprompt import taskfile
+from fedprompt.cli.common import add_runtime
 from fedprompt.dp.cli import add_state_arguments, open_ledger
 from fedprompt.errors import ConfigError, FedPromptError
 
@@ -74,13 +75,7 @@ def add_dpopt_parser(sub: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=None, help="TESTS ONLY: seeds sampling and DP noise (never in production)"
     )
     add_state_arguments(g)
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
-    )
+    add_runtime(p)
     p.add_argument("--max-length", type=int, default=256, help="evaluation: longest input in tokens")
     p.set_defaults(func=cmd_dpopt)
 

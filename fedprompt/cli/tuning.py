@@ -124,14 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if text_prompt.is_text_prompt(args.prompt):
         return _eval_text_prompt(args)
     weight, meta = artifact.load(args.prompt)  # the template, labels, words and scoring are the prompt's own
-    session = _session(
-        args,
-        args.model or meta.base_model_id,
-        _eval_dataset(args, meta),
-        template=meta.template,
-        label_words=meta.label_words,
-        scoring=meta.scoring,
-    )
+    session = _session_of_prompt(args, meta, meta.base_model_id)
     artifact.check_base_model(meta, weight, session.loaded)
     examples = session.dataset.split(args.split)
     predicted, scores = session.predict(session.prompted(weight), examples, batch_size=args.batch_size)
@@ -145,20 +138,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _session_of_prompt(args: argparse.Namespace, meta, model_id: str):
+    """A session on ``--model`` (default ``model_id``) and the evaluation data, labelled, templated and scored as
+    the prompt's metadata says."""
+    dataset = _eval_dataset(args, meta)
+    return _session(
+        args,
+        args.model or model_id,
+        dataset,
+        template=meta.template,
+        label_words=meta.label_words,
+        scoring=meta.scoring,
+    )
+
+
 def _eval_text_prompt(args: argparse.Namespace) -> int:
     """A text prompt (DP-OPT) works on any model: the instruction goes above the task's template."""
     from fedprompt import text_prompt
     from fedprompt.client.dpopt.text import correct_count, instruction_template
 
     text, meta = text_prompt.load(args.prompt)
-    session = _session(
-        args,
-        args.model or meta.writer_model_id,
-        _eval_dataset(args, meta),
-        template=meta.template,
-        label_words=meta.label_words,
-        scoring=meta.scoring,
-    )
+    session = _session_of_prompt(args, meta, meta.writer_model_id)
     examples = session.dataset.split(args.split)
 
     def accuracy(template: str) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprompt.protocols.records import InvalidInput, ModelRef
+from fedprompt.protocols.records import InvalidInput, ModelRef, NotFound
 
 MAX_NAME = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -22,6 +22,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def canonical_json(obj: Any) -> str:
     """The one JSON text of a value that ids are hashed over: sorted keys, no spaces, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def record_id(value: Any, what: str) -> str:
+    """The id of a ``what`` (round, stream) a caller named: a non-empty string, else InvalidInput."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{what} id must be a non-empty string, got {value!r}")
+    return value
+
+
+def found(row: Any, what: str, key: str) -> Any:
+    """The ``what`` the store returned for ``key``, or NotFound when it holds none."""
+    if row is None:
+        raise NotFound(f"unknown {what} {key!r}")
+    return row
 
 
 def check_name(value: Any, what: str) -> str:

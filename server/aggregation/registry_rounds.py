@@ -29,7 +29,6 @@ from fedprompt.protocols.records import (
     Forbidden,
     InvalidInput,
     ModelRef,
-    NotFound,
     Round,
     Version,
 )
@@ -41,6 +40,8 @@ from fedprompt.server.aggregation.registry_checks import (
     check_positive_int,
     check_real,
     check_shape,
+    found,
+    record_id,
 )
 from fedprompt.server.aggregation.store import Store, Tx, tensor_bytes, tensor_from
 
@@ -155,12 +156,7 @@ class RoundsMixin(RegistryPart):
             return r
 
     def _round(self, tx: Tx, round_id: str, *, lock: bool = False) -> Round:
-        if not isinstance(round_id, str) or not round_id:
-            raise InvalidInput(f"round id must be a non-empty string, got {round_id!r}")
-        r = tx.get_round(round_id, lock=lock)
-        if r is None:
-            raise NotFound(f"unknown round {round_id!r}")
-        return r
+        return found(tx.get_round(record_id(round_id, "round"), lock=lock), "round", round_id)
 
     @staticmethod
     def _require_open(r: Round) -> None:

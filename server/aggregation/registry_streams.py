@@ -16,7 +16,6 @@ from fedprompt.protocols.records import (
     Conflict,
     InvalidInput,
     ModelRef,
-    NotFound,
     PushResult,
     Stream,
 )
@@ -26,6 +25,8 @@ from fedprompt.server.aggregation.registry_checks import (
     check_name,
     check_positive_int,
     check_real,
+    found,
+    record_id,
 )
 from fedprompt.server.aggregation.registry_rounds import UPDATE_WEIGHT, RegistryPart, weighted_mean
 from fedprompt.server.aggregation.store import Tx, tensor_bytes, tensor_from
@@ -72,12 +73,7 @@ class StreamsMixin(RegistryPart):
             return s
 
     def _stream(self, tx: Tx, stream_id: str, *, lock: bool = False) -> Stream:
-        if not isinstance(stream_id, str) or not stream_id:
-            raise InvalidInput(f"stream id must be a non-empty string, got {stream_id!r}")
-        s = tx.get_stream(stream_id, lock=lock)
-        if s is None:
-            raise NotFound(f"unknown stream {stream_id!r}")
-        return s
+        return found(tx.get_stream(record_id(stream_id, "stream"), lock=lock), "stream", stream_id)
 
     def get_stream(self, stream_id: str) -> Stream:
         with self.store.transaction(write=False) as tx:

@@ -56,6 +56,17 @@ def _holder(msg: Message) -> str:
     return str(msg.content["info"]["holder"]) if msg.has_content() else str(msg.metadata.src_node_id)
 
 
+def _answered(replies: dict[int, Message], stage: str, record: dict):
+    """(node, holder, reply) of each reply that is not an error; the errors go to the record and the log."""
+    for node, msg in replies.items():
+        name = _holder(msg)
+        if msg.has_error():
+            record["failed"][name] = f"{stage}: {msg.error.reason}"
+            log(WARNING, "DP-OPT: holder %s failed its %s: %s", name, stage, msg.error.reason)
+            continue
+        yield node, name, msg
+
+
 def run_dpopt(grid: Grid, cfg: FederationConfig, run_id: str) -> dict:
     """One federated DP-OPT run; returns (and writes to the checkpoint folder) its record."""
     loaded = zoo.load(cfg.model)
@@ -93,12 +104,7 @@ def _generate(grid: Grid, cfg: FederationConfig, nodes: list[int], base: dict, r
     """1. Every holder writes DP candidates from its own data: (the distinct candidates, the nodes that wrote)."""
     candidates: list[str] = []
     writers: list[int] = []
-    for node, msg in _exchange(grid, cfg, nodes, "dpopt_generate", base).items():
-        name = _holder(msg)
-        if msg.has_error():
-            record["failed"][name] = f"generation: {msg.error.reason}"
-            log(WARNING, "DP-OPT: holder %s wrote no candidates: %s", name, msg.error.reason)
-            continue
+    for node, name, msg in _answered(_exchange(grid, cfg, nodes, "dpopt_generate", base), "generation", record):
         own = json.loads(str(msg.content["dpopt"]["candidates_json"]))
         record["holders"][name] = {"candidates": len(own), **dict(msg.content["metrics"])}
         if own:
@@ -114,12 +120,7 @@ def _score(grid: Grid, cfg: FederationConfig, writers: list[int], request: dict,
     their noisy scores, how many scored)."""
     totals = np.zeros(len(json.loads(request["candidates_json"])))
     scorers = 0
-    for msg in _exchange(grid, cfg, writers, "dpopt_score", request).values():
-        name = _holder(msg)
-        if msg.has_error():
-            record["failed"][name] = f"scoring: {msg.error.reason}"
-            log(WARNING, "DP-OPT: holder %s did not score: %s", name, msg.error.reason)
-            continue
+    for _, name, msg in _answered(_exchange(grid, cfg, writers, "dpopt_score", request), "scoring", record):
         scores = json.loads(str(msg.content["dpopt"]["scores_json"]))
         if len(scores) != len(totals) or not all(np.isfinite(scores)):
             record["failed"][name] = "scoring: malformed scores"

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedprompt.cache import check_out_folder
+from fedprompt.cli.common import add_runtime
 from fedprompt.errors import FedPromptError
 
 # Distillation presets, measured on 2 CPU cores with smollm2-135m as the teacher (README, POST):
@@ -25,16 +26,6 @@ def _runtime(args: argparse.Namespace):
     runtime = Runtime.create(args.device, args.precision)
     print(f"runtime: {runtime.describe()}", file=sys.stderr)
     return runtime
-
-
-def add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="bf16 = autocast over float32 weights; auto picks it where the hardware has bf16 units",
-    )
 
 
 # ------------------------------------------------------------------ distil
